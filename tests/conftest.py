@@ -42,3 +42,39 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# Overrides that shrink any run to seconds on a CPU: tiny random pair, a few prompts and steps.
+TINY = [
+    "pair=tiny", "trainer=cpu", "task=arithmetic", "task.num_train=32", "task.num_eval=8",
+    "task.max_new_tokens=12", "train.max_steps=2", "train.batch_size=2", "train.num_train=16",
+    "train.max_new_tokens=8", "train.checkpoint_every=1", "sd.num_eval=4", "sd.batch_size=2",
+    "sd.max_new_tokens=8", "sd.gamma=3",
+]
+
+
+def compose_cfg(overrides: list[str] | None = None, run_dir: Path | None = None):
+    """Compose the real conf/config.yaml with overrides (HydraConfig set, as in a real run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []), return_hydra_config=True)
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_cfg(overrides: list[str], run_dir: Path) -> dict:
+    """Compose and run in-process (what run.py does), writing into run_dir."""
+    from distillspec.runner import run
+
+    cfg = compose_cfg(overrides, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run(cfg, run_dir, REPO)

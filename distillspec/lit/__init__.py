@@ -1,0 +1,1 @@
+"""Lightning modules and loops (training, SD evaluation), data loading and loggers."""

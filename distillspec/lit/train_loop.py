@@ -1,0 +1,85 @@
+"""Build and run the distillation Trainer: checkpoints (atomic, resumable), periodic SD eval, saved draft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from distillspec.errors import ConfigError
+from distillspec.specs import ObjectiveSpec, RolloutSpec, SDSpec, TrainSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+DRAFT_DIR = "draft"
+
+
+def apply_lora(model, rank: int):
+    """Wrap the student with LoRA adapters on its attention/MLP projections (needs `peft`)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is in the default install
+        raise ConfigError("train.lora_rank > 0 needs peft: pip install 'distillspec[lora]'") from exc
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(model, cfg)
+
+
+def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequence[Any], objective: ObjectiveSpec,
+                rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
+                seed: int, resume: bool, eval_max_new_tokens: int) -> dict[str, Any]:
+    """Distil `models.draft` towards `models.target`; returns a summary (steps, eval history, draft dir).
+
+    Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
+    data and RNG are functions of the step). The trained draft is saved (atomically) to run_dir/draft.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distillspec.evaluation import SDEvaluator, eos_token_ids
+    from distillspec.lit.data import prompt_loader
+    from distillspec.lit.train_module import DistillModule, StepTicks, save_hf_atomic
+
+    tokenizer = models.tokenizer
+    eos_ids = eos_token_ids(tokenizer, models.target)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    last = ckpt_dir / LAST_CHECKPOINT
+    if last.exists() and not resume:
+        raise ConfigError(f"{last} exists and resume=false; rerun with resume=true to continue that run, "
+                          "or pass name=<new name> to start a fresh one (nothing is overwritten)")
+    student = apply_lora(models.draft, train.lora_rank) if train.lora_rank else models.draft
+    evaluator = eval_loader = None
+    if train.eval_every and eval_items:
+        sub = list(eval_items[: train.eval_num])
+        evaluator = SDEvaluator(student, models.target, tokenizer, sd, task, sub, eval_max_new_tokens, seed)
+        eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
+    module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
+                           tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
+                           evaluator=evaluator, eval_loader=eval_loader)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
+                                 every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
+    trainer = trainer_factory(logger=loggers, max_steps=train.max_steps, callbacks=[checkpoint],
+                              use_distributed_sampler=False, log_every_n_steps=train.log_every,
+                              num_sanity_val_steps=0, enable_model_summary=False)
+    resume_from = str(last) if last.exists() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    loader = DataLoader(StepTicks(train.max_steps), batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)
+    if trainer.global_step % train.checkpoint_every:  # the final step is checkpointed too
+        trainer.save_checkpoint(last)
+    summary = {"steps": int(trainer.global_step), "resumed_from": resume_from,
+               "eval_history": module.eval_history, "is_global_zero": bool(trainer.is_global_zero)}
+    if trainer.is_global_zero:
+        if hasattr(student, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+            student = student.merge_and_unload()
+        draft_dir = run_dir / DRAFT_DIR
+        save_hf_atomic(student, tokenizer, draft_dir)
+        summary["draft_dir"] = str(draft_dir)
+        models.draft = student
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return summary

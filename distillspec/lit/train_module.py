@@ -1,0 +1,208 @@
+"""On-policy distillation as a Lightning module: rollouts, frozen teacher, divergence, AdamW + cosine.
+
+One optimizer step = one accumulation window of `accumulate` micro-batches. Rollouts for the whole
+window are drawn first, so the loss is normalised by the completion-token count of the window (summed
+over DDP ranks), not by the number of micro-batches. Prompts and RNG for a step are a pure function
+of (seed, step, rank): a resumed run continues with exactly the data and randomness it would have had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from distillspec import constants as C
+from distillspec.losses.divergences import divergence_loss, entropy, overlap
+from distillspec.rollout.sources import Rollout, RolloutSampler
+from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+def completion_logits(model, rollout: Rollout) -> torch.Tensor:
+    """(B, T, V) logits at the positions predicting completion tokens 0..T-1 (lm_head on those only)."""
+    mask = rollout.attention_mask
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=rollout.completion_width + 1)
+    return out.logits[:, :-1]
+
+
+@torch.no_grad()
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over masked positions of teacher entropy and 1 - TV(p, q), and the count. Inputs (B, T, V)."""
+    s, t = student_logits[mask], teacher_logits[mask]
+    ent = torch.zeros((), device=s.device)
+    ov = torch.zeros((), device=s.device)
+    for i in range(0, s.shape[0], chunk):
+        ent += entropy(t[i:i + chunk]).sum()
+        ov += overlap(t[i:i + chunk], s[i:i + chunk]).sum()
+    return ent, ov, torch.tensor(float(s.shape[0]), device=s.device)
+
+
+class StepTicks(Dataset):
+    """A dataloader of step ticks: prompts are chosen from the step number, not from the loader."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class DistillModule(L.LightningModule):
+    """Trainable student (draft), frozen teacher (target); manual optimisation for token-normalised accumulation.
+
+    Args:
+        student, teacher: HF causal LMs sharing a vocabulary. items: encoded training prompts (`.input_ids`,
+        `.target_ids`). objective/rollout/train: specs. eos_ids, pad_id: token ids. max_new_tokens: rollout
+        length. seed: base seed. evaluator: optional SDEvaluator-like object with `.run(loader, device)` for the
+        periodic acceptance curve, and eval_loader its prompts.
+    """
+
+    def __init__(self, student, teacher, items: Sequence[Any], objective: ObjectiveSpec, rollout: RolloutSpec,
+                 train: TrainSpec, eos_ids: list[int], pad_id: int, max_new_tokens: int, seed: int = 0,
+                 evaluator=None, eval_loader=None) -> None:
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.teacher.eval().requires_grad_(False)
+        self.items, self.objective, self.train_spec = items, objective, train
+        self.sampler = RolloutSampler(rollout, student, teacher, eos_ids, pad_id, max_new_tokens)
+        self.pad_id, self.seed = pad_id, seed
+        self.evaluator, self.eval_loader = evaluator, eval_loader
+        self.eval_history: list[dict[str, float]] = []
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the student only
+
+    # ---- optimisation ----
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.train_spec.lr, weight_decay=self.train_spec.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, self.train_spec.warmup_steps, self.train_spec.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs):
+        """Only the student is checkpointed (the teacher is frozen and reloaded from its source)."""
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("teacher.")}
+
+    # ---- data ----
+    def step_indices(self, step: int) -> list[int]:
+        """Prompt indices for optimizer step `step` on this rank: epochs of seeded permutations."""
+        per_rank = self.train_spec.batch_size * self.train_spec.accumulate
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        start = step * per_rank * world + rank * per_rank
+        n = len(self.items)
+        out = []
+        for k in range(start, start + per_rank):
+            epoch, pos = divmod(k, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            out.append(int(perm[pos]))
+        return out
+
+    def step_generator(self, step: int) -> torch.Generator:
+        rank = self.trainer.global_rank
+        return torch.Generator(device=self.device).manual_seed(
+            (self.seed * 1_000_003 + step * 101 + rank) % (2**63 - 1))
+
+    def _micro_batches(self, indices: list[int]):
+        from distillspec.lit.data import left_pad
+
+        bs = self.train_spec.batch_size
+        for i in range(0, len(indices), bs):
+            chunk = [self.items[j] for j in indices[i:i + bs]]
+            ids, mask = left_pad([it.input_ids for it in chunk], self.pad_id)
+            yield ids.to(self.device), mask.to(self.device), [it.target_ids for it in chunk]
+
+    # ---- the step ----
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        if step == 0 and self.evaluator is not None and not self.eval_history:
+            self.periodic_eval(step)
+        gen = self.step_generator(step)
+        rollouts = [self.sampler.sample(ids, mask, targets, gen)
+                    for ids, mask, targets in self._micro_batches(self.step_indices(step))]
+        tokens = torch.tensor(float(sum(r.num_tokens for r in rollouts)), device=self.device)
+        total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        normalizer = max(float(total) / self.trainer.world_size, 1.0)
+        self.student.train()
+        obj = self.objective
+        sums = torch.zeros(5, device=self.device)  # loss, divergence, entropy, overlap, gate accepted
+        for r in rollouts:
+            mask = r.completion_mask()
+            with torch.no_grad():
+                t_logits = completion_logits(self.teacher, r)
+            s_logits = completion_logits(self.student, r)
+            weights = None
+            if obj.gate is not None:
+                from distillspec.losses.gating import speckd_gate
+
+                g = obj.gate
+                gate = speckd_gate(s_logits.detach(), t_logits, top_k=g.top_k, mode=g.mode,
+                                   num_candidates=g.num_candidates, beta=g.beta, generator=gen)
+                weights = gate.weights
+                sums[4] += (gate.accepted & mask).sum()
+            loss, per_tok = divergence_loss(s_logits, t_logits, mask, obj.divergence, weights=weights,
+                                            temperature=obj.temperature, beta=obj.beta, alpha=obj.alpha,
+                                            chunk_size=obj.chunk_size, normalizer=normalizer)
+            self.manual_backward(loss)
+            ent, ov, _ = token_stats(s_logits.detach(), t_logits, mask)
+            sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        if self.train_spec.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.train_spec.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        n = max(float(total), 1.0)
+        stats = {C.TRAIN_LOSS: sums[0] / n, C.TRAIN_DIVERGENCE: sums[1] / n, C.TRAIN_TEACHER_ENTROPY: sums[2] / n,
+                 C.TRAIN_ALIGNMENT: sums[3] / n, C.TRAIN_COMPLETION_TOKENS: total,
+                 C.TRAIN_LR: torch.tensor(sched.get_last_lr()[0])}
+        if obj.gate is not None:
+            stats[C.TRAIN_TAR] = sums[4] / n
+        self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, on_step=True, batch_size=1)
+        self.log("loss", float(stats[C.TRAIN_LOSS]), prog_bar=True, on_step=True, batch_size=1, logger=False)
+        done = self.global_step  # incremented by opt.step()
+        if self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0:
+            self.periodic_eval(done)
+
+    def periodic_eval(self, step: int) -> None:
+        """Small SD evaluation of the current student (rank 0), logged as val/ + sd names at `step`."""
+        if self.trainer.global_rank != 0:
+            return
+        self.student.eval()
+        report = self.evaluator.run(self.eval_loader, self.device, progress=False, desc=f"SD eval @ {step}")
+        self.student.train()
+        metrics = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
+        self.eval_history.append({"step": step, **metrics})
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+        log.info("step %d: %s=%.4f", step, C.ALPHA_TOK, report.metrics.get(C.ALPHA_TOK, math.nan))
+
+
+def save_hf_atomic(model, tokenizer, out_dir: Path) -> None:
+    """save_pretrained into a temp dir, then rename over `out_dir` (never a half-written draft dir)."""
+    import shutil
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        out_dir.replace(old)
+    tmp.replace(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

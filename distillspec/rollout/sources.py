@@ -1,0 +1,127 @@
+"""Training sequences for distillation: fixed dataset outputs, student / teacher samples, mixtures, SKD.
+
+Every source returns a `Rollout`: the prompt (left-padded) followed by a right-padded completion, and
+the completion lengths. Losses are computed on the distributions that predict completion tokens:
+logit position L-1+j predicts completion token j (L = padded prompt width), for j < length — which
+keeps the EOS itself (lengths count it) even when pad == eos, and drops everything after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from distillspec.errors import ConfigError
+from distillspec.specs import RolloutSpec
+
+
+@dataclass
+class Rollout:
+    """input_ids (B, L+T), attention_mask (B, L+T), prompt_len L, lengths (B,) completion lengths,
+    source: which data source produced it."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    lengths: torch.Tensor
+    source: str
+
+    @property
+    def completion_width(self) -> int:
+        return self.input_ids.shape[1] - self.prompt_len
+
+    def completion_mask(self) -> torch.Tensor:
+        """(B, T) bool: True for completion tokens up to and including the first EOS."""
+        t = torch.arange(self.completion_width, device=self.lengths.device)
+        return t[None, :] < self.lengths[:, None]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def assemble(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
+             lengths: torch.Tensor, pad_id: int, source: str) -> Rollout:
+    """Concatenate left-padded prompts (B, L) and right-padded completions (B, T) into a Rollout."""
+    t = torch.arange(completion.shape[1], device=completion.device)
+    comp_mask = (t[None, :] < lengths[:, None]).to(prompt_mask.dtype)
+    completion = torch.where(comp_mask.bool(), completion, torch.full_like(completion, pad_id))
+    return Rollout(input_ids=torch.cat([prompt_ids, completion], 1),
+                   attention_mask=torch.cat([prompt_mask, comp_mask], 1),
+                   prompt_len=prompt_ids.shape[1], lengths=lengths, source=source)
+
+
+def fixed_completions(targets: Sequence[Sequence[int] | None], max_new_tokens: int, eos_id: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth completions (B, T) right-padded with EOS appended, truncated to max_new_tokens."""
+    if any(t is None for t in targets):
+        raise ConfigError("rollout.source=fixed needs dataset outputs, but this task's examples have no "
+                          "target_text; use rollout=student or rollout=teacher")
+    seqs = [list(t)[: max_new_tokens - 1] + [eos_id] for t in targets]
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), eos_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+class RolloutSampler:
+    """Produces training sequences for a batch of prompts according to a RolloutSpec.
+
+    Args:
+        spec: the data source settings. student, teacher: HF causal LMs. eos_ids: EOS token ids
+        (first is the one appended to fixed outputs). pad_id: padding id. max_new_tokens: completion cap.
+    """
+
+    def __init__(self, spec: RolloutSpec, student, teacher, eos_ids: list[int], pad_id: int,
+                 max_new_tokens: int) -> None:
+        self.spec, self.student, self.teacher = spec, student, teacher
+        self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
+
+    def choose_source(self, generator: torch.Generator) -> str:
+        """The source for this batch: the spec's, or a draw from the mixture fractions (lambda)."""
+        if self.spec.source != "mixed":
+            return self.spec.source
+        u = float(torch.rand((), generator=generator, device=generator.device))
+        cum = 0.0
+        for name, frac in self.spec.mix.items():
+            cum += frac
+            if u < cum:
+                return name
+        return name  # u within rounding of 1.0
+
+    @torch.no_grad()
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               targets: Sequence[Sequence[int] | None], generator: torch.Generator) -> Rollout:
+        """input_ids, attention_mask: (B, L) left-padded prompts on the models' device."""
+        from distillspec.sd.baseline import autoregressive_generate
+
+        source = self.choose_source(generator)
+        if source == "fixed":
+            comp, lengths = fixed_completions(targets, self.max_new_tokens, self.eos_ids[0], input_ids.device)
+        elif source in ("student", "teacher"):
+            model = self.student if source == "student" else self.teacher
+            was_training = model.training
+            model.eval()
+            res = autoregressive_generate(model, input_ids, attention_mask, self.max_new_tokens,
+                                          temperature=self.spec.temperature, top_p=self.spec.top_p,
+                                          generator=generator, eos_token_id=self.eos_ids,
+                                          pad_token_id=self.pad_id)
+            model.train(was_training)
+            comp, lengths = res.tokens, res.lengths
+        else:  # skd: student proposes gamma-token blocks, teacher replaces the first token outside its top-K
+            from distillspec.sd.engine import SpeculativeDecoder
+
+            was_training = self.student.training
+            self.student.eval()
+            dec = SpeculativeDecoder(self.student, self.teacher, gamma=self.spec.skd_gamma,
+                                     temperature=self.spec.temperature, top_p=self.spec.top_p,
+                                     acceptance="topk", top_k=self.spec.skd_top_k,
+                                     eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+            res = dec.generate(input_ids, attention_mask, self.max_new_tokens, generator=generator)
+            self.student.train(was_training)
+            comp, lengths = res.tokens, res.lengths
+        return assemble(input_ids, attention_mask, comp.to(input_ids.device), lengths.to(input_ids.device),
+                        self.pad_id, source)

@@ -1,0 +1,150 @@
+"""The entry point's body: compose specs from the Hydra config, validate, train and/or evaluate.
+
+This is the only module (with run.py) that reads the Hydra config; everything it calls receives
+typed specs and plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distillspec import constants as C
+from distillspec.errors import ConfigError, check_choice
+
+log = logging.getLogger("distillspec")
+
+
+def build(node: DictConfig, what: str) -> Any:
+    """Instantiate a `_target_` node, surfacing our ConfigError (not Hydra's wrapper) for bad values."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise ConfigError(f"invalid settings for {what}: {cause}") from None
+        raise
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The device models load on for this process (Lightning's accelerator setting decides)."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator!r} but CUDA is not available; use cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
+
+
+def absolutize(path: str | None, base: Path) -> str | None:
+    """Relative data paths in the config are relative to the launch directory."""
+    if path is None:
+        return None
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
+    """Run the configured stage; returns what was written to run_dir/metrics.json."""
+    import lightning as L
+
+    check_choice("stage", cfg.stage, C.STAGES)
+    for key in ("path", "train_path"):
+        if cfg.task.get(key) is not None:
+            cfg.task[key] = absolutize(cfg.task[key], launch_dir)
+    # 1. Every spec validates itself: bad input fails here, before any model or data is loaded.
+    task = build(cfg.task, "task")
+    pair = build(cfg.pair, "pair")
+    sd = build(cfg.sd, "sd")
+    objective = build(cfg.div, "div")
+    rollout = build(cfg.rollout, "rollout")
+    train = build(cfg.train, "train")
+    trainer_factory = build(cfg.trainer, "trainer")
+    training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
+    if cfg.draft_checkpoint is not None:
+        if training:
+            raise ConfigError("draft_checkpoint is for stage=eval (evaluate a given draft); "
+                              f"got stage={cfg.stage!r}")
+        pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
+            os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+    device = resolve_device(cfg.trainer.get("accelerator", "auto"))
+    pair.validate(device)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # 2. Data: prompts encoded with the target's tokenizer (errors on empty sets before model loading).
+    from distillspec.models.loading import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(pair.target))
+    eval_tokens = sd.max_new_tokens or task.max_new_tokens
+    eval_items = task.encode(task.load("eval"), tokenizer, limit=sd.num_eval, seed=cfg.seed) \
+        if cfg.stage != C.STAGE_TRAIN else []
+    train_items = task.encode(task.load("train"), tokenizer, limit=train.num_train, seed=cfg.seed) \
+        if training else []
+
+    # 3. Models, loggers.
+    models = pair.load(device)
+    from distillspec.lit.loggers import build_loggers
+
+    run_name = f"{cfg.name}/{run_dir.name}" if run_dir.name else str(cfg.name)
+    wandb_cfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.get("wandb") else None
+    loggers = build_loggers(run_dir, run_name=run_name, wandb=wandb_cfg,
+                            config=OmegaConf.to_container(cfg, resolve=True))
+    out: dict[str, Any] = {"stage": cfg.stage, "draft": pair.draft, "target": pair.target,
+                           "task": type(task).__name__}
+
+    # 4. Train.
+    if training:
+        from distillspec.lit.train_loop import train_draft
+
+        summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
+                              objective=objective, rollout=rollout, train=train, sd=sd,
+                              trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
+                              seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens)
+        out["train"] = summary
+        if not summary.get("is_global_zero", True):
+            return out  # other DDP ranks stop here; rank 0 evaluates and writes results
+
+    # 5. Evaluate with batched SD.
+    if cfg.stage != C.STAGE_TRAIN:
+        report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
+                          trainer_factory)
+        out["metrics"] = report.metrics
+        out["entropy_bins"] = report.entropy_bins
+        out["examples"] = report.examples
+        write_json_atomic(run_dir / "per_example.json", report.per_example)
+    write_json_atomic(run_dir / C.METRICS_FILE, out)
+    for lg in loggers:
+        lg.finalize("success")
+    log.info("wrote %s", run_dir / C.METRICS_FILE)
+    return out
+
+
+def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory):
+    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport."""
+    from distillspec.evaluation import SDEvaluator
+    from distillspec.lit.data import prompt_loader
+    from distillspec.lit.eval_module import SDEvalModule
+
+    evaluator = SDEvaluator(models.draft, models.target, tokenizer, sd, task, items, max_new_tokens, seed)
+    module = SDEvalModule(evaluator)
+    trainer = trainer_factory(logger=loggers, devices=1, strategy="auto", num_nodes=1,
+                              enable_checkpointing=False, enable_model_summary=False)
+    trainer.test(module, dataloaders=prompt_loader(items, sd.batch_size, tokenizer.pad_token_id),
+                 verbose=False)
+    return module.report

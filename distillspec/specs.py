@@ -1,0 +1,171 @@
+"""Typed, validated run settings that Hydra instantiates from the config groups (`_target_`).
+
+Each spec validates itself on construction, so bad input fails before any model is loaded. Code below
+the entry point receives these objects (or plain values from them), never a Hydra/OmegaConf config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from distillspec.errors import ConfigError, check_choice, check_range
+
+ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
+MIX_SOURCES = ("fixed", "student", "teacher")
+GATE_MODES = ("greedy", "sampled", "ratio")
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (specs hold plain Python values only)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def _check_sampling(prefix: str, temperature: float, top_p: float) -> None:
+    check_range(f"{prefix}.temperature", temperature, lo=0.0)
+    check_range(f"{prefix}.top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
+
+
+@dataclass
+class SDSpec:
+    """Speculative-decoding evaluation settings (conf/sd/)."""
+
+    gamma: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lenience: str = "none"
+    epsilon: float = 1.0
+    num_eval: int = 16
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    measure_speedup: bool = True
+    compute_quality: bool = True
+    entropy_min_count: int = 5
+    num_examples_logged: int = 8
+
+    def __post_init__(self) -> None:
+        from distillspec.sd.sampling import LENIENCES
+
+        if not isinstance(self.gamma, int) or self.gamma < 1:
+            raise ConfigError(f"sd.gamma={self.gamma!r} is invalid; valid: an integer >= 1")
+        _check_sampling("sd", self.temperature, self.top_p)
+        check_choice("sd.lenience", self.lenience, LENIENCES)
+        check_range("sd.epsilon", self.epsilon, lo=0.0, hi=1.0, lo_open=True)
+        for name in ("num_eval", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sd.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"sd.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GateSpec:
+    """SpecKD loss gating (distillspec.losses.gating.speckd_gate)."""
+
+    top_k: int = 10
+    mode: str = "greedy"
+    num_candidates: int = 1
+    beta: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_choice("div.gate.mode", self.mode, GATE_MODES)
+        if self.top_k < 1 or self.num_candidates < 1:
+            raise ConfigError(f"div.gate.top_k={self.top_k} and num_candidates={self.num_candidates} must be >= 1")
+        check_range("div.gate.beta", self.beta, lo=0.0, hi=1.0)
+
+
+@dataclass
+class ObjectiveSpec:
+    """The distillation objective (conf/div/): a token-level divergence, optionally SpecKD-gated."""
+
+    divergence: str = "rkl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    chunk_size: int | None = 1024
+    gate: GateSpec | Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        from distillspec.losses.divergences import DIVERGENCES
+
+        check_choice("div.divergence", self.divergence, DIVERGENCES)
+        check_range("div.temperature", self.temperature, lo=0.0, lo_open=True)
+        check_range("div.beta", self.beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_range("div.alpha", self.alpha, lo=0.0, hi=1.0, hi_open=True)
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"div.chunk_size={self.chunk_size!r} is invalid; valid: >= 1 or null")
+        gate = _plain(self.gate)
+        if isinstance(gate, Mapping):
+            self.gate = GateSpec(**gate)
+
+
+@dataclass
+class RolloutSpec:
+    """Where training sequences come from (conf/rollout/; DistillSpec Alg. A.2, plus SKD)."""
+
+    source: str = "student"
+    mix: Mapping[str, float] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    skd_top_k: int = 25
+    skd_gamma: int = 5
+
+    def __post_init__(self) -> None:
+        check_choice("rollout.source", self.source, ROLLOUT_SOURCES)
+        _check_sampling("rollout", self.temperature, self.top_p)
+        if self.source == "mixed":
+            mix = dict(_plain(self.mix) or {})
+            for key in mix:
+                check_choice("rollout.mix source", key, MIX_SOURCES)
+            if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+                raise ConfigError(f"rollout.mix={mix} needs non-negative fractions with a positive sum")
+            total = sum(mix.values())
+            self.mix = {k: float(v) / total for k, v in mix.items()}
+        if self.skd_top_k < 1 or self.skd_gamma < 1:
+            raise ConfigError(f"rollout.skd_top_k={self.skd_top_k} and skd_gamma={self.skd_gamma} must be >= 1")
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation and training-loop settings (the `train:` node of conf/config.yaml)."""
+
+    max_steps: int = 30
+    batch_size: int = 4
+    accumulate: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 3
+    grad_clip: float | None = 1.0
+    num_train: int = 512
+    max_new_tokens: int | None = 64
+    log_every: int = 1
+    checkpoint_every: int = 10
+    eval_every: int = 0
+    eval_num: int = 8
+    lora_rank: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "accumulate", "num_train", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_num", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is invalid; valid: >= 0")
+        check_range("train.lr", self.lr, lo=0.0, lo_open=True)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"train.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
