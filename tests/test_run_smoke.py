@@ -1,0 +1,102 @@
+"""End-to-end runs of the real config on the tiny pair: train+eval, eval-only, every divergence and
+rollout source, kill-and-resume, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, run_cfg
+
+from distillspec import constants as C
+
+
+def test_train_eval_writes_metrics(tmp_path):
+    out = run_cfg(TINY, tmp_path)
+    saved = json.loads((tmp_path / C.METRICS_FILE).read_text())
+    m = saved["metrics"]
+    for key in (C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.ALPHA_EXPECTED,
+                C.SPEEDUP, C.SPEEDUP_PREDICTED, C.COST_RATIO):
+        assert key in m, key
+    assert 0.0 <= m[C.ALPHA_TOK] <= 1.0
+    assert 1.0 <= m[C.BLOCK_EFFICIENCY] <= 4.0  # gamma = 3
+    assert saved["train"]["steps"] == 2
+    assert (tmp_path / "draft" / "config.json").exists()
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+    assert out["metrics"] == m
+
+
+def test_stage_eval_of_trained_draft(tmp_path):
+    run_cfg(TINY + ["stage=train"], tmp_path / "train")
+    saved = json.loads((tmp_path / "train" / C.METRICS_FILE).read_text())
+    assert "metrics" not in saved
+    out = run_cfg(TINY + ["stage=eval", f"draft_checkpoint={tmp_path / 'train' / 'draft'}"], tmp_path / "eval")
+    assert out["draft"] == str(tmp_path / "train" / "draft")
+    assert C.ALPHA_TOK in out["metrics"]
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "speckd"])
+def test_every_divergence_trains(tmp_path, div):
+    out = run_cfg(TINY + [f"div={div}", "stage=train", "train.max_steps=1"], tmp_path)
+    assert out["train"]["steps"] == 1
+
+
+@pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "mixed", "skd"])
+def test_every_rollout_source_trains(tmp_path, rollout):
+    out = run_cfg(TINY + [f"rollout={rollout}", "stage=train", "train.max_steps=1"], tmp_path)
+    assert out["train"]["steps"] == 1
+
+
+def _draft_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "draft" / "model.safetensors"))
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    args = TINY + ["stage=train", "train.max_steps=6", "train.checkpoint_every=1", "trainer.accelerator=cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = killed / "checkpoints" / "step2.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint appeared before the kill"
+    assert not (killed / "draft").exists(), "the run finished before it was killed; the test proves nothing"
+    resumed = run_cfg(args, killed)
+    assert resumed["train"]["resumed_from"] is not None
+    assert resumed["train"]["steps"] == 6
+    straight = run_cfg(args, tmp_path / "straight")
+    assert straight["train"]["resumed_from"] is None
+    a, b = _draft_state(killed), _draft_state(tmp_path / "straight")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_ddp_cpu_two_processes(tmp_path):
+    args = [a for a in TINY if not a.startswith("trainer=")] + ["trainer=ddp_cpu", "train.max_steps=2"]
+    out = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / C.METRICS_FILE).read_text())
+    assert saved["train"]["steps"] == 2 and C.ALPHA_TOK in saved["metrics"]
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_experiment_files_smoke(tmp_path, exp):
+    """Every experiment file composes and runs one job, shrunk to the tiny pair."""
+    out = run_cfg([f"experiment={exp}"] + TINY + ["train.max_steps=1", "pair.target_quantization=null"], tmp_path)
+    assert C.METRICS_FILE in os.listdir(tmp_path)
+    assert out["stage"] in C.STAGES
