@@ -1,0 +1,225 @@
+"""Turn a sweep directory into tables and plots.
+
+    python -m distillspec.report multirun/<name> [--wandb] [--out DIR]
+
+Reads every job's metrics.json (+ per_example.json and .hydra/config.yaml) below the directory and
+writes into it (or --out): summary.csv, report.md (the reference study's Table 1 layout with best
+values bold and bootstrap confidence intervals, plus a full per-job table), and seaborn PNGs:
+acceptance vs teacher entropy (Figure 1), tau and speedup vs gamma, acceptance over training steps,
+task quality vs acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from distillspec import constants as C
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV = "summary.csv"
+REPORT_MD = "report.md"
+FIG_ENTROPY = "acceptance_vs_entropy.png"
+FIG_GAMMA = "tau_speedup_vs_gamma.png"
+FIG_TRAINING = "acceptance_over_training.png"
+FIG_QUALITY = "quality_vs_acceptance.png"
+
+
+def method_label(cfg: dict[str, Any], stage: str) -> str:
+    """baseline for eval-only runs, else the divergence (+speckd gate) and non-default rollout source."""
+    if stage == C.STAGE_EVAL:
+        return "baseline"
+    div = cfg.get("div", {})
+    label = div.get("divergence", "?") + ("+speckd" if div.get("gate") else "")
+    source = cfg.get("rollout", {}).get("source", "student")
+    return label if source == "student" else f"{label}/{source}"
+
+
+def bootstrap_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of sum(num)/sum(den) resampling examples (clusters) with replacement."""
+    if len(num) < 2 or den.sum() <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def load_job(metrics_path: Path) -> dict[str, Any] | None:
+    """One row for the summary table (None for jobs without SD metrics, e.g. stage=train)."""
+    import yaml
+
+    job_dir = metrics_path.parent
+    saved = json.loads(metrics_path.read_text())
+    metrics = saved.get("metrics")
+    if not metrics:
+        return None
+    cfg_file = job_dir / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    sd = cfg.get("sd", {})
+    row: dict[str, Any] = {
+        "job": str(job_dir), "method": method_label(cfg, saved.get("stage", "")),
+        "task": saved.get("task", ""), "draft": saved.get("draft", ""), "target": saved.get("target", ""),
+        "divergence": cfg.get("div", {}).get("divergence"), "rollout": cfg.get("rollout", {}).get("source"),
+        "gamma": sd.get("gamma"), "temperature": sd.get("temperature"), "top_p": sd.get("top_p"),
+        "lenience": sd.get("lenience"), "epsilon": sd.get("epsilon"), **metrics,
+    }
+    per_ex_file = job_dir / "per_example.json"
+    if per_ex_file.exists():
+        per_ex = pd.DataFrame(json.loads(per_ex_file.read_text()))
+        acc, dr, out = (per_ex[k].to_numpy(float) for k in ("num_accepted", "num_drafted", "num_output_tokens"))
+        row[C.ALPHA_TOK + "_ci_lo"], row[C.ALPHA_TOK + "_ci_hi"] = bootstrap_ci(acc, dr)
+        row[C.ALPHA_SEQ + "_ci_lo"], row[C.ALPHA_SEQ + "_ci_hi"] = bootstrap_ci(acc, out)
+    row["_entropy_bins"] = saved.get("entropy_bins", [])
+    row["_eval_history"] = saved.get("train", {}).get("eval_history", [])
+    return row
+
+
+def collect(sweep_dir: Path) -> pd.DataFrame:
+    rows = [r for p in sorted(sweep_dir.rglob(C.METRICS_FILE)) if (r := load_job(p)) is not None]
+    if not rows:
+        raise SystemExit(f"no {C.METRICS_FILE} with SD metrics under {sweep_dir}")
+    return pd.DataFrame(rows)
+
+
+def _fmt_alpha(row: pd.Series, key: str, bold: bool) -> str:
+    val = f"{100 * row[key]:.2f}"
+    lo, hi = row.get(key + "_ci_lo"), row.get(key + "_ci_hi")
+    if lo is not None and not pd.isna(lo):
+        val += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"**{val}**" if bold else val
+
+
+def table1(df: pd.DataFrame) -> str:
+    """Rows: target/draft/task (and gamma); columns: alpha_seq and alpha_tok per method, best bold."""
+    lines = []
+    methods = sorted(df["method"].unique(), key=lambda m: (m != "baseline", m))
+    header = "| pair / task | γ | " + " | ".join(f"{m} α_seq | {m} α_tok" for m in methods) + " | n |"
+    lines += [header, "|" + "---|" * (3 + 2 * len(methods))]
+    for (target, draft, task, gamma), grp in df.groupby(["target", "draft", "task", "gamma"], dropna=False):
+        best = {k: grp[k].max() for k in (C.ALPHA_SEQ, C.ALPHA_TOK)}
+        cells = []
+        for m in methods:
+            sub = grp[grp["method"] == m]
+            if sub.empty:
+                cells += ["–", "–"]
+                continue
+            r = sub.sort_values(C.ALPHA_TOK).iloc[-1]
+            cells += [_fmt_alpha(r, k, r[k] == best[k] and len(grp) > 1) for k in (C.ALPHA_SEQ, C.ALPHA_TOK)]
+        n = int(grp[C.NUM_DRAFTED].max()) if C.NUM_DRAFTED in grp else ""
+        lines.append(f"| {Path(str(target)).name} ← {Path(str(draft)).name} / {task} | {gamma} | "
+                     + " | ".join(cells) + f" | {n} drafted |")
+    return "\n".join(lines)
+
+
+def plots(df: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    made = []
+    bins = [dict(b, method=r["method"], gamma=r["gamma"]) for _, r in df.iterrows() for b in r["_entropy_bins"]]
+    if bins:
+        b = pd.DataFrame(bins)
+        b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sns.lineplot(data=b, x="entropy", y="acceptance", hue="method", ax=ax, legend=False, alpha=0.6)
+        sns.scatterplot(data=b, x="entropy", y="acceptance", hue="method", size="count", sizes=(20, 400), ax=ax)
+        ax.set(xscale="log", xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
+               title="Acceptance vs teacher entropy")
+        ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+        made.append(_save(fig, out / FIG_ENTROPY))
+    if df["gamma"].nunique() > 1 or C.SPEEDUP in df:
+        cols = [c for c in (C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED) if c in df]
+        long = df.melt(id_vars=["method", "gamma"], value_vars=cols, var_name="metric")
+        g = sns.relplot(data=long, x="gamma", y="value", hue="method", col="metric", kind="line", marker="o",
+                        facet_kws={"sharey": False}, height=3.5)
+        made.append(_save(g.figure, out / FIG_GAMMA))
+    hist = [dict(h, method=r["method"]) for _, r in df.iterrows() for h in r["_eval_history"]]
+    key = C.VAL_PREFIX + C.ALPHA_TOK
+    if hist and key in pd.DataFrame(hist):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sns.lineplot(data=pd.DataFrame(hist), x="step", y=key, hue="method", marker="o", ax=ax)
+        ax.set(ylabel="α_tok (periodic SD eval)", title="Acceptance over training")
+        made.append(_save(fig, out / FIG_TRAINING))
+    quality = [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)]
+    if quality:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sns.scatterplot(data=df, x=C.ALPHA_TOK, y=quality[0], hue="method", style="task", s=80, ax=ax)
+        ax.set(title=f"Task quality ({quality[0]}) vs acceptance")
+        made.append(_save(fig, out / FIG_QUALITY))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) -> dict[str, Path]:
+    """Aggregate `sweep_dir`; write summary.csv, report.md and PNGs into `out` (default: sweep_dir)."""
+    out = out or sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    df = collect(sweep_dir)
+    public = df[[c for c in df.columns if not c.startswith("_")]]
+    public.to_csv(out / SUMMARY_CSV, index=False)
+    figs = plots(df, out)
+    cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
+            C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.SPEEDUP, C.SPEEDUP_PREDICTED, C.COST_RATIO]
+    cols += [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)]
+    cols = [c for c in cols if c in df.columns]
+    md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
+          "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
+          "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]
+    md += [f"![{p.stem}]({p.name})" for p in figs]
+    (out / REPORT_MD).write_text("\n".join(md) + "\n")
+    if wandb:
+        log_to_wandb(public, figs, sweep_dir)
+    return {"summary": out / SUMMARY_CSV, "report": out / REPORT_MD, **{p.stem: p for p in figs}}
+
+
+def log_to_wandb(df: pd.DataFrame, figs: list[Path], sweep_dir: Path) -> None:
+    """Log the summary table and figures as one W&B run (offline unless WANDB_API_KEY is set)."""
+    import os
+
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    run = wandb.init(project="distillspec", job_type="report", name=f"report/{sweep_dir.name}", mode=mode,
+                     dir=str(sweep_dir))
+    run.log({"summary": wandb.Table(dataframe=df.astype(str)),
+             **{p.stem: wandb.Image(str(p)) for p in figs}})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--wandb", action="store_true", help="also log tables and figures to W&B")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        raise SystemExit(f"not a directory: {args.sweep_dir}")
+    written = write_report(args.sweep_dir, args.out, args.wandb)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
