@@ -1,0 +1,44 @@
+"""A 2-job Hydra sweep on the tiny pair, then the report: files exist and the tables hold the jobs' numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+from conftest import REPO, TINY
+
+from distillspec import constants as C
+from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main
+
+
+def test_bootstrap_ci_brackets_the_ratio():
+    import numpy as np
+
+    num = np.array([1, 2, 3, 4, 5, 0, 2], float)
+    den = np.array([5, 5, 5, 5, 5, 5, 5], float)
+    lo, hi = bootstrap_ci(num, den)
+    assert lo < num.sum() / den.sum() < hi
+    assert 0 <= lo and hi <= 1
+
+
+def test_two_job_sweep_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "run.py", "-m", *TINY, "method=baseline,rkl",
+                          f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(sweep.rglob(C.METRICS_FILE))
+    assert len(jobs) == 2
+    main([str(sweep)])
+    for name in (SUMMARY_CSV, REPORT_MD, FIG_ENTROPY):
+        assert (sweep / name).exists(), name
+    df = pd.read_csv(sweep / SUMMARY_CSV)
+    assert sorted(df["method"]) == ["baseline", "rkl"]
+    for p in jobs:
+        m = json.loads(p.read_text())["metrics"]
+        assert any(abs(v - m[C.ALPHA_TOK]) < 1e-9 for v in df[C.ALPHA_TOK])
+    md = (sweep / REPORT_MD).read_text()
+    assert "baseline α_seq" in md and "rkl α_tok" in md
+    best = df[C.ALPHA_TOK].max()
+    assert f"**{100 * best:.2f}" in md  # the best α_tok is bold
