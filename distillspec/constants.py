@@ -6,7 +6,7 @@ ALPHA_SEQ = "sd/alpha_seq"              # accepted draft tokens / output tokens 
 ALPHA_EXPECTED = "sd/alpha_expected"    # mean over drafted positions of sum_v min(p, q) = 1 - TV(p, q)
 BLOCK_EFFICIENCY = "sd/tau"             # tokens emitted per target forward
 MEAN_ACCEPTED_LEN = "sd/mean_accepted_len"  # accepted draft tokens per block
-TAU_PREDICTED = "sd/tau_predicted"      # (1 - a^(g+1)) / (1 - a) from ALPHA_TOK
+TAU_PREDICTED = "sd/tau_predicted"      # (1 - a^(g+1)) / (1 - a), a = ALPHA_EXPECTED (per-position acceptance)
 COST_RATIO = "sd/cost_ratio"            # c = draft forward time / target forward time (measured)
 SPEEDUP = "sd/speedup"                  # wall-clock: target-only time / SD time, same prompts, same batch size
 SPEEDUP_PREDICTED = "sd/speedup_predicted"  # tau / (c * gamma + 1)
@@ -35,3 +35,9 @@ STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_TRAIN_EVAL = "train_eval"
 STAGES = (STAGE_TRAIN_EVAL, STAGE_TRAIN, STAGE_EVAL)
+
+# --- task quality metrics (logged as QUALITY_PREFIX + name; all are fractions in [0, 1]) ---
+ACCURACY = "accuracy"                   # extracted final number == reference number
+ROUGE1 = "rouge1"                       # ROUGE F-measure (rouge-score, stemming on)
+ROUGE2 = "rouge2"
+ROUGEL = "rougeL"
