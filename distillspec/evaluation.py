@@ -33,9 +33,11 @@ def concat_results(results: Sequence[SDResult]) -> SDResult:
                 vals = [v + int(o) for v, o in zip(vals, offsets)]
             if vals[0].dim() == 2:  # (B, T) token blocks: pad to the widest
                 width = max(v.shape[1] for v in vals)
-                pad = int(results[0].pad_token_id) if hasattr(results[0], "pad_token_id") else 0
+                pad = int(results[0].pad_token_id)
                 vals = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad) for v in vals]
             out[f.name] = torch.cat(vals, 0)
+        elif f.name == "pad_token_id":
+            out[f.name] = vals[0]
         elif isinstance(vals[0], (int, float)) and not isinstance(vals[0], bool):
             out[f.name] = sum(vals)
         else:

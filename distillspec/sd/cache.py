@@ -1,0 +1,126 @@
+"""A model plus its KV cache for a ragged batch: shared column layout, per-row holes, row removal.
+
+Every row's cache has the same number of columns S. A column is valid for a row when its entry in
+`mask` (B, S) is 1. Rows that accepted fewer drafted tokens than others keep the rejected columns as
+*holes* (mask 0, never attended to again) instead of being cropped to the slowest row or re-encoded;
+tail columns invalid for every row are cropped. Positions are explicit (`position_ids` = number of
+valid tokens before the token in its row), so holes do not shift rotary positions. `compact()` moves
+holes to the left of every row and drops all-hole columns, bounding the waste; `keep_rows()` drops
+finished rows so they stop costing compute.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from distillspec.errors import ConfigError
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the cache argument of `model.forward` (`cache` from transformers 5.2x, else `past_key_values`)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_dynamic_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except (TypeError, AttributeError, ValueError):  # older signature, or a config-less stub model
+        return DynamicCache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RaggedKV:
+    """A causal LM with a DynamicCache whose rows may hold holes.
+
+    Args:
+        model: HF causal LM (full-attention layers with a dynamic cache, e.g. Llama, Qwen, SmolLM).
+        batch_size: rows. device: the model's device.
+    Attributes:
+        mask: (B, S) long, column validity. forward_time: seconds spent in forward calls. calls: count.
+    """
+
+    def __init__(self, model, batch_size: int, device: torch.device) -> None:
+        self.model = model
+        self.cache = new_dynamic_cache(model)
+        self.kwarg = _cache_kwarg(model)
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.device = device
+        self.forward_time = 0.0
+        self.calls = 0
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def _layers(self):
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:
+            raise ConfigError("ragged SD needs a transformers version whose DynamicCache exposes `.layers` (>= 5.0)")
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise ConfigError(f"ragged SD supports full-attention dynamic caches only, got {type(layer).__name__}")
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                yield layer
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Append columns and return logits.
+
+        tokens, valid, positions: (B, w) long; valid marks real tokens (0 = hole/pad column).
+        Returns logits (B, k, V) for the last k = logits_to_keep columns (all w when 0), in model dtype.
+        """
+        self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=logits_to_keep, **{self.kwarg: self.cache})
+        _sync(self.device)
+        self.forward_time += time.perf_counter() - t0
+        self.calls += 1
+        returned = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        if returned is not None:
+            self.cache = returned
+        return out.logits
+
+    def crop(self, width: int) -> None:
+        """Keep the first `width` columns."""
+        if width >= self.width:
+            return
+        for layer in self._layers():
+            layer.keys = layer.keys[:, :, :width]
+            layer.values = layer.values[:, :, :width]
+        self.mask = self.mask[:, :width]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (1-D long index) of the batch."""
+        for layer in self._layers():
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)
+        self.mask = self.mask.index_select(0, rows)
+
+    def hole_fraction(self) -> float:
+        return 0.0 if self.mask.numel() == 0 else 1.0 - float(self.mask.float().mean())
+
+    def compact(self) -> None:
+        """Move every row's holes to its left (order of valid columns kept) and drop all-hole columns."""
+        if self.width == 0:
+            return
+        order = torch.argsort(self.mask, dim=1, stable=True)  # holes (0) first, valid (1) after, in order
+        drop = int((self.mask == 0).sum(1).min())
+        order = order[:, drop:]
+        for layer in self._layers():
+            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, idx)
+            layer.values = layer.values.gather(2, idx)
+        self.mask = self.mask.gather(1, order)
