@@ -17,6 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from distillspec.errors import ConfigError
+from distillspec.resolvers import register
+
+register()  # before @hydra.main composes the config
 
 log = logging.getLogger("distillspec")
 

@@ -83,3 +83,12 @@ def test_run_py_reports_config_errors_without_traceback(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "sd.gamma=0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_long_override_dirnames_are_shortened_stably():
+    from distillspec.resolvers import MAX_DIRNAME, short_dirname
+
+    a, b = "x=1," * 60 + "y=1", "x=1," * 60 + "y=2"
+    assert short_dirname("div=rkl") == "div=rkl"
+    assert len(short_dirname(a)) <= MAX_DIRNAME and short_dirname(a) != short_dirname(b)
+    assert short_dirname(a) == short_dirname(a)
