@@ -92,3 +92,11 @@ def test_long_override_dirnames_are_shortened_stably():
     assert short_dirname("div=rkl") == "div=rkl"
     assert len(short_dirname(a)) <= MAX_DIRNAME and short_dirname(a) != short_dirname(b)
     assert short_dirname(a) == short_dirname(a)
+
+
+def test_slurm_launcher_composes():
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["experiment=reference_qwen_gsm8k", "hydra/launcher=slurm"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
