@@ -103,9 +103,10 @@ def table1(df: pd.DataFrame) -> str:
     """Rows: target/draft/task (and gamma); columns: alpha_seq and alpha_tok per method, best bold."""
     lines = []
     methods = sorted(df["method"].unique(), key=lambda m: (m != "baseline", m))
-    header = "| pair / task | γ | " + " | ".join(f"{m} α_seq | {m} α_tok" for m in methods) + " | n |"
-    lines += [header, "|" + "---|" * (3 + 2 * len(methods))]
-    for (target, draft, task, gamma), grp in df.groupby(["target", "draft", "task", "gamma"], dropna=False):
+    header = "| pair / task | γ | T | " + " | ".join(f"{m} α_seq | {m} α_tok" for m in methods) + " | n |"
+    lines += [header, "|" + "---|" * (4 + 2 * len(methods))]
+    keys = ["target", "draft", "task", "gamma", "temperature"]
+    for (target, draft, task, gamma, temp), grp in df.groupby(keys, dropna=False):
         best = {k: grp[k].max() for k in (C.ALPHA_SEQ, C.ALPHA_TOK)}
         cells = []
         for m in methods:
@@ -116,7 +117,7 @@ def table1(df: pd.DataFrame) -> str:
             r = sub.sort_values(C.ALPHA_TOK).iloc[-1]
             cells += [_fmt_alpha(r, k, r[k] == best[k] and len(grp) > 1) for k in (C.ALPHA_SEQ, C.ALPHA_TOK)]
         n = int(grp[C.NUM_DRAFTED].max()) if C.NUM_DRAFTED in grp else ""
-        lines.append(f"| {Path(str(target)).name} ← {Path(str(draft)).name} / {task} | {gamma} | "
+        lines.append(f"| {Path(str(target)).name} ← {Path(str(draft)).name} / {task} | {gamma} | {temp} | "
                      + " | ".join(cells) + f" | {n} drafted |")
     return "\n".join(lines)
 

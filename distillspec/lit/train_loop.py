@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,6 +70,9 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     if resume_from:
         log.info("resuming from %s", resume_from)
     loader = DataLoader(StepTicks(train.max_steps), batch_size=None, shuffle=False)
+    # Intended: the frozen teacher stays in eval mode, and checkpoints hold the post-step state (resume = next step).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)
     if trainer.global_step % train.checkpoint_every:  # the final step is checkpointed too
         trainer.save_checkpoint(last)

@@ -88,7 +88,7 @@ class RaggedKV:
         _sync(self.device)
         self.forward_time += time.perf_counter() - t0
         self.calls += 1
-        returned = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        returned = getattr(out, self.kwarg, None)
         if returned is not None:
             self.cache = returned
         return out.logits
