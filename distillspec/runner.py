@@ -132,7 +132,22 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     for lg in loggers:
         lg.finalize("success")
     log.info("wrote %s", run_dir / C.METRICS_FILE)
+    log_summary(out)
     return out
+
+
+def log_summary(out: dict[str, Any]) -> None:
+    """A few headline numbers: final SD metrics and, when training evaluated periodically, the curve."""
+    keys = (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY, C.SPEEDUP)
+    metrics = out.get("metrics") or {}
+    shown = {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
+    shown.update({k: round(float(v), 4) for k, v in metrics.items() if k.startswith(C.QUALITY_PREFIX)})
+    if shown:
+        log.info("%s draft=%s: %s", out["stage"], out["draft"], shown)
+    for point in (out.get("train") or {}).get("eval_history", []):
+        log.info("training step %s: %s=%.4f %s=%.4f", point["step"], C.ALPHA_TOK,
+                 point.get(C.VAL_PREFIX + C.ALPHA_TOK, float("nan")), C.ALPHA_EXPECTED,
+                 point.get(C.VAL_PREFIX + C.ALPHA_EXPECTED, float("nan")))
 
 
 def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory):
