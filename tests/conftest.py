@@ -56,7 +56,7 @@ TINY = [
     "pair=tiny", "trainer=cpu", "task=arithmetic", "task.num_train=32", "task.num_eval=8",
     "task.max_new_tokens=12", "train.max_steps=2", "train.batch_size=2", "train.num_train=16",
     "train.max_new_tokens=8", "train.checkpoint_every=1", "sd.num_eval=4", "sd.batch_size=2",
-    "sd.max_new_tokens=8", "sd.gamma=3",
+    "sd.max_new_tokens=8", "sd.gamma=3", "train.eval_every=0",
 ]
 
 

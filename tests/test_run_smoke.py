@@ -19,7 +19,7 @@ from distillspec import constants as C
 
 
 def test_train_eval_writes_metrics(tmp_path):
-    out = run_cfg(TINY, tmp_path)
+    out = run_cfg(TINY + ["train.eval_every=1", "train.eval_num=2"], tmp_path)
     saved = json.loads((tmp_path / C.METRICS_FILE).read_text())
     m = saved["metrics"]
     for key in (C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.ALPHA_EXPECTED,
@@ -31,6 +31,9 @@ def test_train_eval_writes_metrics(tmp_path):
     assert (tmp_path / "draft" / "config.json").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     assert out["metrics"] == m
+    curve = saved["train"]["eval_history"]  # periodic SD eval: before training and after each step
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    assert all(0.0 <= p[C.VAL_PREFIX + C.ALPHA_TOK] <= 1.0 for p in curve)
 
 
 def test_stage_eval_of_trained_draft(tmp_path):
