@@ -1,0 +1,212 @@
+"""Training throughput: distillspec's on-policy step vs TRL's GKDTrainer (lambda = 1), same everything.
+
+    python benchmarks/bench_train.py [--steps 8] [--batch 4] [--max-new-tokens 64] [--draft-layers 4] [--threads 2]
+
+Same pair (offline SmolLM2-135M target, its first N layers as the student), same prompts (the built-in
+arithmetic task, chat-formatted, the identical token ids in the identical per-step order), batch, max new
+tokens, pure sampling at temperature 1 from the student, divergence forward KL (TRL beta = 0), AdamW
+lr 1e-5 + cosine, grad clip 1.0, CPU fp32, same torch thread count. Each implementation runs in its own
+subprocess so peak RSS (ru_maxrss) is its own. Throughput = student completion tokens (up to and
+including the first EOS) per second over whole steps (rollout + teacher forward + student
+forward/backward + optimizer), after one warm-up step. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prompt_key(ids, mask) -> list:
+    """The unpadded prompt token ids of each row (to check both runs saw the same prompts in the same order)."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def load(args):
+    """Pair, encoded prompts and the prompt order distillspec's DistillModule uses (seed 0, one rank)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from distillspec.models.loading import PairSpec
+    from distillspec.tasks.arithmetic import ArithmeticTask
+
+    torch.manual_seed(0)
+    pair = PairSpec(draft=f"offline:smollm2-135m-L{args.draft_layers}", target="offline:smollm2-135m",
+                    dtype="float32").load(torch.device("cpu"))
+    task = ArithmeticTask(num_train=(args.steps + 1) * args.batch, num_eval=8, seed=1,
+                          max_new_tokens=args.max_new_tokens)
+    items = task.encode(task.load("train"), pair.tokenizer)
+    # DistillModule.step_indices with seed=0, world=1, accumulate=1: step s takes perm[s*B:(s+1)*B], epoch 0.
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+    return pair, items, perm
+
+
+def run_ours(args) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
+
+    from distillspec.evaluation import eos_token_ids
+    from distillspec.lit.train_module import DistillModule, StepTicks
+    from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
+
+    pair, items, _ = load(args)
+    eos = eos_token_ids(pair.tokenizer, pair.target)
+    spec = TrainSpec(max_steps=args.steps + 1, batch_size=args.batch, lr=1e-5, warmup_steps=0, grad_clip=1.0,
+                     max_new_tokens=args.max_new_tokens, num_train=len(items))
+    module = DistillModule(pair.draft, pair.target, items, ObjectiveSpec(divergence="fkl"),
+                           RolloutSpec(source="student", temperature=1.0, top_p=1.0), spec, eos,
+                           pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
+    clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
+    sample = module.sampler.sample
+
+    def counting(ids, mask, *a, **kw):  # Rollout.lengths: tokens up to and including the first EOS
+        clock["prompts"] += prompt_key(ids, mask)
+        r = sample(ids, mask, *a, **kw)
+        if clock["t0"] is not None:
+            clock["tokens"] += r.num_tokens
+            clock["seqs"] += int(r.lengths.numel())
+        return r
+
+    module.sampler.sample = counting
+
+    class Clock(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = time.perf_counter()
+            if trainer.global_step == 1:
+                clock["t0"] = now
+            clock["t1"] = now
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + 1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[Clock()],
+                        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(StepTicks(args.steps + 1), batch_size=None))
+    return {"tokens": clock["tokens"], "seqs": clock["seqs"], "seconds": clock["t1"] - clock["t0"], "eos": eos,
+            "steps": trainer.global_step, "prompts": clock["prompts"]}
+
+
+def run_trl(args) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    pair, items, perm = load(args)
+    eos = pair.tokenizer.eos_token_id
+    # Pre-tokenised rows (a path DataCollatorForChatML supports; with completion_mask it takes the prompt ids from
+    # input_ids, "prompt" text is only required by its key lookup): prompt = distillspec's exact prompt ids, the
+    # dataset completion = the task's reference solution + EOS (only used for TRL's loss normaliser, see notes).
+    rows = []
+    for k in range((args.steps + 1) * args.batch):
+        it = items[perm[k]]
+        comp = list(it.target_ids or []) + [eos]
+        rows.append({"prompt": it.prompt_text, "input_ids": list(it.input_ids) + comp,
+                     "completion_mask": [0] * len(it.input_ids) + [1] * len(comp)})
+    clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
+    original = GKDTrainer.generate_on_policy_outputs
+
+    def counting(model, inputs, generation_config):  # TRL's own path (HF generate); labels != -100 = its tokens
+        clock["prompts"] += prompt_key(inputs["prompts"], inputs["prompt_attention_mask"])
+        ids, mask, labels = original(model, inputs, generation_config)
+        if clock["t0"] is not None:
+            clock["tokens"] += int((labels != -100).sum())
+            clock["seqs"] += int(labels.shape[0])
+        return ids, mask, labels
+
+    GKDTrainer.generate_on_policy_outputs = staticmethod(counting)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            now = time.perf_counter()
+            if state.global_step == 1:
+                clock["t0"] = now
+            clock["t1"] = now
+
+    cfg = GKDConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
+                    learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+                    max_grad_norm=1.0, optim="adamw_torch", lmbda=1.0, beta=0.0, temperature=1.0,
+                    max_new_tokens=args.max_new_tokens, logging_steps=1000, save_strategy="no", report_to="none",
+                    use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+                    gradient_accumulation_steps=1, seed=0, dataloader_num_workers=0,
+                    train_sampling_strategy="sequential", disable_tqdm=True)
+    trainer = GKDTrainer(model=pair.draft, teacher_model=pair.target, args=cfg, train_dataset=Dataset.from_list(rows),
+                         processing_class=pair.tokenizer, callbacks=[Clock()])
+    gc = trainer.generation_config
+    assert gc.do_sample and gc.temperature == 1.0 and gc.max_new_tokens == args.max_new_tokens and gc.use_cache
+    trainer.train()
+    e = gc.eos_token_id
+    return {"tokens": clock["tokens"], "seqs": clock["seqs"], "seconds": clock["t1"] - clock["t0"],
+            "eos": [e] if isinstance(e, int) else list(e), "steps": trainer.state.global_step,
+            "prompts": clock["prompts"]}
+
+
+def child(args) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    out = run_ours(args) if args.impl == "ours" else run_trl(args)
+    import torch
+
+    out["threads"] = torch.get_num_threads()
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.json).write_text(json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--draft-layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impl", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        return child(args)
+    rows, load = {}, {}
+    for impl in ("ours", "trl"):
+        path = f"/tmp/bench_train_{impl}.json"
+        cmd = [sys.executable, __file__, "--impl", impl, "--json", path, "--steps", str(args.steps), "--batch",
+               str(args.batch), "--max-new-tokens", str(args.max_new_tokens), "--draft-layers",
+               str(args.draft_layers), "--threads", str(args.threads)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        la0 = os.getloadavg()[0]
+        subprocess.run(cmd, check=True, env=env)
+        load[impl] = (la0, os.getloadavg()[0])
+        rows[impl] = json.loads(Path(path).read_text())
+    for impl, r in rows.items():
+        assert r["steps"] == args.steps + 1 and r["seqs"] == args.steps * args.batch, (impl, r["steps"], r["seqs"])
+    assert rows["ours"]["prompts"] == rows["trl"]["prompts"], "the two runs did not see the same prompts"
+    print(f"\nsteps timed={args.steps} (after 1 warm-up) batch={args.batch} max_new_tokens={args.max_new_tokens} "
+          f"student=first {args.draft_layers} layers, divergence=forward KL, CPU fp32, torch threads="
+          f"{rows['ours']['threads']}/{rows['trl']['threads']} (ours/TRL), host cores={os.cpu_count()}\n")
+    print("| implementation | completion tokens | mean len | seconds | s/step | tokens/s | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    names = {"ours": "distillspec DistillModule", "trl": "TRL GKDTrainer (lmbda=1, beta=0)"}
+    for impl, r in rows.items():
+        print(f"| {names[impl]} | {r['tokens']} | {r['tokens'] / r['seqs']:.1f} | {r['seconds']:.1f} | "
+              f"{r['seconds'] / args.steps:.2f} | {r['tokens'] / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    tps = {k: r["tokens"] / r["seconds"] for k, r in rows.items()}
+    print(f"\nthroughput ratio ours/TRL: {tps['ours'] / tps['trl']:.2f}x; peak RSS ratio ours/TRL: "
+          f"{rows['ours']['peak_rss_mb'] / rows['trl']['peak_rss_mb']:.2f}\n")
+    print(f"Notes: EOS ids ours={rows['ours']['eos']} TRL={rows['trl']['eos']}; tokens counted up to and including "
+          "the first EOS (rows that hit the cap count max_new_tokens). Both sample the student at T=1, top_p=1 "
+          "(TRL: HF generate, top_k=0, KV cache on). Sampled lengths differ between runs, so compare tokens/s, "
+          "not totals. TRL normalises its loss by the dataset completion's token count (num_items_in_batch from "
+          "the collated batch), not the on-policy one; this changes the loss scale, not the work per step. "
+          f"1-min load average before/after each run: ours {load['ours'][0]:.2f}/{load['ours'][1]:.2f}, "
+          f"TRL {load['trl'][0]:.2f}/{load['trl'][1]:.2f} on {os.cpu_count()} cores (this benchmark itself adds about 1; "
+          "anything beyond that is other jobs competing for the CPU, so timings are noisy).")
+
+
+if __name__ == "__main__":
+    main()
