@@ -1,0 +1,446 @@
+"""Speculative-decoding throughput on the offline SmolLM2 pair: our engine vs the baselines, in one run.
+
+    python benchmarks/bench_sd.py                       # full: 8 GSM8K prompts, batch 8, gamma 5, 128 tokens
+    python benchmarks/bench_sd.py --quick               # smoke: 4 prompts, batch 4, 32 tokens (a few minutes)
+    python benchmarks/bench_sd.py --drafts 4 15 --out sd_bench.md
+    make bench-sd ARGS="--quick"
+
+Same prompts for everything: the first --num-prompts GSM8K test questions of a seeded shuffle
+(../shared/data/gsm8k/test.jsonl, or --data), formatted by the gsm8k task through the tokenizer's chat
+template (`--task arithmetic` uses the built-in arithmetic task instead). Target offline:smollm2-135m,
+drafts offline:smollm2-135m-L<n> (its first n layers, untrained), CPU, float32, --threads torch threads.
+Every method is warmed up once (a short generation on the same prompts) before it is timed.
+
+  (a) our engine (ragged per-row KV caches) vs `generate_nocache` (same decoding, prefixes re-encoded
+      every forward), batch --batch, greedy: tokens/s and their ratio (issue target >= 3x);
+  (b) our engine at batch --batch vs HF `target.generate(assistant_model=draft)` looping batch 1 over the
+      same prompts (HF assisted generation supports batch 1 only), same gamma (num_assistant_tokens,
+      constant schedule, confidence threshold off), greedy: tokens/s and ratio (target >= 2x);
+  (c) SD vs target-only decoding (`autoregressive_generate`, KV cache, finished rows retired) at batch 1
+      (prompts one at a time) and batch --batch, greedy, plus one sampling row (T = 1) at batch --batch:
+      tokens/s, speedup, alpha_tok, tau, cost ratio c, predicted speedup tau / (c * gamma + 1);
+  (d) bookkeeping: share of SD wall time outside model forwards,
+      1 - (time_draft + time_target + time_prefill) / time_total (target <= 15%).
+
+tokens/s = generated tokens (EOS included, nothing after it) / wall seconds of the whole call. Greedy
+rows also report how many output rows equal target-only greedy decoding of the same batch layout
+(SD is exact, so all of them should; a rare mismatch is an fp32 near-tie between batch layouts).
+The timings are only as quiet as the machine: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+TARGET = "offline:smollm2-135m"
+
+
+@dataclass
+class Run:
+    """One timed generation over all prompts."""
+
+    part: str
+    method: str
+    draft: str
+    batch: int
+    temperature: float
+    outputs: list[list[int]]
+    seconds: float
+    sd: object | None = None  # concatenated SDResult for SD runs
+    vs: float | None = None  # ratio against this row's baseline (see `baseline`)
+    baseline: str = ""
+    same_as_target: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_sd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _load1(text: str) -> float:
+    try:
+        return float(text.split()[0])
+    except (ValueError, IndexError):
+        return 0.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="SD / target-only batch size (default 8)")
+    p.add_argument("--gamma", type=int, default=5, help="drafted tokens per block (default 5)")
+    p.add_argument("--new-tokens", type=int, default=128, help="max new tokens per prompt (default 128)")
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts (default: --batch)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--drafts", type=int, nargs="+", default=[4],
+                   help="draft depths n (offline:smollm2-135m-L<n>); the first is used for (a), (b), (d)")
+    p.add_argument("--task", choices=["gsm8k", "arithmetic"], default="gsm8k")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K test JSONL (default ../shared/data/...)")
+    p.add_argument("--nocache-tokens", type=int, default=None,
+                   help="new tokens for the no-cache comparison (a) (default --new-tokens). A smaller value "
+                        "re-times our engine at the same length for the ratio; the no-cache cost per token "
+                        "grows with length, so the ratio is then a lower bound for --new-tokens")
+    p.add_argument("--skip-nocache", action="store_true", help="skip (a) (the slowest part)")
+    p.add_argument("--skip-hf", action="store_true", help="skip (b)")
+    p.add_argument("--seed", type=int, default=0, help="prompt shuffle and sampling seed")
+    p.add_argument("--quick", action="store_true", help="4 prompts, batch 4, 32 new tokens")
+    p.add_argument("--out", default=None, help="also write the tables as Markdown to this path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.new_tokens, args.num_prompts = 4, 32, 4
+    if args.num_prompts is None:
+        args.num_prompts = args.batch
+    if args.nocache_tokens is None:
+        args.nocache_tokens = args.new_tokens
+    for name in ("batch", "gamma", "new_tokens", "num_prompts", "threads", "nocache_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# --- prompts and models --------------------------------------------------------------------------------
+def load_prompts(args, tokenizer) -> list[list[int]]:
+    if args.task == "gsm8k":
+        from distillspec.tasks.gsm8k import GSM8KTask
+
+        if not Path(args.data).is_file():
+            sys.exit(f"GSM8K file not found: {args.data} (pass --data PATH, or --task arithmetic)")
+        task = GSM8KTask(source="local", path=str(args.data))
+    else:
+        from distillspec.tasks.arithmetic import ArithmeticTask
+
+        task = ArithmeticTask(num_train=64, num_eval=max(args.num_prompts, 8), seed=1234)
+    items = task.encode(task.load("eval"), tokenizer, limit=args.num_prompts, seed=args.seed)
+    if not task.uses_chat(tokenizer):
+        log("warning: the tokenizer has no chat template; prompts use the plain format")
+    return [list(it.input_ids) for it in items]
+
+
+def batches(prompts: list[list[int]], size: int, pad: int):
+    import torch  # noqa: F401
+
+    from distillspec.lit.data import left_pad
+
+    for i in range(0, len(prompts), size):
+        yield left_pad(prompts[i:i + size], pad)
+
+
+# --- methods (each returns a list of output token lists, one per prompt, and optionally an SDResult) ----
+def run_sd(dec, prompts, batch, pad, new_tokens, seed):
+    import torch
+
+    from distillspec.evaluation import concat_results
+
+    results, outs = [], []
+    for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):
+        gen = torch.Generator().manual_seed(seed * 1000 + k)
+        r = dec.generate(ids, mask, new_tokens, generator=gen)
+        results.append(r)
+        outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
+    return outs, concat_results(results)
+
+
+def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
+    import torch
+
+    from distillspec.evaluation import concat_results
+    from distillspec.sd.nocache import generate_nocache
+
+    results, outs = [], []
+    for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):
+        r = generate_nocache(dec, ids, mask, new_tokens, generator=torch.Generator().manual_seed(seed * 1000 + k))
+        results.append(r)
+        outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
+    return outs, concat_results(results)
+
+
+def run_ar(target, prompts, batch, pad, new_tokens, temperature, eos, seed):
+    import torch
+
+    from distillspec.sd.baseline import autoregressive_generate
+
+    outs = []
+    for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):
+        r = autoregressive_generate(target, ids, mask, new_tokens, temperature=temperature,
+                                    generator=torch.Generator().manual_seed(seed * 1000 + k + 500),
+                                    eos_token_id=eos, pad_token_id=pad)
+        outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
+    return outs, None
+
+
+def run_hf_assisted(target, draft, prompts, new_tokens, eos, pad):
+    import torch
+
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p], dtype=torch.long)
+        with torch.no_grad():
+            out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
+                                  do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+        new = out[0, ids.shape[1]:].tolist()
+        cut = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))
+        outs.append(new[:cut])
+    return outs, None
+
+
+def timed(fn, *a, **kw):
+    """(outputs, SDResult or None, wall seconds, CPU seconds of this process)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    outs, sd = fn(*a, **kw)
+    return outs, sd, time.perf_counter() - t0, time.process_time() - c0
+
+
+def same_rows(a: list[list[int]], b: list[list[int]]) -> str:
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
+# --- table ---------------------------------------------------------------------------------------------
+def fmt(x, spec=".2f", suffix=""):
+    import math
+
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:{spec}}{suffix}"
+
+
+def row_of(run: Run, gamma: int) -> list:
+    from distillspec import constants as C
+    from distillspec.sd.metrics import sd_metrics
+
+    alpha = tau = cost = book = pred = None
+    if run.sd is not None:
+        m = sd_metrics(run.sd, gamma)
+        alpha, tau, cost = m[C.ALPHA_TOK], m[C.BLOCK_EFFICIENCY], m[C.COST_RATIO]
+        book = bookkeeping(run.sd)
+        pred = run.extra.get("predicted")
+    return [run.part, run.method, run.draft, run.batch, f"{run.temperature:g}", run.tokens, fmt(run.seconds, ".1f"),
+            fmt(run.tps, ".2f"), fmt(run.vs, ".2f", "x") + (f" {run.baseline}" if run.vs is not None else ""),
+            fmt(alpha, ".3f"), fmt(tau, ".3f"), fmt(cost, ".3f"), fmt(pred, ".2f", "x"), fmt(book, ".1%"),
+            run.same_as_target, fmt(run.extra.get("cpu_use"), ".0%")]
+
+
+HEADERS = ["part", "method", "draft", "B", "T", "tokens", "time s", "tok/s", "ratio", "α_tok", "τ", "c",
+           "pred. speedup", "bookkeeping", "= target greedy", "CPU use"]
+
+
+def bookkeeping(sd) -> float:
+    return max(0.0, 1.0 - (sd.time_draft + sd.time_target + sd.time_prefill) / max(sd.time_total, 1e-9))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    import transformers
+    from tabulate import tabulate
+
+    from distillspec import constants as C
+    from distillspec.evaluation import eos_token_ids
+    from distillspec.models.loading import PairSpec, load_model
+    from distillspec.sd.engine import SpeculativeDecoder
+    from distillspec.sd.metrics import sd_metrics, speedup_metrics
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    torch.manual_seed(args.seed)
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    load_before = load_avg()
+    started = time.perf_counter()
+
+    drafts = [f"offline:smollm2-135m-L{n}" for n in args.drafts]
+    log(f"loading {TARGET} and {', '.join(drafts)}")
+    pair = PairSpec(draft=drafts[0], target=TARGET, dtype="float32", draft_trainable=False).load("cpu")
+    target, tok = pair.target, pair.tokenizer
+    draft_models = {drafts[0]: pair.draft}
+    for name in drafts[1:]:
+        draft_models[name] = load_model(name, dtype="float32", device="cpu")
+    pad, eos = tok.pad_token_id, eos_token_ids(tok, target)
+    prompts = load_prompts(args, tok)
+    B, G, N = args.batch, args.gamma, args.new_tokens
+    lens = [len(p) for p in prompts]
+    log(f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; batch {B}, gamma {G}, {N} new tokens")
+
+    def decoder(draft_name, temperature):
+        return SpeculativeDecoder(draft_models[draft_name], target, gamma=G, temperature=temperature,
+                                  eos_token_id=eos, pad_token_id=pad)
+
+    warm = min(8, N)
+    warmed: set = set()
+    cpu_use: dict[int, float] = {}  # id(outputs) -> CPU seconds / (wall seconds * threads) of the timed call
+
+    def measure(key, fn, *a, **kw):
+        """Warm up `key` once (a short generation through the same code path), then time the full call."""
+        if key not in warmed:
+            log(f"warm-up {key}")
+            short_kw = dict(kw, new_tokens=warm)
+            fn(*a, **short_kw)
+            warmed.add(key)
+        log(f"timing {key}")
+        outs, sd, secs, cpu = timed(fn, *a, **kw)
+        cpu_use[id(outs)] = cpu / max(secs * args.threads, 1e-9)
+        log(f"  {sum(len(o) for o in outs)} tokens in {secs:.1f} s (CPU use {cpu_use[id(outs)]:.0%})")
+        return outs, sd, secs
+
+    runs: list[Run] = []
+    first = drafts[0]
+    short = lambda name: name.rsplit("-", 1)[-1]  # noqa: E731  "L4"
+
+    # (c) target-only baselines (shared by every draft), then SD per draft.
+    ar = {}
+    for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
+        outs, _, secs = measure(("ar", b), run_ar, target, prompts, b, pad, new_tokens=N, temperature=t, eos=eos,
+                                seed=args.seed)
+        ar[(b, t)] = Run("c", "target-only (KV cache)", "-", b, t, outs, secs)
+    sd_runs = {}
+    for name in drafts:
+        for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
+            outs, sd, secs = measure(("sd", name, b), run_sd, decoder(name, t), prompts, b, pad, new_tokens=N,
+                                     seed=args.seed)
+            parts = "a,b,c,d" if (name == first and b == B and t == 0.0) else "c,d"
+            r = Run(parts, "SD engine (ours)", short(name), b, t, outs, secs, sd=sd)
+            base = ar[(b, t)]
+            m = sd_metrics(sd, G)
+            sp = speedup_metrics(1.0 / max(r.tps, 1e-9), 1.0 / max(base.tps, 1e-9), m[C.BLOCK_EFFICIENCY],
+                                 m[C.COST_RATIO], G)
+            r.vs, r.baseline = sp[C.SPEEDUP], "speedup"
+            r.extra["predicted"] = sp[C.SPEEDUP_PREDICTED]
+            if t == 0.0:
+                r.same_as_target = same_rows(outs, base.outputs)
+            sd_runs[(name, b, t)] = r
+    for (b, t), base in ar.items():
+        if t == 0.0:
+            base.same_as_target = "ref"
+    main_sd = sd_runs[(first, B, 0.0)]
+
+    # (a) no-cache SD at batch B, greedy.
+    checks = []
+    if not args.skip_nocache:
+        Nn = args.nocache_tokens
+        outs, sd, secs = measure(("nocache",), run_nocache, decoder(first, 0.0), prompts, B, pad, new_tokens=Nn,
+                                 seed=args.seed)
+        nc = Run("a", "SD no-cache (re-encode)", short(first), B, 0.0, outs, secs, sd=sd)
+        ours = main_sd
+        if Nn != N:  # same work for the ratio: re-time our engine at the no-cache length
+            o2, sd2, s2 = measure(("sd", first, B), run_sd, decoder(first, 0.0), prompts, B, pad, new_tokens=Nn,
+                                  seed=args.seed)
+            ours = Run("a", f"SD engine (ours), {Nn} tok", short(first), B, 0.0, o2, s2, sd=sd2)
+            ours.same_as_target = "-"
+            runs.append(ours)
+        nc.same_as_target = f"{same_rows(nc.outputs, ours.outputs)} vs ours"
+        ratio = ours.tps / max(nc.tps, 1e-9)
+        nc.vs, nc.baseline = ratio, "ours ÷ this"
+        runs.append(nc)
+        label = f"(a) engine / no-cache tokens/s (B={B}, γ={G}, {Nn} tok{', lower bound' if Nn < N else ''})"
+        checks.append([label, f"{ratio:.2f}x", ">= 3x", "yes" if ratio >= 3 else "NO"])
+
+    # (b) HF assisted generation, batch 1 loop, greedy.
+    if not args.skip_hf:
+        dm = draft_models[first]
+        dm.generation_config.num_assistant_tokens = G
+        dm.generation_config.num_assistant_tokens_schedule = "constant"
+        dm.generation_config.assistant_confidence_threshold = 0.0  # draft exactly gamma tokens every block
+        outs, _, secs = measure(("hf",), run_hf_assisted, target, dm, prompts, new_tokens=N, eos=eos, pad=pad)
+        hf = Run("b", "HF assisted generate (B=1 loop)", short(first), 1, 0.0, outs, secs)
+        hf.same_as_target = same_rows(outs, ar[(1, 0.0)].outputs)
+        ratio = main_sd.tps / max(hf.tps, 1e-9)
+        hf.vs, hf.baseline = ratio, f"ours (B={B}) ÷ this"
+        runs.append(hf)
+        checks.append([f"(b) engine B={B} / HF assisted B=1 loop tokens/s (greedy, γ={G})", f"{ratio:.2f}x",
+                       ">= 2x", "yes" if ratio >= 2 else "NO"])
+
+    book = bookkeeping(main_sd.sd)
+    checks.append([f"(d) bookkeeping share of SD time (engine, {short(first)}, B={B}, greedy)", f"{book:.1%}",
+                   "<= 15%", "yes" if book <= 0.15 else "NO"])
+    worst = max((r for r in sd_runs.values()), key=lambda r: bookkeeping(r.sd))
+    checks.append([f"(d) worst bookkeeping share over SD rows ({worst.draft}, B={worst.batch}, T={worst.temperature:g})",
+                   f"{bookkeeping(worst.sd):.1%}", "<= 15%", "yes" if bookkeeping(worst.sd) <= 0.15 else "NO"])
+
+    table_runs = [main_sd] + runs + [ar[(B, 0.0)], ar[(1, 0.0)], sd_runs[(first, 1, 0.0)], ar[(B, 1.0)],
+                                     sd_runs[(first, B, 1.0)]]
+    table_runs += [r for (name, _, _), r in sd_runs.items() if name != first]
+    for r in table_runs:
+        r.extra["cpu_use"] = cpu_use.get(id(r.outputs))
+    rows = [row_of(r, G) for r in table_runs]
+    load_after = load_avg()
+    elapsed = time.perf_counter() - started
+
+    header = [
+        f"command: `{cmd}`",
+        f"device: CPU ({cpu_name()}), {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python "
+        f"{platform.python_version()}, float32",
+        f"models: target {TARGET} (SmolLM2-135M-Instruct, 30 layers); drafts {', '.join(drafts)} (first n layers, "
+        f"untrained)",
+        f"prompts: {len(prompts)} {args.task} {'test questions' if args.task == 'gsm8k' else 'problems'} "
+        f"(chat template, {min(lens)}-{max(lens)} tokens, seed {args.seed}); batch {B}, γ={G}, max {N} new tokens; "
+        f"warm-up once per method",
+        f"load average (1/5/15 min) before: {load_before}; after: {load_after}; total {elapsed / 60:.1f} min",
+    ]
+    others = max(_load1(load_before), _load1(load_after) - args.threads)  # our own threads count in `after`
+    if others > max((os.cpu_count() or 1) - args.threads, 0) + 0.5:
+        header.append(f"WARNING: the machine was shared (1-min load average {_load1(load_before):.2f} before the "
+                      f"run, {_load1(load_after):.2f} after it including our {args.threads} thread(s), on "
+                      f"{os.cpu_count()} CPUs): timings may be inflated and noisy; rerun on an idle machine")
+    notes = [
+        "ratio: SD rows = tokens/s speedup over target-only at the same B and T; no-cache and HF rows = our "
+        "engine's tokens/s ÷ theirs. c = draft time per forward / target time per forward (measured, "
+        "prefill excluded); pred. speedup = τ / (cγ + 1).",
+        "bookkeeping = 1 - (draft + target + prefill forward time) / SD wall time. "
+        "'= target greedy': output rows identical to target-only greedy decoding (same batch layout). "
+        "CPU use = process CPU time / (wall time * threads): well below 100% means the CPU was shared.",
+    ]
+    table = tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
+    targets = tabulate(checks, headers=["check", "measured", "issue target", "met"], tablefmt="github",
+                       disable_numparse=True)
+    text = "\n".join(header) + "\n\n" + table + "\n\n" + "\n".join(notes) + "\n\n" + targets + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        md = "\n".join(f"- {h}" for h in header) + "\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) \
+            + "\n\n" + targets + "\n"
+        out.write_text(md)
+        log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
