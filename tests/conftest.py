@@ -32,6 +32,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """(draft_dir, target_dir): a 4-layer tiny random Llama target and its 1-layer truncated draft."""

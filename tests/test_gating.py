@@ -11,13 +11,7 @@ from distillspec.losses.gating import GateResult, speckd_gate
 V = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Teacher: the same ranking at both positions, top-2 = {0, 1}.
