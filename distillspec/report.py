@@ -122,6 +122,32 @@ def table1(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def recipe_table(df: pd.DataFrame) -> str:
+    """DistillSpec's recipe view: α_tok (%) of trained drafts, rows = data source, columns = loss, one block per
+    (γ, T), best bold; the untrained baseline of the same (γ, T) in the caption. "" unless rollouts vary."""
+    trained = df[df["method"] != "baseline"]
+    if trained.empty or trained["rollout"].nunique() < 2:
+        return ""
+    trained = trained.assign(loss=trained["method"].str.split("/").str[0])
+    losses = sorted(trained["loss"].unique())
+    blocks = []
+    for (gamma, temp), grp in trained.groupby(["gamma", "temperature"], dropna=False):
+        base = df[(df["method"] == "baseline") & (df["gamma"] == gamma) & (df["temperature"] == temp)]
+        caption = f"γ = {gamma}, T = {temp}" + (
+            f"; untrained baseline α_tok {100 * base[C.ALPHA_TOK].max():.2f}" if not base.empty else "")
+        lines = [caption, "", "| data source | " + " | ".join(losses) + " |", "|" + "---|" * (1 + len(losses))]
+        best = grp[C.ALPHA_TOK].max()
+        for source in sorted(grp["rollout"].unique()):
+            cells = []
+            for loss in losses:
+                sub = grp[(grp["rollout"] == source) & (grp["loss"] == loss)]
+                r = sub.sort_values(C.ALPHA_TOK).iloc[-1] if not sub.empty else None
+                cells.append("–" if r is None else _fmt_alpha(r, C.ALPHA_TOK, r[C.ALPHA_TOK] == best))
+            lines.append(f"| {source} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -144,9 +170,10 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         made.append(_save(fig, out / FIG_ENTROPY))
     if df["gamma"].nunique() > 1 or C.SPEEDUP in df:
         cols = [c for c in (C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED) if c in df]
-        long = df.melt(id_vars=["method", "gamma"], value_vars=cols, var_name="metric")
-        g = sns.relplot(data=long, x="gamma", y="value", hue="method", col="metric", kind="line", marker="o",
-                        facet_kws={"sharey": False}, height=3.5)
+        long = df.melt(id_vars=["method", "gamma", "temperature"], value_vars=cols, var_name="metric")
+        style = "temperature" if df["temperature"].nunique() > 1 else None  # greedy and sampled: one line each
+        g = sns.relplot(data=long, x="gamma", y="value", hue="method", style=style, col="metric", kind="line",
+                        marker="o", facet_kws={"sharey": False}, height=3.5)
         made.append(_save(g.figure, out / FIG_GAMMA))
     hist = [dict(h, method=r["method"]) for _, r in df.iterrows() for h in r["_eval_history"]]
     key = C.VAL_PREFIX + C.ALPHA_TOK
@@ -187,6 +214,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     cols = [c for c in cols if c in df.columns]
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
+          *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if (recipe := recipe_table(df)) else []),
           "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figs]
     (out / REPORT_MD).write_text("\n".join(md) + "\n")

@@ -10,7 +10,7 @@ import pandas as pd
 from conftest import REPO, TINY
 
 from distillspec import constants as C
-from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main
+from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main, recipe_table
 
 
 def test_bootstrap_ci_brackets_the_ratio():
@@ -21,6 +21,18 @@ def test_bootstrap_ci_brackets_the_ratio():
     lo, hi = bootstrap_ci(num, den)
     assert lo < num.sum() / den.sum() < hi
     assert 0 <= lo and hi <= 1
+
+
+def test_recipe_table_places_each_job_in_its_cell():
+    rows = [("baseline", None, 0.010), ("fkl/fixed", "fixed", 0.020), ("fkl", "student", 0.030),
+            ("rkl/fixed", "fixed", 0.040), ("rkl", "student", 0.015)]
+    df = pd.DataFrame([{"method": m, "rollout": r, "gamma": 5, "temperature": 1.0, C.ALPHA_TOK: a} for m, r, a in rows])
+    lines = recipe_table(df).splitlines()
+    assert "untrained baseline α_tok 1.00" in lines[0]
+    assert lines[2] == "| data source | fkl | rkl |"
+    assert lines[4] == "| fixed | 2.00 | **4.00** |"
+    assert lines[5] == "| student | 3.00 | 1.50 |"
+    assert recipe_table(df[df["rollout"] != "fixed"]) == ""  # one data source: no recipe grid
 
 
 def test_two_job_sweep_and_report(tmp_path):
