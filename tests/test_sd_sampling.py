@@ -11,7 +11,7 @@ from scipy import stats
 
 from distillspec.errors import ConfigError
 from distillspec.sd.engine import SpeculativeDecoder
-from distillspec.sd.sampling import lenience_fn, process_logits, sample, verify_block
+from distillspec.sd.sampling import NUCLEUS_FIRST_K, lenience_fn, nucleus_mask, process_logits, sample, verify_block
 from tests.sd_stubs import BigramLM, exact_sequence_probs, log_table, perturbed_pair
 
 P_MIN = 1e-3  # a correct sampler fails a single test with this probability
@@ -49,6 +49,19 @@ def test_process_logits_temperature_top_p_greedy():
     assert (nucleus[2:] == 0).all() and torch.allclose(nucleus[:2], full[:2] / full[:2].sum())
     assert torch.allclose(process_logits(logits, 0.5), torch.softmax(logits / 0.5, -1))
     assert process_logits(torch.tensor([[0.0, -float("inf")]]), 1.0, 0.5).tolist() == [[1.0, 0.0]]
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 8.0])  # near-flat rows force the partial sort to widen
+def test_nucleus_mask_equals_full_sort(scale):
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(6, 3, 5000, generator=g) * scale, -1)
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        sorted_p, idx = probs.sort(-1, descending=True)
+        ref = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, idx, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+        got = nucleus_mask(probs, top_p)
+        assert torch.equal(got, ref), (scale, top_p)
+    if scale == 0.1:  # the widest nucleus really is longer than the first partial sort
+        assert nucleus_mask(probs, 0.9).sum(-1).max() > NUCLEUS_FIRST_K
 
 
 def test_sample_follows_probs():

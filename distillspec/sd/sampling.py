@@ -51,13 +51,31 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(-1) - sorted_p
-        keep_sorted = mass_before < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
-        keep = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+        keep = nucleus_mask(probs, top_p)
         probs = torch.where(keep, probs, torch.zeros_like(probs))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+NUCLEUS_FIRST_K = 64
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(..., V) probabilities -> (..., V) bool: the smallest prefix of tokens by descending probability whose
+    mass reaches top_p (always >= 1 token).
+
+    A partial sort: look at the top k (starting at NUCLEUS_FIRST_K, x8 while any row's nucleus is longer)
+    instead of sorting the whole vocabulary; the nucleus of a trained LM is usually tens of tokens of ~10^5.
+    """
+    V = probs.shape[-1]
+    k = min(NUCLEUS_FIRST_K, V)
+    while True:
+        top_vals, top_idx = probs.topk(k, dim=-1)  # sorted, descending
+        keep_sorted = (top_vals.cumsum(-1) - top_vals) < top_p
+        if k == V or not bool(keep_sorted[..., -1].any()):
+            break  # every row's nucleus ends inside the top k
+        k = min(8 * k, V)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_idx, keep_sorted)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
