@@ -148,7 +148,7 @@ class SDEvaluator:
                 metrics[C.QUALITY_PREFIX + name] = float(value)
         record = _record_mask(result)
         bins = entropy_bins(result.trace_entropy, result.trace_accepted, record,
-                            min_count=self.spec.entropy_min_count)
+                            min_count=self.spec.entropy_min_count, hi=self.spec.entropy_bin_max)
         per_ex = per_example_metrics(result, gamma)
         for row, j in enumerate(index):
             per_ex[row]["uid"] = self.items[j].uid

@@ -48,6 +48,7 @@ class SDSpec:
     measure_speedup: bool = True
     compute_quality: bool = True
     entropy_min_count: int = 5
+    entropy_bin_max: float = 10.0
     num_examples_logged: int = 8
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class SDSpec:
         for name in ("num_eval", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sd.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
+        if not self.entropy_bin_max > 1e-4:
+            raise ConfigError(f"sd.entropy_bin_max={self.entropy_bin_max!r} is invalid; valid: > 1e-4 (nats)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"sd.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
 

@@ -59,6 +59,7 @@ def test_unknown_group_option_lists_choices():
     ("sd.top_p=0", "sd.top_p"),
     ("sd.top_p=1.5", "sd.top_p"),
     ("sd.lenience=huge", "huge"),
+    ("sd.entropy_bin_max=0", "sd.entropy_bin_max=0"),
     ("div.divergence=kl2", "kl2"),
     ("rollout.source=web", "web"),
     ("train.max_steps=0", "train.max_steps"),
