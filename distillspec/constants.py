@@ -18,6 +18,7 @@ NUM_DRAFTED = "sd/num_drafted"
 NUM_OUTPUT_TOKENS = "sd/num_output_tokens"
 ENTROPY_BINS = "sd/entropy_bins"        # table: bin edges, counts, acceptance per bin
 QUALITY_PREFIX = "quality/"             # + the task's metric name, e.g. quality/accuracy, quality/rouge1
+DRAFT_QUALITY_PREFIX = "draft_quality/" # the same metric on the draft's own (draft-only) generations
 
 # --- distillation training ---
 TRAIN_LOSS = "train/loss"

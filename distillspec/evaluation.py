@@ -53,6 +53,7 @@ class BatchOutcome:
     index: torch.Tensor
     baseline_time: float | None = None
     baseline_tokens: int | None = None
+    draft_texts: list[str] | None = None  # draft-only generations (sd.draft_quality)
 
 
 @dataclass
@@ -110,7 +111,19 @@ class SDEvaluator:
                 pad_token_id=self.tokenizer.pad_token_id)
             outcome.baseline_time = float(base.time_total)
             outcome.baseline_tokens = int(base.lengths.sum())
+        if self.spec.compute_quality and self.spec.draft_quality:
+            own = autoregressive_generate(
+                self.draft, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
+                temperature=self.spec.temperature, top_p=self.spec.top_p,
+                generator=self._generator(device, batch_idx, 2), eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id)
+            outcome.draft_texts = self._decode(own.tokens, own.lengths)
         return outcome
+
+    def _decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """(B, T) tokens, (B,) lengths -> B strings (special tokens dropped)."""
+        return [self.tokenizer.decode(tokens[i, : int(lengths[i])].tolist(), skip_special_tokens=True)
+                for i in range(tokens.shape[0])]
 
     def run(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
             progress: bool = True, desc: str = "SD eval") -> EvalReport:
@@ -140,12 +153,15 @@ class SDEvaluator:
             metrics[C.TARGET_TOKENS_PER_S] = sum(o.baseline_tokens for o in outcomes) / max(base_time, 1e-9)
             metrics.update(speedup_metrics(sd_time, base_time, metrics[C.BLOCK_EFFICIENCY],
                                            metrics[C.COST_RATIO], gamma))
-        texts = [self.tokenizer.decode(result.tokens[i, : int(result.lengths[i])], skip_special_tokens=True)
-                 for i in range(result.tokens.shape[0])]
+        texts = self._decode(result.tokens, result.lengths)
         refs = [self.items[j].reference for j in index]
         if self.spec.compute_quality and refs and all(r is not None for r in refs):
             for name, value in self.task.score(texts, refs).items():
                 metrics[C.QUALITY_PREFIX + name] = float(value)
+            if all(o.draft_texts is not None for o in outcomes):
+                own = [t for o in outcomes for t in o.draft_texts]
+                for name, value in self.task.score(own, refs).items():
+                    metrics[C.DRAFT_QUALITY_PREFIX + name] = float(value)
         record = _record_mask(result)
         bins = entropy_bins(result.trace_entropy, result.trace_accepted, record,
                             min_count=self.spec.entropy_min_count, hi=self.spec.entropy_bin_max)

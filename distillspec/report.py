@@ -182,7 +182,9 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         sns.lineplot(data=pd.DataFrame(hist), x="step", y=key, hue="method", marker="o", ax=ax)
         ax.set(ylabel="α_tok (periodic SD eval)", title="Acceptance over training")
         made.append(_save(fig, out / FIG_TRAINING))
-    quality = [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)]
+    # the draft's own quality when measured (sd.draft_quality), else the SD outputs' (the target's when lossless)
+    quality = ([c for c in df.columns if c.startswith(C.DRAFT_QUALITY_PREFIX)]
+               or [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)])
     if quality:
         fig, ax = plt.subplots(figsize=(6, 4))
         sns.scatterplot(data=df, x=C.ALPHA_TOK, y=quality[0], hue="method", style="task", s=80, ax=ax)
@@ -210,7 +212,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     figs = plots(df, out)
     cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
             C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.SPEEDUP, C.SPEEDUP_PREDICTED, C.COST_RATIO]
-    cols += [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)]
+    cols += [c for c in df.columns if c.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))]
     cols = [c for c in cols if c in df.columns]
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",

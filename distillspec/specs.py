@@ -47,6 +47,7 @@ class SDSpec:
     max_new_tokens: int | None = None
     measure_speedup: bool = True
     compute_quality: bool = True
+    draft_quality: bool = True
     entropy_min_count: int = 5
     entropy_bin_max: float = 10.0
     num_examples_logged: int = 8

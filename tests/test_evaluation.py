@@ -1,0 +1,63 @@
+"""SDEvaluator: the draft's own task quality is scored on draft-only generations, next to the SD outputs'."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distillspec import constants as C
+from distillspec.evaluation import SDEvaluator, eos_token_ids
+from distillspec.lit.data import left_pad
+from distillspec.sd.baseline import autoregressive_generate
+from distillspec.specs import SDSpec
+
+
+class LengthTask:
+    """A task whose 'quality' is a number that differs between generations: mean output length in chars."""
+
+    quality_metrics = ("chars",)
+
+    @staticmethod
+    def score(texts, refs):
+        return {"chars": sum(len(t) for t in texts) / len(texts)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pair_dirs):
+    draft_dir, target_dir = tiny_pair_dirs
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d).eval()  # noqa: E731
+    return load(draft_dir), load(target_dir), AutoTokenizer.from_pretrained(target_dir)
+
+
+def _evaluate(draft, target, tok, spec, prompts):
+    items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
+             for i, p in enumerate(prompts)]
+    ev = SDEvaluator(draft, target, tok, spec, LengthTask(), items, max_new_tokens=10, seed=3)
+    ids, mask = left_pad([it.input_ids for it in items], tok.pad_token_id)
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(len(items))}
+    return ev.finalize([ev.evaluate_batch(batch, 0)]), ids, mask
+
+
+PROMPTS = ["12+7=", "hello there, ", "x"]
+
+
+def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
+    draft, target, tok = tiny
+    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False)
+    report, ids, mask = _evaluate(draft, target, tok, spec, PROMPTS)
+    own = autoregressive_generate(draft, ids, mask, 10, temperature=0.0, eos_token_id=eos_token_ids(tok, target),
+                                  pad_token_id=tok.pad_token_id)
+    texts = [tok.decode(own.tokens[i, : int(own.lengths[i])].tolist(), skip_special_tokens=True)
+             for i in range(len(PROMPTS))]
+    assert report.metrics[C.DRAFT_QUALITY_PREFIX + "chars"] == pytest.approx(LengthTask.score(texts, None)["chars"])
+    # Precondition that makes the check bite: the target's outputs (= SD's, greedy) score differently.
+    assert report.metrics[C.QUALITY_PREFIX + "chars"] != report.metrics[C.DRAFT_QUALITY_PREFIX + "chars"]
+    # The same model as draft and target: its own greedy outputs are the SD outputs, so the scores agree.
+    same, _, _ = _evaluate(target, target, tok, spec, PROMPTS)
+    assert same.metrics[C.DRAFT_QUALITY_PREFIX + "chars"] == same.metrics[C.QUALITY_PREFIX + "chars"]
+    off, _, _ = _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, measure_speedup=False,
+                                                     draft_quality=False), PROMPTS)
+    assert C.DRAFT_QUALITY_PREFIX + "chars" not in off.metrics
