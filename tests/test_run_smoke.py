@@ -64,7 +64,8 @@ def _draft_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    args = TINY + ["stage=train", "train.max_steps=6", "train.checkpoint_every=1", "trainer.accelerator=cpu"]
+    args = TINY + ["train.max_steps=6", "train.checkpoint_every=1", "trainer.accelerator=cpu",
+                   "train.eval_every=2", "train.eval_num=2"]  # train_eval: periodic evals need eval prompts
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"], cwd=REPO, env=env,
@@ -89,6 +90,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+    # The acceptance curve survives the kill: points from before it come back from the checkpoint.
+    curve = lambda out: [(p["step"], p[C.VAL_PREFIX + C.ALPHA_TOK]) for p in out["train"]["eval_history"]]  # noqa: E731
+    assert [s for s, _ in curve(straight)] == [0, 2, 4, 6]
+    assert curve(resumed) == curve(straight)
 
 
 def test_ddp_cpu_two_processes(tmp_path):

@@ -24,6 +24,8 @@ from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
+EVAL_HISTORY_KEY = "distillspec_eval_history"  # checkpoint entry holding DistillModule.eval_history
+
 
 def completion_logits(model, rollout: Rollout) -> torch.Tensor:
     """(B, T, V) logits at the positions predicting completion tokens 0..T-1 (lm_head on those only)."""
@@ -92,6 +94,13 @@ class DistillModule(L.LightningModule):
         opt = torch.optim.AdamW(params, lr=self.train_spec.lr, weight_decay=self.train_spec.weight_decay)
         sched = get_cosine_schedule_with_warmup(opt, self.train_spec.warmup_steps, self.train_spec.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The acceptance curve so far travels with the checkpoint: a resumed run keeps its earlier points."""
+        checkpoint[EVAL_HISTORY_KEY] = list(self.eval_history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.eval_history = list(checkpoint.get(EVAL_HISTORY_KEY, []))
 
     def state_dict(self, *args, **kwargs):
         """Only the student is checkpointed (the teacher is frozen and reloaded from its source)."""
