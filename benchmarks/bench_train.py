@@ -58,7 +58,8 @@ def run_ours(args) -> dict:
     from torch.utils.data import DataLoader
 
     from distillspec.evaluation import eos_token_ids
-    from distillspec.lit.train_module import DistillModule, StepTicks
+    from distillspec.lit.data import IndexDataset
+    from distillspec.lit.train_module import DistillModule
     from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
 
     pair, items, _ = load(args)
@@ -91,7 +92,7 @@ def run_ours(args) -> dict:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + 1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[Clock()],
                         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(StepTicks(args.steps + 1), batch_size=None))
+    trainer.fit(module, DataLoader(IndexDataset(args.steps + 1), batch_size=None))
     return {"tokens": clock["tokens"], "seqs": clock["seqs"], "seconds": clock["t1"] - clock["t0"], "eos": eos,
             "steps": trainer.global_step, "prompts": clock["prompts"]}
 

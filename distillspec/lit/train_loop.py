@@ -42,8 +42,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from distillspec.evaluation import SDEvaluator, eos_token_ids
-    from distillspec.lit.data import prompt_loader
-    from distillspec.lit.train_module import DistillModule, StepTicks, save_hf_atomic
+    from distillspec.lit.data import IndexDataset, prompt_loader
+    from distillspec.lit.train_module import DistillModule, save_hf_atomic
 
     tokenizer = models.tokenizer
     eos_ids = eos_token_ids(tokenizer, models.target)
@@ -69,7 +69,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     resume_from = str(last) if last.exists() else None
     if resume_from:
         log.info("resuming from %s", resume_from)
-    loader = DataLoader(StepTicks(train.max_steps), batch_size=None, shuffle=False)
+    # step ticks: each step picks its prompts from the step number (DistillModule.step_indices), not the loader
+    loader = DataLoader(IndexDataset(train.max_steps), batch_size=None, shuffle=False)
     # Intended: the frozen teacher stays in eval mode, and checkpoints hold the post-step state (resume = next step).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")

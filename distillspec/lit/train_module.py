@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
 
 from distillspec import constants as C
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
@@ -47,19 +46,6 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask
         ent += entropy(t[i:i + chunk]).sum()
         ov += overlap(t[i:i + chunk], s[i:i + chunk]).sum()
     return ent, ov, torch.tensor(float(s.shape[0]), device=s.device)
-
-
-class StepTicks(Dataset):
-    """A dataloader of step ticks: prompts are chosen from the step number, not from the loader."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class DistillModule(L.LightningModule):
