@@ -18,7 +18,9 @@ Every method is warmed up once (a short generation on the same prompts) before i
       constant schedule, confidence threshold off), greedy: tokens/s and ratio (target >= 2x);
   (c) SD vs target-only decoding (`autoregressive_generate`, KV cache, finished rows retired) at batch 1
       (prompts one at a time) and batch --batch, greedy, plus one sampling row (T = 1) at batch --batch:
-      tokens/s, speedup, alpha_tok, tau, cost ratio c, predicted speedup tau / (c * gamma + 1);
+      tokens/s, speedup, alpha_tok, tau, cost ratio c, predicted speedup tau / (c * gamma + 1); with
+      --top-p < 1 the sampling rows use nucleus sampling and the SD sampling row is repeated with the
+      nucleus found by a full vocabulary sort (the old implementation) instead of the partial sort;
   (d) bookkeeping: share of SD wall time outside model forwards,
       1 - (time_draft + time_target + time_prefill) / time_total (target <= 15%).
 
@@ -119,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "grows with length, so the ratio is then a lower bound for --new-tokens")
     p.add_argument("--skip-nocache", action="store_true", help="skip (a) (the slowest part)")
     p.add_argument("--skip-hf", action="store_true", help="skip (b)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus top-p of the T = 1 rows (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="prompt shuffle and sampling seed")
     p.add_argument("--quick", action="store_true", help="4 prompts, batch 4, 32 new tokens")
     p.add_argument("--out", default=None, help="also write the tables as Markdown to this path")
@@ -191,14 +194,14 @@ def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
     return outs, concat_results(results)
 
 
-def run_ar(target, prompts, batch, pad, new_tokens, temperature, eos, seed):
+def run_ar(target, prompts, batch, pad, new_tokens, temperature, eos, seed, top_p=1.0):
     import torch
 
     from distillspec.sd.baseline import autoregressive_generate
 
     outs = []
     for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):
-        r = autoregressive_generate(target, ids, mask, new_tokens, temperature=temperature,
+        r = autoregressive_generate(target, ids, mask, new_tokens, temperature=temperature, top_p=top_p,
                                     generator=torch.Generator().manual_seed(seed * 1000 + k + 500),
                                     eos_token_id=eos, pad_token_id=pad)
         outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
@@ -250,7 +253,8 @@ def row_of(run: Run, gamma: int) -> list:
         alpha, tau, cost = m[C.ALPHA_TOK], m[C.BLOCK_EFFICIENCY], m[C.COST_RATIO]
         book = bookkeeping(run.sd)
         pred = run.extra.get("predicted")
-    return [run.part, run.method, run.draft, run.batch, f"{run.temperature:g}", run.tokens, fmt(run.seconds, ".1f"),
+    temp = f"{run.temperature:g}" + (f", p {run.extra['top_p']:g}" if run.extra.get("top_p", 1.0) < 1 else "")
+    return [run.part, run.method, run.draft, run.batch, temp, run.tokens, fmt(run.seconds, ".1f"),
             fmt(run.tps, ".2f"), fmt(run.vs, ".2f", "x") + (f" {run.baseline}" if run.vs is not None else ""),
             fmt(alpha, ".3f"), fmt(tau, ".3f"), fmt(cost, ".3f"), fmt(pred, ".2f", "x"), fmt(book, ".1%"),
             run.same_as_target, fmt(run.extra.get("cpu_use"), ".0%")]
@@ -299,9 +303,11 @@ def main(argv=None) -> None:
     lens = [len(p) for p in prompts]
     log(f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; batch {B}, gamma {G}, {N} new tokens")
 
+    top_p = args.top_p
+
     def decoder(draft_name, temperature):
         return SpeculativeDecoder(draft_models[draft_name], target, gamma=G, temperature=temperature,
-                                  eos_token_id=eos, pad_token_id=pad)
+                                  top_p=top_p if temperature > 0 else 1.0, eos_token_id=eos, pad_token_id=pad)
 
     warm = min(8, N)
     warmed: set = set()
@@ -328,7 +334,7 @@ def main(argv=None) -> None:
     ar = {}
     for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
         outs, _, secs = measure(("ar", b), run_ar, target, prompts, b, pad, new_tokens=N, temperature=t, eos=eos,
-                                seed=args.seed)
+                                seed=args.seed, top_p=top_p if t > 0 else 1.0)
         ar[(b, t)] = Run("c", "target-only (KV cache)", "-", b, t, outs, secs)
     sd_runs = {}
     for name in drafts:
@@ -346,6 +352,21 @@ def main(argv=None) -> None:
             if t == 0.0:
                 r.same_as_target = same_rows(outs, base.outputs)
             sd_runs[(name, b, t)] = r
+    if top_p < 1.0:  # the same nucleus SD row with a full vocabulary sort per draft step (old implementation)
+        from distillspec.sd import sampling
+
+        first_k = sampling.NUCLEUS_FIRST_K
+        sampling.NUCLEUS_FIRST_K = target.config.vocab_size
+        try:
+            outs, sd, secs = measure(("sd-fullsort", first, B), run_sd, decoder(first, 1.0), prompts, B, pad,
+                                     new_tokens=N, seed=args.seed)
+        finally:
+            sampling.NUCLEUS_FIRST_K = first_k
+        r = Run("d", "SD engine, nucleus by full sort", short(first), B, 1.0, outs, secs, sd=sd)
+        part = sd_runs[(first, B, 1.0)]
+        r.vs, r.baseline = part.tps / max(r.tps, 1e-9), "partial-sort row ÷ this"
+        r.same_as_target = f"{same_rows(outs, part.outputs)} = partial"
+        sd_runs[("fullsort", B, 1.0)] = r
     for (b, t), base in ar.items():
         if t == 0.0:
             base.same_as_target = "ref"
@@ -390,7 +411,7 @@ def main(argv=None) -> None:
     book = bookkeeping(main_sd.sd)
     checks.append([f"(d) bookkeeping share of SD time (engine, {short(first)}, B={B}, greedy)", f"{book:.1%}",
                    "<= 15%", "yes" if book <= 0.15 else "NO"])
-    worst = max((r for r in sd_runs.values()), key=lambda r: bookkeeping(r.sd))
+    worst = max((r for k, r in sd_runs.items() if k[0] != "fullsort"), key=lambda r: bookkeeping(r.sd))
     checks.append([f"(d) worst bookkeeping share over SD rows ({worst.draft}, B={worst.batch}, T={worst.temperature:g})",
                    f"{bookkeeping(worst.sd):.1%}", "<= 15%", "yes" if bookkeeping(worst.sd) <= 0.15 else "NO"])
 
@@ -399,6 +420,8 @@ def main(argv=None) -> None:
     table_runs += [r for (name, _, _), r in sd_runs.items() if name != first]
     for r in table_runs:
         r.extra["cpu_use"] = cpu_use.get(id(r.outputs))
+        if r.temperature > 0:
+            r.extra["top_p"] = top_p
     rows = [row_of(r, G) for r in table_runs]
     load_after = load_avg()
     elapsed = time.perf_counter() - started
