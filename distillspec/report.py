@@ -157,16 +157,28 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
 
     sns.set_theme(style="whitegrid")
     made = []
-    bins = [dict(b, method=r["method"], gamma=r["gamma"]) for _, r in df.iterrows() for b in r["_entropy_bins"]]
+    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"]) for _, r in df.iterrows()
+            for b in r["_entropy_bins"]]
     if bins:
         b = pd.DataFrame(bins)
         b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        sns.lineplot(data=b, x="entropy", y="acceptance", hue="method", ax=ax, legend=False, alpha=0.6)
-        sns.scatterplot(data=b, x="entropy", y="acceptance", hue="method", size="count", sizes=(20, 400), ax=ax)
-        ax.set(xscale="log", xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
-               title="Acceptance vs teacher entropy")
-        ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+        trained = b["method"] != "baseline"
+        if b.loc[trained, "rollout"].nunique() > 1:  # recipe grid: one panel per data source, one line per loss
+            b["loss"] = b["method"].str.split("/").str[0]
+            panels = [(s, pd.concat([b[trained & (b["rollout"] == s)], b[~trained]]))
+                      for s in sorted(b.loc[trained, "rollout"].unique())]
+            hue, order = "loss", sorted(b["loss"].unique(), key=lambda m: (m != "baseline", m))
+        else:
+            panels, hue, order = [("", b)], "method", sorted(b["method"].unique(), key=lambda m: (m != "baseline", m))
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4.5), sharey=True, squeeze=False)
+        for ax, (title, data) in zip(axes[0], panels):
+            sns.lineplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, ax=ax, legend=False,
+                         alpha=0.6)
+            sns.scatterplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, size="count",
+                            sizes=(20, 300), ax=ax, legend=ax is axes[0][-1])
+            ax.set(xscale="log", xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
+                   title=f"data source: {title}" if title else "Acceptance vs teacher entropy")
+        axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
         made.append(_save(fig, out / FIG_ENTROPY))
     if df["gamma"].nunique() > 1 or C.SPEEDUP in df:
         cols = [c for c in (C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED) if c in df]

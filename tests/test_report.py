@@ -10,7 +10,7 @@ import pandas as pd
 from conftest import REPO, TINY
 
 from distillspec import constants as C
-from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main, recipe_table
+from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main, plots, recipe_table
 
 
 def test_bootstrap_ci_brackets_the_ratio():
@@ -33,6 +33,23 @@ def test_recipe_table_places_each_job_in_its_cell():
     assert lines[4] == "| fixed | 2.00 | **4.00** |"
     assert lines[5] == "| student | 3.00 | 1.50 |"
     assert recipe_table(df[df["rollout"] != "fixed"]) == ""  # one data source: no recipe grid
+
+
+def test_recipe_entropy_figure_has_one_panel_per_data_source(tmp_path):
+    import matplotlib.image
+
+    bins = [{"bin_lo": 0.01, "bin_hi": 0.1, "count": 10.0, "acceptance": 0.5},
+            {"bin_lo": 0.1, "bin_hi": 1.0, "count": 30.0, "acceptance": 0.2}]
+    rows = [("baseline", "mixed"), ("fkl/fixed", "fixed"), ("fkl", "student"), ("rkl/teacher", "teacher")]
+    df = pd.DataFrame([{"method": m, "rollout": r, "gamma": 5, "temperature": 1.0, C.ALPHA_TOK: 0.1,
+                        "_entropy_bins": bins, "_eval_history": []} for m, r in rows])
+    widths = {}
+    for name, data in (("grid", df), ("single", df[df["rollout"].isin(["mixed", "student"])])):
+        out = tmp_path / name
+        out.mkdir()
+        assert out / FIG_ENTROPY in plots(data, out)
+        widths[name] = matplotlib.image.imread(out / FIG_ENTROPY).shape[1]
+    assert widths["grid"] > 2 * widths["single"]  # 3 data-source panels vs one panel
 
 
 def test_two_job_sweep_and_report(tmp_path):
