@@ -162,14 +162,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     if bins:
         b = pd.DataFrame(bins)
         b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
-        trained = b["method"] != "baseline"
-        if b.loc[trained, "rollout"].nunique() > 1:  # recipe grid: one panel per data source, one line per loss
-            b["loss"] = b["method"].str.split("/").str[0]
-            panels = [(s, pd.concat([b[trained & (b["rollout"] == s)], b[~trained]]))
-                      for s in sorted(b.loc[trained, "rollout"].unique())]
-            hue, order = "loss", sorted(b["loss"].unique(), key=lambda m: (m != "baseline", m))
-        else:
-            panels, hue, order = [("", b)], "method", sorted(b["method"].unique(), key=lambda m: (m != "baseline", m))
+        panels, hue, order = _panels(b)
         fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4.5), sharey=True, squeeze=False)
         for ax, (title, data) in zip(axes[0], panels):
             sns.lineplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, ax=ax, legend=False,
@@ -187,12 +180,17 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         g = sns.relplot(data=long, x="gamma", y="value", hue="method", style=style, col="metric", kind="line",
                         marker="o", facet_kws={"sharey": False}, height=3.5)
         made.append(_save(g.figure, out / FIG_GAMMA))
-    hist = [dict(h, method=r["method"]) for _, r in df.iterrows() for h in r["_eval_history"]]
+    hist = [dict(h, method=r["method"], rollout=r["rollout"]) for _, r in df.iterrows() for h in r["_eval_history"]]
     key = C.VAL_PREFIX + C.ALPHA_TOK
     if hist and key in pd.DataFrame(hist):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sns.lineplot(data=pd.DataFrame(hist), x="step", y=key, hue="method", marker="o", ax=ax)
-        ax.set(ylabel="α_tok (periodic SD eval)", title="Acceptance over training")
+        panels, hue, order = _panels(pd.DataFrame(hist))
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4), sharey=True, squeeze=False)
+        for ax, (title, data) in zip(axes[0], panels):
+            sns.lineplot(data=data, x="step", y=key, hue=hue, hue_order=order, marker="o", ax=ax,
+                         legend=ax is axes[0][-1])
+            ax.set(ylabel="α_tok (periodic SD eval)",
+                   title=f"data source: {title}" if title else "Acceptance over training")
+        axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
         made.append(_save(fig, out / FIG_TRAINING))
     # the draft's own quality when measured (sd.draft_quality), else the SD outputs' (the target's when lossless)
     quality = ([c for c in df.columns if c.startswith(C.DRAFT_QUALITY_PREFIX)]
@@ -203,6 +201,19 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set(title=f"Task quality ({quality[0]}) vs acceptance")
         made.append(_save(fig, out / FIG_QUALITY))
     return made
+
+
+def _panels(rows: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], str, list[str]]:
+    """Split plot rows (columns method, rollout) into panels: one per data source (hue = loss, baseline rows in
+    every panel) when trained jobs' rollouts vary, else one panel (hue = method). Returns (panels, hue, order)."""
+    first = lambda m: (m != "baseline", m)  # noqa: E731  baseline first in legends
+    trained = rows["method"] != "baseline"
+    if rows.loc[trained, "rollout"].nunique() > 1:
+        rows = rows.assign(loss=rows["method"].str.split("/").str[0])
+        panels = [(s, pd.concat([rows[trained & (rows["rollout"] == s)], rows[~trained]]))
+                  for s in sorted(rows.loc[trained, "rollout"].unique())]
+        return panels, "loss", sorted(rows["loss"].unique(), key=first)
+    return [("", rows)], "method", sorted(rows["method"].unique(), key=first)
 
 
 def _save(fig, path: Path) -> Path:
