@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from distillspec.errors import ConfigError, check_choice, check_range
+from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
@@ -49,7 +50,7 @@ class SDSpec:
     compute_quality: bool = True
     draft_quality: bool = True
     entropy_min_count: int = 5
-    entropy_bin_max: float = 10.0
+    entropy_bin_max: float = ENTROPY_BIN_HI
     num_examples_logged: int = 8
 
     def __post_init__(self) -> None:
@@ -63,8 +64,9 @@ class SDSpec:
         for name in ("num_eval", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sd.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
-        if not self.entropy_bin_max > 1e-4:
-            raise ConfigError(f"sd.entropy_bin_max={self.entropy_bin_max!r} is invalid; valid: > 1e-4 (nats)")
+        if not self.entropy_bin_max > ENTROPY_BIN_LO:
+            raise ConfigError(f"sd.entropy_bin_max={self.entropy_bin_max!r} is invalid; "
+                              f"valid: > {ENTROPY_BIN_LO} (nats)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"sd.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
 

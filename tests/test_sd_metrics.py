@@ -120,7 +120,7 @@ def test_speedup_metrics():
 
 
 def test_entropy_bin_edges_log_spaced():
-    edges = entropy_bin_edges()
+    edges = entropy_bin_edges(hi=1.0)
     assert edges[0] == 0.0 and math.isinf(edges[-1])
     inner = edges[1:-1]
     assert inner[0] == pytest.approx(1e-4) and inner[-1] == pytest.approx(1.0)
@@ -143,27 +143,27 @@ def test_entropy_bins_exact_on_hand_made_example():
     ent = torch.tensor([p[0] for p in positions], dtype=torch.float64)  # 1e-4 exactly on the edge
     acc = torch.tensor([bool(p[1]) for p in positions])
     rec = torch.tensor([p[2] for p in positions])
-    bins = entropy_bins(ent, acc, rec, min_count=5)
+    bins = entropy_bins(ent, acc, rec, min_count=5, hi=1.0)
     got = [(b["bin_lo"], b["bin_hi"], b["count"], b["acceptance"]) for b in bins]
     assert [g[2] for g in got] == [5, 5, 6]
     assert got[0][:2] == (0.0, pytest.approx(1e-4)) and got[0][3] == pytest.approx(4 / 5)
     assert got[1][:2] == (pytest.approx(1e-4), pytest.approx(10 ** -3.5)) and got[1][3] == pytest.approx(2 / 5)
     assert got[2][:2] == (pytest.approx(10 ** -1.5), pytest.approx(0.1)) and got[2][3] == pytest.approx(3 / 6)
     # Lower min_count keeps the small bins, in ascending order, the top bin open-ended.
-    small = entropy_bins(ent, acc, rec, min_count=2)
+    small = entropy_bins(ent, acc, rec, min_count=2, hi=1.0)
     assert [b["count"] for b in small] == [5, 5, 6, 4, 2]
     assert small[3]["bin_lo"] == pytest.approx(10 ** -0.5) and small[3]["acceptance"] == 1.0
     assert small[4]["bin_lo"] == pytest.approx(1.0) and math.isinf(small[4]["bin_hi"])
     assert small[4]["acceptance"] == pytest.approx(0.5)
     # min_count <= 0 still drops empty bins.
-    assert len(entropy_bins(ent, acc, rec, min_count=0)) == 5
+    assert len(entropy_bins(ent, acc, rec, min_count=0, hi=1.0)) == 5
     # Nothing recorded: no bins.
-    assert entropy_bins(ent, acc, torch.zeros_like(rec), min_count=1) == []
+    assert entropy_bins(ent, acc, torch.zeros_like(rec), min_count=1, hi=1.0) == []
 
 
 def test_entropy_bins_counts_only_recorded_positions():
     ent = torch.full((8,), 0.05)
     acc = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
     rec = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
-    (b,) = entropy_bins(ent, acc, rec, min_count=1)
+    (b,) = entropy_bins(ent, acc, rec, min_count=1, hi=1.0)
     assert b["count"] == 3 and b["acceptance"] == pytest.approx(2 / 3)

@@ -77,7 +77,11 @@ def speedup_metrics(sd_time: float, target_time: float, tau: float, cost_ratio: 
             C.SPEEDUP_PREDICTED: tau / (cost_ratio * gamma + 1.0) if not math.isnan(cost_ratio) else math.nan}
 
 
-def entropy_bin_edges(lo: float = 1e-4, hi: float = 1.0, per_decade: int = 2) -> torch.Tensor:
+ENTROPY_BIN_LO = 1e-4  # nats; entropies below fall in [0, lo)
+ENTROPY_BIN_HI = 10.0  # nats; a 49k-152k vocabulary reaches ~11, so the top bin [hi, inf) stays small
+
+
+def entropy_bin_edges(lo: float = ENTROPY_BIN_LO, hi: float = ENTROPY_BIN_HI, per_decade: int = 2) -> torch.Tensor:
     """Log-spaced edges from lo to hi; entropies below lo fall in [0, lo), above hi in [hi, inf)."""
     n = int(round(math.log10(hi / lo) * per_decade))
     inner = torch.logspace(math.log10(lo), math.log10(hi), n + 1, dtype=torch.float64)
@@ -85,7 +89,7 @@ def entropy_bin_edges(lo: float = 1e-4, hi: float = 1.0, per_decade: int = 2) ->
 
 
 def entropy_bins(entropy: torch.Tensor, accepted: torch.Tensor, record: torch.Tensor, *, min_count: int = 5,
-                 lo: float = 1e-4, hi: float = 1.0, per_decade: int = 2) -> list[dict[str, float]]:
+                 lo: float = ENTROPY_BIN_LO, hi: float = ENTROPY_BIN_HI, per_decade: int = 2) -> list[dict[str, float]]:
     """Acceptance rate per teacher-entropy bin.
 
     entropy, accepted, record: (N,) per drafted position; only `record`ed positions count (the reference
