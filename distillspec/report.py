@@ -102,7 +102,7 @@ def _fmt_alpha(row: pd.Series, key: str, bold: bool) -> str:
 def table1(df: pd.DataFrame) -> str:
     """Rows: target/draft/task (and gamma); columns: alpha_seq and alpha_tok per method, best bold."""
     lines = []
-    methods = sorted(df["method"].unique(), key=lambda m: (m != "baseline", m))
+    methods = sorted(df["method"].unique(), key=_baseline_first)
     header = "| pair / task | γ | T | " + " | ".join(f"{m} α_seq | {m} α_tok" for m in methods) + " | n |"
     lines += [header, "|" + "---|" * (4 + 2 * len(methods))]
     keys = ["target", "draft", "task", "gamma", "temperature"]
@@ -128,7 +128,7 @@ def recipe_table(df: pd.DataFrame) -> str:
     trained = df[df["method"] != "baseline"]
     if trained.empty or trained["rollout"].nunique() < 2:
         return ""
-    trained = trained.assign(loss=trained["method"].str.split("/").str[0])
+    trained = trained.assign(loss=_loss(trained["method"]))
     losses = sorted(trained["loss"].unique())
     blocks = []
     for (gamma, temp), grp in trained.groupby(["gamma", "temperature"], dropna=False):
@@ -206,14 +206,23 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
 def _panels(rows: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], str, list[str]]:
     """Split plot rows (columns method, rollout) into panels: one per data source (hue = loss, baseline rows in
     every panel) when trained jobs' rollouts vary, else one panel (hue = method). Returns (panels, hue, order)."""
-    first = lambda m: (m != "baseline", m)  # noqa: E731  baseline first in legends
     trained = rows["method"] != "baseline"
     if rows.loc[trained, "rollout"].nunique() > 1:
-        rows = rows.assign(loss=rows["method"].str.split("/").str[0])
+        rows = rows.assign(loss=_loss(rows["method"]))
         panels = [(s, pd.concat([rows[trained & (rows["rollout"] == s)], rows[~trained]]))
                   for s in sorted(rows.loc[trained, "rollout"].unique())]
-        return panels, "loss", sorted(rows["loss"].unique(), key=first)
-    return [("", rows)], "method", sorted(rows["method"].unique(), key=first)
+        return panels, "loss", sorted(rows["loss"].unique(), key=_baseline_first)
+    return [("", rows)], "method", sorted(rows["method"].unique(), key=_baseline_first)
+
+
+def _loss(methods: pd.Series) -> pd.Series:
+    """The loss part of method labels (method_label: "<div>[+speckd][/<source>]")."""
+    return methods.str.split("/").str[0]
+
+
+def _baseline_first(method: str) -> tuple[bool, str]:
+    """Sort key: baseline first, then alphabetical."""
+    return method != "baseline", method
 
 
 def _save(fig, path: Path) -> Path:
@@ -237,9 +246,10 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
             C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.SPEEDUP, C.SPEEDUP_PREDICTED, C.COST_RATIO]
     cols += [c for c in df.columns if c.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))]
     cols = [c for c in cols if c in df.columns]
+    recipe = recipe_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
-          *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if (recipe := recipe_table(df)) else []),
+          *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
           "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figs]
     (out / REPORT_MD).write_text("\n".join(md) + "\n")

@@ -141,7 +141,8 @@ def log_summary(out: dict[str, Any]) -> None:
     keys = (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY, C.SPEEDUP)
     metrics = out.get("metrics") or {}
     shown = {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
-    shown.update({k: round(float(v), 4) for k, v in metrics.items() if k.startswith(C.QUALITY_PREFIX)})
+    shown.update({k: round(float(v), 4) for k, v in metrics.items()
+                  if k.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))})
     if shown:
         log.info("%s draft=%s: %s", out["stage"], out["draft"], shown)
     for point in (out.get("train") or {}).get("eval_history", []):
