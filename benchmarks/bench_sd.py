@@ -412,7 +412,8 @@ def main(argv=None) -> None:
     checks.append([f"(d) bookkeeping share of SD time (engine, {short(first)}, B={B}, greedy)", f"{book:.1%}",
                    "<= 15%", "yes" if book <= 0.15 else "NO"])
     worst = max((r for k, r in sd_runs.items() if k[0] != "fullsort"), key=lambda r: bookkeeping(r.sd))
-    checks.append([f"(d) worst bookkeeping share over SD rows ({worst.draft}, B={worst.batch}, T={worst.temperature:g})",
+    worst_label = f"{worst.draft}, B={worst.batch}, T={worst.temperature:g}"
+    checks.append([f"(d) worst bookkeeping share over SD rows ({worst_label})",
                    f"{bookkeeping(worst.sd):.1%}", "<= 15%", "yes" if bookkeeping(worst.sd) <= 0.15 else "NO"])
 
     table_runs = [main_sd] + runs + [ar[(B, 0.0)], ar[(1, 0.0)], sd_runs[(first, 1, 0.0)], ar[(B, 1.0)],

@@ -1,6 +1,7 @@
 """Training throughput: distillspec's on-policy step vs TRL's GKDTrainer (lambda = 1), same everything.
 
     python benchmarks/bench_train.py [--steps 8] [--batch 4] [--max-new-tokens 64] [--draft-layers 4] [--threads 2]
+                                     [--chunk-size 1024|none]
 
 Same pair (offline SmolLM2-135M target, its first N layers as the student), same prompts (the built-in
 arithmetic task, chat-formatted, the identical token ids in the identical per-step order), batch, max new
@@ -66,7 +67,8 @@ def run_ours(args) -> dict:
     eos = eos_token_ids(pair.tokenizer, pair.target)
     spec = TrainSpec(max_steps=args.steps + 1, batch_size=args.batch, lr=1e-5, warmup_steps=0, grad_clip=1.0,
                      max_new_tokens=args.max_new_tokens, num_train=len(items))
-    module = DistillModule(pair.draft, pair.target, items, ObjectiveSpec(divergence="fkl"),
+    objective = ObjectiveSpec(divergence="fkl", chunk_size=args.chunk_size)
+    module = DistillModule(pair.draft, pair.target, items, objective,
                            RolloutSpec(source="student", temperature=1.0, top_p=1.0), spec, eos,
                            pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
     clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
@@ -168,6 +170,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--draft-layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunk-size", type=lambda s: None if s == "none" else int(s), default=1024,
+                   help="div.chunk_size of our loss: rows per chunk of the memory-bounded path, or 'none' for plain "
+                        "autograd (default 1024, the config default)")
     p.add_argument("--impl", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,7 +183,8 @@ def main() -> None:
         path = f"/tmp/bench_train_{impl}.json"
         cmd = [sys.executable, __file__, "--impl", impl, "--json", path, "--steps", str(args.steps), "--batch",
                str(args.batch), "--max-new-tokens", str(args.max_new_tokens), "--draft-layers",
-               str(args.draft_layers), "--threads", str(args.threads)]
+               str(args.draft_layers), "--threads", str(args.threads),
+               "--chunk-size", "none" if args.chunk_size is None else str(args.chunk_size)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         la0 = os.getloadavg()[0]
         subprocess.run(cmd, check=True, env=env)
