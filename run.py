@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,13 +25,33 @@ register()  # before @hydra.main composes the config
 log = logging.getLogger("distillspec")
 
 
+# Overrides that describe what an evaluation of the trained draft needs (task, target, SD settings).
+EVAL_KEYS = ("task", "pair", "sd", "seed", "trainer", "logger", "experiment", "paths")
+
+
+def eval_command(overrides: list[str], draft_dir: Path, launch_dir: Path) -> str:
+    """The `python run.py stage=eval ...` line that re-evaluates `draft_dir` with this run's task and SD."""
+    keep = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".")[0].split("/")[0] in EVAL_KEYS]
+    try:
+        path = draft_dir.resolve().relative_to(launch_dir.resolve())
+    except ValueError:
+        path = draft_dir
+    return " ".join(shlex.quote(a) for a in ["python", "run.py", "stage=eval", *keep, f"draft_checkpoint={path}"])
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from distillspec.runner import run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    launch_dir = Path(hydra.utils.get_original_cwd())
     try:
-        run(cfg, run_dir, Path(hydra.utils.get_original_cwd()))
+        out = run(cfg, run_dir, launch_dir)
+        draft_dir = (out.get("train") or {}).get("draft_dir")
+        if draft_dir:
+            cmd = eval_command(list(hc.overrides.task), Path(draft_dir), launch_dir)
+            log.info("trained draft saved; evaluate it again with:\n  %s", cmd)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)

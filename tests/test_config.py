@@ -90,9 +90,23 @@ def test_long_override_dirnames_are_shortened_stably():
     from distillspec.resolvers import MAX_DIRNAME, short_dirname
 
     a, b = "x=1," * 60 + "y=1", "x=1," * 60 + "y=2"
-    assert short_dirname("div=rkl") == "div=rkl"
+    assert short_dirname("div-rkl+sd.gamma-3") == "div-rkl+sd.gamma-3"
+    # pasteable: nothing a shell or Hydra's override grammar treats specially
+    assert short_dirname("pair.draft-offline:smollm2 L4,x=1/y") == "pair.draft-offline_smollm2_L4_x_1_y"
     assert len(short_dirname(a)) <= MAX_DIRNAME and short_dirname(a) != short_dirname(b)
     assert short_dirname(a) == short_dirname(a)
+
+
+def test_default_name_resolves_outside_a_job():
+    """The multirun launcher resolves hydra.sweep.dir before any job's HydraConfig exists."""
+    from conftest import compose_cfg
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(["task=gsm8k_local", "pair=tiny"])
+    HydraConfig.instance().cfg = None  # as in the launcher's process before the first job
+    assert str(cfg.hydra.sweep.dir) == "multirun/gsm8k_local-tiny"
+    assert OmegaConf.select(cfg, "name") == "gsm8k_local-tiny"
 
 
 def test_slurm_launcher_composes():

@@ -1,0 +1,131 @@
+"""The README's commands, run verbatim as a user types them, in a temp copy of the repo.
+
+Every `python run.py ...` / `python -m distillspec.report ...` line of the README's "Running" and
+"Experiments and reports" sections is either run here (shrunk only by *appended* overrides: the tiny pair,
+a few prompts and steps, one point of an experiment's grid) with the default output directories
+(`outputs/`, `multirun/` under the copy), or listed in NOT_RUN_OFFLINE with the reason. A README command
+that is neither fails the test, so the README cannot drift from what works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, SHARED_DATA, TINY
+
+from distillspec import constants as C
+
+SECTIONS = ("## Running", "## Experiments and reports")
+# Commands that need the Hugging Face Hub or a GPU (checked by substring), with the reason.
+NOT_RUN_OFFLINE = {
+    "task=gsm8k div=jsd": "loads GSM8K from the Hub",
+    "pair=qwen3": "loads Qwen3 from the Hub",
+    "experiment=reference_": "full-size pairs from the Hub, GPU",
+    "experiment=recipe_grid": "full-size pairs from the Hub, GPU",
+    "experiment=skd_speckd": "full-size pairs from the Hub, GPU",
+}
+
+
+def readme_commands() -> list[str]:
+    """The command lines (comments stripped) of the bash blocks in SECTIONS, in README order."""
+    text = (REPO / "README.md").read_text()
+    out: list[str] = []
+    for section in SECTIONS:
+        body = text.split(section, 1)[1].split("\n## ", 1)[0]
+        for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S):
+            for line in block.splitlines():
+                cmd = line.split("#", 1)[0].strip()
+                if cmd.startswith(("python run.py", "python -m distillspec")):
+                    out.append(cmd)
+    return out
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def shrink(cmd: str) -> list[str]:
+    """argv for `cmd` plus appended overrides that make it run in seconds (never replacing its own)."""
+    argv = shlex.split(cmd)
+    if argv[:2] != ["python", "run.py"] or "--cfg" in argv:
+        return argv
+    own = {_key(a) for a in argv[2:] if "=" in a}
+    groups = {k for k in own if "." not in k}  # a group the command selects keeps its own options
+    extra = [o for o in TINY if _key(o) not in own and _key(o).split(".")[0] not in groups]
+    for a in argv[2:]:  # one point of an experiment's grid (its last value: a trained method)
+        if a.startswith("experiment="):
+            exp = yaml.safe_load((REPO / "conf" / "experiment" / f"{a.split('=', 1)[1]}.yaml").read_text())
+            params = (exp.get("hydra") or {}).get("sweeper", {}).get("params", {})
+            extra += [f"{k}={str(v).split(',')[-1]}" for k, v in params.items() if k not in own]
+    return argv + extra
+
+
+@pytest.fixture(scope="module")
+def user_repo(tmp_path_factory) -> Path:
+    """<tmp>/main: run.py, conf/, README.md as in a checkout; <tmp>/shared -> the real shared/ when present."""
+    root = tmp_path_factory.mktemp("checkout")
+    repo = root / "main"
+    repo.mkdir()
+    shutil.copy(REPO / "run.py", repo)
+    shutil.copy(REPO / "README.md", repo)
+    shutil.copytree(REPO / "conf", repo / "conf")
+    if SHARED_DATA.is_dir():
+        (root / "shared").symlink_to(SHARED_DATA.parent)
+    return repo
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable if a == "python" else a for a in argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("DISTILLSPEC_SHARED_DATA", None)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_every_readme_command_is_run_or_excused():
+    cmds = readme_commands()
+    assert any(c.startswith("python run.py -m div=") for c in cmds), cmds  # the parser found the sections
+    for cmd in cmds:
+        shrink(cmd)  # every experiment named in the README exists
+
+
+def test_readme_commands_run_verbatim(user_repo):
+    ran = []
+    for cmd in readme_commands():
+        if any(s in cmd for s in NOT_RUN_OFFLINE):
+            continue
+        if "gsm8k_local" in cmd and not SHARED_DATA.is_dir():
+            continue
+        if "<run>" in cmd:  # the README's placeholder: a run dir the first command wrote
+            drafts = sorted((user_repo / "outputs").glob("*/*/draft"))
+            assert drafts, "no outputs/<run>/draft from `python run.py`"
+            cmd = cmd.replace("outputs/<run>/draft", str(drafts[0].relative_to(user_repo)))
+        if "<name>" in cmd:
+            cmd = cmd.replace("multirun/<name>", "multirun/offline_reference")
+        t0 = time.perf_counter()
+        proc = _run(shrink(cmd), user_repo)
+        print(f"{time.perf_counter() - t0:6.1f} s  {cmd}")
+        assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
+        ran.append(cmd)
+        printed = re.findall(r"^  (python run.py stage=eval .*)$", proc.stdout + proc.stderr, flags=re.M)
+        if cmd == "python run.py":  # it prints the exact command that evaluates its draft: paste it
+            assert len(printed) == 1, proc.stdout[-2000:]
+            again = _run(shlex.split(printed[0]), user_repo)
+            assert again.returncode == 0, f"`{printed[0]}` failed:\n{again.stderr[-3000:]}"
+    assert any(c.startswith("python run.py -m div=fkl,rkl,jsd") for c in ran)
+    # Default output dirs: a plain run under outputs/, the README's sweep under multirun/<task>-<pair>/.
+    sweep = user_repo / "multirun" / "arithmetic-tiny"
+    jobs = sorted(p for p in sweep.iterdir() if (p / C.METRICS_FILE).exists())
+    assert len(jobs) == 6, [p.name for p in sweep.iterdir()]  # div x sd.gamma = 3 x 2
+    for job in jobs:
+        assert C.ALPHA_TOK in json.loads((job / C.METRICS_FILE).read_text())["metrics"]
+    assert (user_repo / "multirun" / "offline_reference" / "report.md").exists()
