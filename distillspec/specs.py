@@ -126,9 +126,14 @@ class RolloutSpec:
     top_p: float = 1.0
     skd_top_k: int = 25
     skd_gamma: int = 5
+    cache_top_k: int = 64  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
+    cache_batch_size: int = 16
 
     def __post_init__(self) -> None:
         check_choice("rollout.source", self.source, ROLLOUT_SOURCES)
+        if self.cache_top_k < 0 or self.cache_batch_size < 1:
+            raise ConfigError(f"rollout.cache_top_k={self.cache_top_k!r} (valid: >= 0, 0 = no cache) and "
+                              f"rollout.cache_batch_size={self.cache_batch_size!r} (valid: >= 1)")
         _check_sampling("rollout", self.temperature, self.top_p)
         if self.source == "mixed":
             mix = dict(_plain(self.mix) or {})

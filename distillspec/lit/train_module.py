@@ -18,7 +18,9 @@ import torch
 
 from distillspec import constants as C
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
+from distillspec.losses.sparse import sparse_divergence_loss, student_buckets, teacher_buckets
 from distillspec.rollout.sources import Rollout, RolloutSampler
+from distillspec.rollout.teacher_cache import SparseRollout
 from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,16 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask
         ent += entropy(t[i:i + chunk]).sum()
         ov += overlap(t[i:i + chunk], s[i:i + chunk]).sum()
     return ent, ov, torch.tensor(float(s.shape[0]), device=s.device)
+
+
+@torch.no_grad()
+def sparse_token_stats(student_logits: torch.Tensor, rollout: SparseRollout, mask: torch.Tensor,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over masked positions of the teacher's entropy and 1 - TV on the k + 1 buckets of a sparse
+    teacher (a lower bound of the entropy and an upper bound of 1 - TV; exact when k = V)."""
+    sb = student_buckets(student_logits[mask], rollout.topk_idx[mask], temperature)
+    tb = teacher_buckets(rollout.topk_logp[mask], rollout.tail_logp[mask])
+    return -(tb.exp() * tb).sum(), torch.minimum(sb.exp(), tb.exp()).sum()
 
 
 class DistillModule(L.LightningModule):
@@ -116,9 +128,17 @@ class DistillModule(L.LightningModule):
 
         bs = self.train_spec.batch_size
         for i in range(0, len(indices), bs):
-            chunk = [self.items[j] for j in indices[i:i + bs]]
+            idx = indices[i:i + bs]
+            chunk = [self.items[j] for j in idx]
             ids, mask = left_pad([it.input_ids for it in chunk], self.pad_id)
-            yield ids.to(self.device), mask.to(self.device), [it.target_ids for it in chunk]
+            yield ids.to(self.device), mask.to(self.device), [it.target_ids for it in chunk], idx
+
+    def on_fit_start(self) -> None:
+        """Teacher work that does not change between steps (teacher/fixed data) is done once, here.
+        Not with a SpecKD gate, which needs the teacher's dense distributions."""
+        if self.objective.gate is None and self.sampler.cached_sources() and not self.sampler.caches:
+            self.sampler.build_caches(self.items, self.device, self.seed, self.objective.temperature,
+                                      progress=self.trainer.global_rank == 0)
 
     # ---- the step ----
     def training_step(self, batch, batch_idx):
@@ -126,8 +146,8 @@ class DistillModule(L.LightningModule):
         if step == 0 and self.evaluator is not None and not self.eval_history:
             self.periodic_eval(step)
         gen = self.step_generator(step)
-        rollouts = [self.sampler.sample(ids, mask, targets, gen)
-                    for ids, mask, targets in self._micro_batches(self.step_indices(step))]
+        rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
+                    for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
         tokens = torch.tensor(float(sum(r.num_tokens for r in rollouts)), device=self.device)
         total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         normalizer = max(float(total) / self.trainer.world_size, 1.0)
@@ -136,6 +156,16 @@ class DistillModule(L.LightningModule):
         sums = torch.zeros(5, device=self.device)  # loss, divergence, entropy, overlap, gate accepted
         for r in rollouts:
             mask = r.completion_mask()
+            if isinstance(r, SparseRollout):  # cached teacher: the student alone runs this step
+                s_logits = completion_logits(self.student, r)
+                loss, per_tok = sparse_divergence_loss(
+                    s_logits, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
+                    beta=obj.beta, alpha=obj.alpha, chunk_size=obj.chunk_size, normalizer=normalizer,
+                    tail_logp=r.tail_logp)
+                self.manual_backward(loss)
+                ent, ov = sparse_token_stats(s_logits.detach(), r, mask, obj.temperature)
+                sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+                continue
             with torch.no_grad():
                 t_logits = completion_logits(self.teacher, r)
             s_logits = completion_logits(self.student, r)

@@ -79,6 +79,28 @@ class RolloutSampler:
                  max_new_tokens: int) -> None:
         self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
+        self.caches: dict = {}  # source -> TeacherCache (see build_caches)
+
+    def cached_sources(self) -> list[str]:
+        """Sources whose teacher work can be done once per prompt (teacher samples, dataset outputs)."""
+        if self.spec.cache_top_k == 0:
+            return []
+        used = list(self.spec.mix) if self.spec.source == "mixed" else [self.spec.source]
+        return [s for s in used if s in ("teacher", "fixed")]
+
+    def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True) -> None:
+        """Precompute the teacher's completions and top-k log-probs (at loss `temperature`) for `items`."""
+        from distillspec.rollout.teacher_cache import TeacherCache
+
+        for k, source in enumerate(self.cached_sources()):
+            if source == "fixed" and any(it.target_ids is None for it in items):
+                raise ConfigError("rollout.source=fixed needs dataset outputs, but this task's examples have "
+                                  "no target_text; use rollout=student or rollout=teacher")
+            cache = TeacherCache(items, source, top_k=self.spec.cache_top_k, temperature=temperature,
+                                 sample_temperature=self.spec.temperature, top_p=self.spec.top_p,
+                                 max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
+            cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress)
+            self.caches[source] = cache
 
     def choose_source(self, generator: torch.Generator) -> str:
         """The source for this batch: the spec's, or a draw from the mixture fractions (lambda)."""
@@ -94,11 +116,15 @@ class RolloutSampler:
 
     @torch.no_grad()
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               targets: Sequence[Sequence[int] | None], generator: torch.Generator) -> Rollout:
-        """input_ids, attention_mask: (B, L) left-padded prompts on the models' device."""
+               targets: Sequence[Sequence[int] | None], generator: torch.Generator,
+               indices: Sequence[int] | None = None) -> Rollout:
+        """input_ids, attention_mask: (B, L) left-padded prompts on the models' device; indices: the
+        prompts' item indices (needed to serve cached sources, see build_caches)."""
         from distillspec.sd.baseline import autoregressive_generate
 
         source = self.choose_source(generator)
+        if source in self.caches and indices is not None:
+            return self.caches[source].rollout(indices, input_ids.device)
         if source == "fixed":
             comp, lengths = fixed_completions(targets, self.max_new_tokens, self.eos_ids[0], input_ids.device)
         elif source in ("student", "teacher"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,10 +32,14 @@ class GenResult:
 @torch.no_grad()
 def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                            eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> GenResult:
+                            eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                            logits_hook: Callable[[torch.Tensor, int, torch.Tensor], None] | None = None,
+                            ) -> GenResult:
     """Sample (temperature > 0, nucleus top_p) or greedily decode (temperature 0) up to max_new_tokens.
 
     input_ids, attention_mask: (B, L) left-padded. Returns tokens (B, T) with T <= max_new_tokens.
+    logits_hook(rows (A,), t, logits (A, V)): called at every step t with the raw (unprocessed) logits
+    that predict token t of the still-active rows `rows` (indices into the batch), before sampling.
     """
     check_prompts(input_ids, attention_mask, max_new_tokens, (model,))
     t0 = time.perf_counter()
@@ -50,6 +54,8 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.arange(B, device=dev)
     for t in range(max_new_tokens):
+        if logits_hook is not None:
+            logits_hook(active, t, logits)
         probs = process_logits(logits, temperature, top_p)
         tok = probs.argmax(-1) if temperature == 0 else sample(probs, generator)
         out[active, t] = tok

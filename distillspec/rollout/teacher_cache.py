@@ -1,0 +1,164 @@
+"""Teacher work done once per prompt: completions and sparse next-token distributions, reused every epoch.
+
+For the `teacher` and `fixed` data sources nothing about the teacher changes between steps (it is frozen),
+so the teacher's completion of a prompt (`teacher`: sampled once; `fixed`: the dataset's output) and the
+teacher's top-k log-probabilities at every completion position can be computed once and reused. Training
+steps on cached data then run the student alone, against the sparse teacher of distillspec.losses.sparse.
+
+Teacher samples come from the KV-cached decoding loop with a logits hook, so their distributions cost no
+extra teacher forward; dataset completions take one teacher forward per batch. Every prompt is processed in
+fixed batches from one seeded generator, so the cache is a pure function of (items, settings, seed): a
+resumed run rebuilds exactly the cache it had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from distillspec.rollout.sources import Rollout, assemble, fixed_completions
+
+
+@dataclass
+class CachedCompletion:
+    """One prompt's cached teacher data: tokens (T,) long, topk_idx (T, k) int32, topk_logp (T, k) float32
+    (teacher log-probs at the objective's temperature of the k most likely tokens at each position),
+    tail_logp (T,) float32 (log of the mass outside the top-k; -inf when k = V)."""
+
+    tokens: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_logp: torch.Tensor
+    tail_logp: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class SparseRollout(Rollout):
+    """A Rollout with the teacher's sparse distributions: topk_idx (B, T, k) long, topk_logp (B, T, k) and
+    tail_logp (B, T) float32."""
+
+    topk_idx: torch.Tensor | None = None
+    topk_logp: torch.Tensor | None = None
+    tail_logp: torch.Tensor | None = None
+
+
+def _topk(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., V) logits -> (top-k log-probs at `temperature`, their ids, log-sum-exp of the other log-probs),
+    sorted by probability; computed in float32 (float64 for float64 logits)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    lp = torch.log_softmax(x, -1)
+    vals, idx = lp.topk(min(k, x.shape[-1]), -1)
+    tail = lp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return vals, idx, tail
+
+
+class TeacherCache:
+    """Cached teacher completions and sparse distributions for a list of encoded prompts.
+
+    Args:
+        items: encoded prompts (`.input_ids`, `.target_ids`). source: "teacher" (sample once) or "fixed"
+        (dataset outputs). top_k: teacher tokens kept per position. temperature: the objective's
+        (loss) temperature the log-probs are taken at. sample_temperature, top_p: the rollout sampling
+        settings (teacher source). max_new_tokens: completion cap. eos_ids, pad_id: token ids.
+    """
+
+    def __init__(self, items: Sequence, source: str, *, top_k: int, temperature: float, sample_temperature: float,
+                 top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> None:
+        if source not in ("teacher", "fixed"):
+            raise ValueError(f"TeacherCache serves the 'teacher' and 'fixed' sources, not {source!r}")
+        self.items, self.source, self.top_k = items, source, top_k
+        self.temperature, self.sample_temperature, self.top_p = temperature, sample_temperature, top_p
+        self.max_new_tokens, self.eos_ids, self.pad_id = max_new_tokens, eos_ids, pad_id
+        self.entries: dict[int, CachedCompletion] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @torch.no_grad()
+    def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True) -> None:
+        """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator)."""
+        from tqdm.auto import tqdm
+
+        from distillspec.lit.data import left_pad
+
+        was_training = teacher.training
+        teacher.eval()
+        gen = torch.Generator(device=device).manual_seed(seed)
+        n = len(self.items)
+        for start in tqdm(range(0, n, batch_size), desc=f"teacher cache ({self.source})", disable=not progress,
+                          leave=False):
+            idx = list(range(start, min(start + batch_size, n)))
+            ids, mask = left_pad([self.items[i].input_ids for i in idx], self.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            if self.source == "teacher":
+                comp, lengths, t_idx, t_val, t_tail = self._sample(teacher, ids, mask, gen)
+            else:
+                comp, lengths, t_idx, t_val, t_tail = self._score_fixed(teacher, ids, mask, idx, device)
+            for row, i in enumerate(idx):
+                n_tok = int(lengths[row])
+                self.entries[i] = CachedCompletion(tokens=comp[row, :n_tok].cpu(),
+                                                   topk_idx=t_idx[row, :n_tok].to(torch.int32).cpu(),
+                                                   topk_logp=t_val[row, :n_tok].float().cpu(),
+                                                   tail_logp=t_tail[row, :n_tok].float().cpu())
+        teacher.train(was_training)
+
+    def _sample(self, teacher, ids, mask, gen):
+        from distillspec.sd.baseline import autoregressive_generate
+
+        B, T = ids.shape[0], self.max_new_tokens
+        k = min(self.top_k, teacher.get_output_embeddings().weight.shape[0])
+        t_idx = torch.zeros(B, T, k, dtype=torch.long, device=ids.device)
+        t_val = torch.zeros(B, T, k, dtype=torch.float32, device=ids.device)
+        t_tail = torch.zeros(B, T, dtype=torch.float32, device=ids.device)
+
+        def hook(rows: torch.Tensor, t: int, logits: torch.Tensor) -> None:
+            vals, top, tail = _topk(logits, k, self.temperature)
+            t_val[rows, t], t_idx[rows, t], t_tail[rows, t] = vals.float(), top, tail.float()
+
+        res = autoregressive_generate(teacher, ids, mask, T, temperature=self.sample_temperature, top_p=self.top_p,
+                                      generator=gen, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                                      logits_hook=hook)
+        return res.tokens, res.lengths, t_idx, t_val, t_tail
+
+    def _score_fixed(self, teacher, ids, mask, idx, device):
+        from distillspec.lit.train_module import completion_logits
+
+        comp, lengths = fixed_completions([self.items[i].target_ids for i in idx], self.max_new_tokens,
+                                          self.eos_ids[0], device)
+        roll = assemble(ids, mask, comp, lengths, self.pad_id, "fixed")
+        vals, top, tail = _topk(completion_logits(teacher, roll), self.top_k, self.temperature)
+        return comp, lengths, top, vals, tail
+
+    def rollout(self, indices: Sequence[int], device: torch.device) -> SparseRollout:
+        """The cached completions of items `indices` as a SparseRollout (prompts left-padded, completions
+        right-padded; topk tensors zero-padded past each length, where the completion mask is False)."""
+        from distillspec.lit.data import left_pad
+
+        missing = [i for i in indices if i not in self.entries]
+        if missing:
+            raise KeyError(f"teacher cache has no entry for items {missing[:5]}; call build() first")
+        entries = [self.entries[i] for i in indices]
+        ids, mask = left_pad([self.items[i].input_ids for i in indices], self.pad_id)
+        width = max(e.length for e in entries)
+        k = entries[0].topk_idx.shape[-1]
+        comp = torch.full((len(entries), width), self.pad_id, dtype=torch.long)
+        t_idx = torch.zeros(len(entries), width, k, dtype=torch.long)
+        t_val = torch.zeros(len(entries), width, k, dtype=torch.float32)
+        t_tail = torch.zeros(len(entries), width, dtype=torch.float32)
+        for r, e in enumerate(entries):
+            comp[r, : e.length] = e.tokens
+            t_idx[r, : e.length] = e.topk_idx.long()
+            t_val[r, : e.length] = e.topk_logp
+            t_tail[r, : e.length] = e.tail_logp
+        lengths = torch.tensor([e.length for e in entries], dtype=torch.long)
+        base = assemble(ids.to(device), mask.to(device), comp.to(device), lengths.to(device), self.pad_id,
+                        self.source)
+        return SparseRollout(**vars(base), topk_idx=t_idx.to(device), topk_logp=t_val.to(device),
+                             tail_logp=t_tail.to(device))

@@ -1,0 +1,96 @@
+"""distillspec.rollout.teacher_cache: teacher work done once per prompt equals recomputing it every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distillspec.lit.train_module import completion_logits
+from distillspec.losses.divergences import divergence_loss
+from distillspec.losses.sparse import sparse_divergence_loss
+from distillspec.models.loading import PairSpec
+from distillspec.rollout.sources import RolloutSampler
+from distillspec.rollout.teacher_cache import SparseRollout, TeacherCache
+from distillspec.specs import RolloutSpec
+from distillspec.tasks.base import PromptBatchItem
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dirs):
+    draft_dir, target_dir = tiny_pair_dirs
+    return PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float64").load("cpu")
+
+
+def items(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(5, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        target = torch.randint(5, 60, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        out.append(PromptBatchItem(uid=str(i), input_ids=prompt, prompt_text="", reference=None, target_ids=target))
+    return out
+
+
+def cache(pair, source, k, temperature=1.0, seed=0, n=6):
+    vocab = pair.target.get_output_embeddings().weight.shape[0]
+    c = TeacherCache(items(n), source, top_k=min(k, vocab), temperature=temperature, sample_temperature=1.0,
+                     top_p=1.0, max_new_tokens=7, eos_ids=[2], pad_id=0)
+    c.build(pair.target, torch.device("cpu"), seed=seed, batch_size=4, progress=False)
+    return c
+
+
+@pytest.mark.parametrize("source", ["teacher", "fixed"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_cached_loss_equals_recomputed_teacher_loss(pair, source, temperature):
+    """With k = V the cached sparse teacher gives the loss and gradient of a fresh teacher forward."""
+    vocab = pair.target.get_output_embeddings().weight.shape[0]
+    c = cache(pair, source, vocab, temperature)
+    r = c.rollout([4, 0, 3], torch.device("cpu"))
+    assert isinstance(r, SparseRollout) and r.source == source
+    mask = r.completion_mask()
+    with torch.no_grad():
+        t_logits = completion_logits(pair.target, r)
+    s_logits = completion_logits(pair.draft, r).detach().requires_grad_(True)
+    for name in ("fkl", "rkl", "jsd", "tvd"):
+        dense, _ = divergence_loss(s_logits, t_logits, mask, name, temperature=temperature, chunk_size=None)
+        (gd,) = torch.autograd.grad(dense, s_logits)
+        sparse, _ = sparse_divergence_loss(s_logits, r.topk_idx, r.topk_logp, mask, name,
+                                           temperature=temperature, chunk_size=None, tail_logp=r.tail_logp)
+        (gs,) = torch.autograd.grad(sparse, s_logits)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs, gd, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_cache_holds_the_dataset_outputs(pair):
+    c = cache(pair, "fixed", 4)
+    its = items()
+    for i, it in enumerate(its):
+        assert c.entries[i].tokens.tolist() == it.target_ids + [2]  # EOS appended
+        assert c.entries[i].topk_idx.shape == (len(it.target_ids) + 1, 4)
+
+
+def test_cache_is_a_pure_function_of_its_seed(pair):
+    a, b, other = cache(pair, "teacher", 5, seed=3), cache(pair, "teacher", 5, seed=3), cache(pair, "teacher", 5, seed=4)
+    assert all(torch.equal(a.entries[i].tokens, b.entries[i].tokens) for i in range(6))
+    assert all(torch.equal(a.entries[i].topk_logp, b.entries[i].topk_logp) for i in range(6))
+    assert any(not torch.equal(a.entries[i].tokens, other.entries[i].tokens) for i in range(6))
+
+
+def test_sampler_serves_cached_sources_and_samples_the_rest(pair):
+    spec = RolloutSpec(source="mixed", mix={"student": 0.5, "teacher": 0.5}, cache_top_k=8)
+    sampler = RolloutSampler(spec, pair.draft, pair.target, [2], 0, 7)
+    assert sampler.cached_sources() == ["teacher"]
+    its = items()
+    sampler.build_caches(its, torch.device("cpu"), seed=0, temperature=1.0, progress=False)
+    from distillspec.lit.data import left_pad
+
+    ids, mask = left_pad([its[i].input_ids for i in (1, 2)], 0)
+    seen = set()
+    for s in range(20):
+        r = sampler.sample(ids, mask, [None, None], torch.Generator().manual_seed(s), indices=[1, 2])
+        seen.add((r.source, isinstance(r, SparseRollout)))
+    assert seen == {("student", False), ("teacher", True)}
+    off = RolloutSampler(RolloutSpec(source="teacher", cache_top_k=0), pair.draft, pair.target, [2], 0, 7)
+    assert off.cached_sources() == []
