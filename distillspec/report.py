@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from distillspec import constants as C
+from distillspec.sd.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,6 @@ def method_label(cfg: dict[str, Any], stage: str) -> str:
     label = div.get("divergence", "?") + ("+speckd" if div.get("gate") else "")
     source = cfg.get("rollout", {}).get("source", "student")
     return label if source == "student" else f"{label}/{source}"
-
-
-def bootstrap_ci(num: np.ndarray, den: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile CI of sum(num)/sum(den) resampling examples (clusters) with replacement."""
-    if len(num) < 2 or den.sum() <= 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
-    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 def load_job(metrics_path: Path) -> dict[str, Any] | None:

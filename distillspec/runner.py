@@ -108,7 +108,16 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"stage": cfg.stage, "draft": pair.draft, "target": pair.target,
                            "task": type(task).__name__}
 
-    # 4. Train.
+    # 4. The untrained draft on the same prompts, for the before/after comparison (train_eval only).
+    before = None
+    if cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items:
+        before = evaluate_plain(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device)
+        out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
+                         "per_example": before.per_example}
+        log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
+                 C.ALPHA_TOK, before.metrics.get(C.ALPHA_TOK, 0.0))
+
+    # 5. Train.
     if training:
         from distillspec.lit.train_loop import train_draft
 
@@ -120,7 +129,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         if not summary.get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
 
-    # 5. Evaluate with batched SD.
+    # 6. Evaluate with batched SD.
     if cfg.stage != C.STAGE_TRAIN:
         report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
                           trainer_factory)
@@ -128,6 +137,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         out["entropy_bins"] = report.entropy_bins
         out["examples"] = report.examples
         write_json_atomic(run_dir / "per_example.json", report.per_example)
+        if before is not None:
+            write_before_after(out, report, run_dir)
     write_json_atomic(run_dir / C.METRICS_FILE, out)
     for lg in loggers:
         lg.finalize("success")
@@ -149,6 +160,31 @@ def log_summary(out: dict[str, Any]) -> None:
         log.info("training step %s: %s=%.4f %s=%.4f", point["step"], C.ALPHA_TOK,
                  point.get(C.VAL_PREFIX + C.ALPHA_TOK, float("nan")), C.ALPHA_EXPECTED,
                  point.get(C.VAL_PREFIX + C.ALPHA_EXPECTED, float("nan")))
+
+
+def write_before_after(out: dict[str, Any], report, run_dir: Path) -> None:
+    """before_after.md (table with CIs) and before_after.png next to metrics.json; the table is also logged."""
+    from distillspec.before_after import PLOT_FILE, TABLE_FILE, before_after_plot, before_after_table
+
+    table = before_after_table(out["before"], {"metrics": report.metrics, "per_example": report.per_example})
+    (run_dir / TABLE_FILE).write_text(table)
+    history = (out.get("train") or {}).get("eval_history", [])
+    before_after_plot(history, out["before"]["entropy_bins"], report.entropy_bins, run_dir / PLOT_FILE)
+    log.info("before / after distillation (%s, %s):\n%s", run_dir / TABLE_FILE, run_dir / PLOT_FILE, table)
+
+
+def evaluate_plain(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, device):
+    """The same SD evaluation as `evaluate`, without Lightning or loggers (for the untrained draft)."""
+    from distillspec.evaluation import SDEvaluator
+    from distillspec.lit.data import prompt_loader
+
+    evaluator = SDEvaluator(models.draft, models.target, tokenizer, sd, task, items, max_new_tokens, seed)
+    was_training = models.draft.training
+    models.draft.eval()
+    report = evaluator.run(prompt_loader(items, sd.batch_size, tokenizer.pad_token_id), device,
+                           desc="SD eval (untrained draft)")
+    models.draft.train(was_training)
+    return report
 
 
 def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory):

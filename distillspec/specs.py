@@ -165,6 +165,7 @@ class TrainSpec:
     eval_every: int = 0
     eval_num: int = 8
     lora_rank: int = 0
+    freeze_embeddings: bool = False  # keep the (tied) embedding / output head fixed: train the layers and norms
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

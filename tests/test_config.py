@@ -20,7 +20,7 @@ def test_default_config_has_all_groups():
         assert g in cfg, g
     assert cfg.stage == "train_eval"
     choices = cfg.hydra.runtime.choices
-    assert choices.task == "arithmetic" and choices.pair == "offline" and choices.div == "rkl"
+    assert choices.task == "arithmetic" and choices.pair == "offline" and choices.div == "fkl"
 
 
 @pytest.mark.parametrize("group", ["task", "pair", "div", "rollout", "sd", "trainer", "logger"])

@@ -63,7 +63,7 @@ def test_two_job_sweep_and_report(tmp_path):
     for name in (SUMMARY_CSV, REPORT_MD, FIG_ENTROPY):
         assert (sweep / name).exists(), name
     df = pd.read_csv(sweep / SUMMARY_CSV)
-    assert sorted(df["method"]) == ["baseline", "rkl/mixed"]  # default rollout: mixed
+    assert sorted(df["method"]) == ["baseline", "rkl/teacher"]  # default rollout: teacher
     for p in jobs:
         m = json.loads(p.read_text())["metrics"]
         assert any(abs(v - m[C.ALPHA_TOK]) < 1e-9 for v in df[C.ALPHA_TOK])

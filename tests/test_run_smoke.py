@@ -34,6 +34,13 @@ def test_train_eval_writes_metrics(tmp_path):
     curve = saved["train"]["eval_history"]  # periodic SD eval: before training and after each step
     assert [p["step"] for p in curve] == [0, 1, 2]
     assert all(0.0 <= p[C.VAL_PREFIX + C.ALPHA_TOK] <= 1.0 for p in curve)
+    # Before/after: the untrained draft on the same prompts, a table with CIs and a PNG (compare_untrained).
+    before = saved["before"]
+    assert len(before["per_example"]) == len(json.loads((tmp_path / "per_example.json").read_text()))
+    assert 0.0 <= before["metrics"][C.ALPHA_EXPECTED] <= 1.0
+    table = (tmp_path / "before_after.md").read_text()
+    assert "untrained draft" in table and "α_expected" in table and table.count("[") >= 8
+    assert (tmp_path / "before_after.png").stat().st_size > 10_000
 
 
 def test_stage_eval_of_trained_draft(tmp_path):
@@ -111,3 +118,16 @@ def test_experiment_files_smoke(tmp_path, exp):
     out = run_cfg([f"experiment={exp}"] + TINY + ["train.max_steps=1", "pair.target_quantization=null"], tmp_path)
     assert C.METRICS_FILE in os.listdir(tmp_path)
     assert out["stage"] in C.STAGES
+
+
+def test_freeze_embeddings_trains_layers_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from distillspec.models.loading import resolve_model_path
+
+    run_cfg(TINY + ["stage=train", "train.freeze_embeddings=true", "rollout=teacher"], tmp_path)
+    trained = _draft_state(tmp_path)
+    initial = load_file(str(Path(resolve_model_path("tiny:draft")) / "model.safetensors"))
+    assert torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    changed = [k for k in trained if k.startswith("model.layers.") and not torch.equal(trained[k], initial[k])]
+    assert changed

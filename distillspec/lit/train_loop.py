@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -52,11 +53,17 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     if last.exists() and not resume:
         raise ConfigError(f"{last} exists and resume=false; rerun with resume=true to continue that run, "
                           "or pass name=<new name> to start a fresh one (nothing is overwritten)")
+    if train.freeze_embeddings:  # tied models: this freezes the output head too
+        for module in (models.draft.get_input_embeddings(), models.draft.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     student = apply_lora(models.draft, train.lora_rank) if train.lora_rank else models.draft
     evaluator = eval_loader = None
     if train.eval_every and eval_items:
         sub = list(eval_items[: train.eval_num])
-        evaluator = SDEvaluator(student, models.target, tokenizer, sd, task, sub, eval_max_new_tokens, seed)
+        # The acceptance curve needs acceptance only: no target-only timing, no draft-only decoding.
+        curve_sd = dataclasses.replace(sd, measure_speedup=False, draft_quality=False)
+        evaluator = SDEvaluator(student, models.target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed)
         eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
     module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
                            tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,

@@ -85,7 +85,7 @@ class RolloutSampler:
         """Sources whose teacher work can be done once per prompt (teacher samples, dataset outputs)."""
         if self.spec.cache_top_k == 0:
             return []
-        used = list(self.spec.mix) if self.spec.source == "mixed" else [self.spec.source]
+        used = [k for k, v in self.spec.mix.items() if v > 0] if self.spec.source == "mixed" else [self.spec.source]
         return [s for s in used if s in ("teacher", "fixed")]
 
     def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True) -> None:

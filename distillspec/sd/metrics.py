@@ -60,15 +60,43 @@ def sd_metrics(result, gamma: int) -> dict[str, float]:
 
 
 def per_example_metrics(result, gamma: int) -> list[dict[str, Any]]:
-    """One dict per row: counts (num_accepted, num_drafted, num_output_tokens, num_blocks) and its alphas/tau."""
+    """One dict per row: counts (num_accepted, num_drafted, num_output_tokens, num_blocks, num_verified and
+    expected_accepted = sum of 1 - TV over its verified positions) and its alphas/tau."""
+    verified = result.trace_accepted | result.trace_first_rejected
+    n = result.lengths.shape[0]
+    rows_v = result.trace_row[verified].long()
+    n_ver = torch.zeros(n, dtype=torch.float64).index_add_(0, rows_v, torch.ones_like(rows_v, dtype=torch.float64))
+    exp_sum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows_v, result.trace_accept_prob[verified].double())
     rows = []
-    for i in range(result.lengths.shape[0]):
+    for i in range(n):
         acc, dr = int(result.num_accepted[i]), int(result.num_drafted[i])
         out, bl = int(result.lengths[i]), int(result.num_blocks[i])
         rows.append({"num_accepted": acc, "num_drafted": dr, "num_output_tokens": out, "num_blocks": bl,
+                     "num_verified": int(n_ver[i]), "expected_accepted": float(exp_sum[i]),
                      C.ALPHA_TOK: _ratio(acc, dr), C.ALPHA_SEQ: _ratio(acc, out),
+                     C.ALPHA_EXPECTED: _ratio(float(exp_sum[i]), float(n_ver[i])),
                      C.BLOCK_EFFICIENCY: _ratio(out, bl)})
     return rows
+
+
+# Run-level ratio metrics as (numerator, denominator) columns of per_example_metrics: their bootstrap CIs
+# resample examples (clusters of positions), not positions.
+RATIO_PARTS = {C.ALPHA_EXPECTED: ("expected_accepted", "num_verified"), C.ALPHA_TOK: ("num_accepted", "num_drafted"),
+               C.ALPHA_SEQ: ("num_accepted", "num_output_tokens"), C.BLOCK_EFFICIENCY: ("num_output_tokens", "num_blocks")}
+
+
+def bootstrap_ci(num, den, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of sum(num)/sum(den) resampling examples with replacement. num, den: (N,) arrays."""
+    import numpy as np
+
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) < 2 or den.sum() <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def speedup_metrics(sd_time: float, target_time: float, tau: float, cost_ratio: float, gamma: int) -> dict[str, float]:
