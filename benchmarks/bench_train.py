@@ -1,7 +1,12 @@
-"""Training throughput: distillspec's on-policy step vs TRL's GKDTrainer (lambda = 1), same everything.
+"""Training throughput: distillspec's distillation step vs TRL's GKDTrainer, same everything.
 
     python benchmarks/bench_train.py [--steps 8] [--batch 4] [--max-new-tokens 64] [--draft-layers 4] [--threads 2]
-                                     [--chunk-size 1024|none]
+                                     [--chunk-size 1024|none] [--source student|fixed] [--epochs 1]
+
+--source student (default): on-policy student samples (TRL lambda = 1). --source fixed: the dataset's solutions
+(TRL lambda = 0), the prompts reused for --epochs epochs; distillspec computes the teacher's top-k distributions
+once per prompt (rollout.cache_top_k, the default 64) while TRL runs the teacher every step. In fixed mode the
+clock covers the whole fit (cache building and the first step included) for both.
 
 Same pair (offline SmolLM2-135M target, its first N layers as the student), same prompts (the built-in
 arithmetic task, chat-formatted, the identical token ids in the identical per-step order), batch, max new
@@ -45,11 +50,12 @@ def load(args):
     torch.manual_seed(0)
     pair = PairSpec(draft=f"offline:smollm2-135m-L{args.draft_layers}", target="offline:smollm2-135m",
                     dtype="float32").load(torch.device("cpu"))
-    task = ArithmeticTask(num_train=(args.steps + 1) * args.batch, num_eval=8, seed=1,
+    task = ArithmeticTask(num_train=max((args.steps + 1) * args.batch // args.epochs, args.batch), num_eval=8, seed=1,
                           max_new_tokens=args.max_new_tokens)
     items = task.encode(task.load("train"), pair.tokenizer)
-    # DistillModule.step_indices with seed=0, world=1, accumulate=1: step s takes perm[s*B:(s+1)*B], epoch 0.
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+    # DistillModule.step_indices with seed=0, world=1, accumulate=1: step s takes perm[s*B:(s+1)*B] (epoch e: seed e).
+    perm = [p for e in range(args.epochs + 1)
+            for p in torch.randperm(len(items), generator=torch.Generator().manual_seed(e)).tolist()]
     return pair, items, perm
 
 
@@ -69,7 +75,7 @@ def run_ours(args) -> dict:
                      max_new_tokens=args.max_new_tokens, num_train=len(items))
     objective = ObjectiveSpec(divergence="fkl", chunk_size=args.chunk_size)
     module = DistillModule(pair.draft, pair.target, items, objective,
-                           RolloutSpec(source="student", temperature=1.0, top_p=1.0), spec, eos,
+                           RolloutSpec(source=args.source, temperature=1.0, top_p=1.0), spec, eos,
                            pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
     clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
     sample = module.sampler.sample
@@ -77,17 +83,21 @@ def run_ours(args) -> dict:
     def counting(ids, mask, *a, **kw):  # Rollout.lengths: tokens up to and including the first EOS
         clock["prompts"] += prompt_key(ids, mask)
         r = sample(ids, mask, *a, **kw)
-        if clock["t0"] is not None:
+        if clock["t0"] is not None and (not whole or clock["seqs"] < args.steps * args.batch):
             clock["tokens"] += r.num_tokens
             clock["seqs"] += int(r.lengths.numel())
         return r
 
     module.sampler.sample = counting
 
+    whole = args.source == "fixed"
+    if whole:
+        clock["t0"] = time.perf_counter()
+
     class Clock(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             now = time.perf_counter()
-            if trainer.global_step == 1:
+            if trainer.global_step == 1 and not whole:
                 clock["t0"] = now
             clock["t1"] = now
 
@@ -110,6 +120,7 @@ def run_trl(args) -> dict:
     # input_ids, "prompt" text is only required by its key lookup): prompt = distillspec's exact prompt ids, the
     # dataset completion = the task's reference solution + EOS (only used for TRL's loss normaliser, see notes).
     rows = []
+    whole = args.source == "fixed"
     for k in range((args.steps + 1) * args.batch):
         it = items[perm[k]]
         comp = list(it.target_ids or []) + [eos]
@@ -127,17 +138,33 @@ def run_trl(args) -> dict:
         return ids, mask, labels
 
     GKDTrainer.generate_on_policy_outputs = staticmethod(counting)
+    original_loss = GKDTrainer.compute_loss
+
+    def counting_loss(self, model, inputs, *a, **kw):  # fixed data: the dataset completion's tokens
+        if whole:
+            n_seq = int(inputs["labels"].shape[0])
+            clock["prompts"] += prompt_key(inputs["prompts"], inputs["prompt_attention_mask"])
+            if clock["seqs"] < args.steps * args.batch:
+                clock["tokens"] += int((inputs["labels"] != -100).sum())
+                clock["seqs"] += n_seq
+        return original_loss(self, model, inputs, *a, **kw)
+
+    GKDTrainer.compute_loss = counting_loss
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            if whole:
+                clock["t0"] = time.perf_counter()
+
         def on_step_end(self, a, state, control, **kw):
             now = time.perf_counter()
-            if state.global_step == 1:
+            if state.global_step == 1 and not whole:
                 clock["t0"] = now
             clock["t1"] = now
 
     cfg = GKDConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
                     learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-                    max_grad_norm=1.0, optim="adamw_torch", lmbda=1.0, beta=0.0, temperature=1.0,
+                    max_grad_norm=1.0, optim="adamw_torch", lmbda=0.0 if whole else 1.0, beta=0.0, temperature=1.0,
                     max_new_tokens=args.max_new_tokens, logging_steps=1000, save_strategy="no", report_to="none",
                     use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
                     gradient_accumulation_steps=1, seed=0, dataloader_num_workers=0,
@@ -173,6 +200,9 @@ def main() -> None:
     p.add_argument("--chunk-size", type=lambda s: None if s == "none" else int(s), default=1024,
                    help="div.chunk_size of our loss: rows per chunk of the memory-bounded path, or 'none' for plain "
                         "autograd (default 1024, the config default)")
+    p.add_argument("--source", choices=["student", "fixed"], default="student",
+                   help="student: on-policy samples (TRL lambda=1); fixed: dataset solutions (TRL lambda=0)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the prompts (--source fixed)")
     p.add_argument("--impl", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -184,7 +214,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--impl", impl, "--json", path, "--steps", str(args.steps), "--batch",
                str(args.batch), "--max-new-tokens", str(args.max_new_tokens), "--draft-layers",
                str(args.draft_layers), "--threads", str(args.threads),
-               "--chunk-size", "none" if args.chunk_size is None else str(args.chunk_size)]
+               "--chunk-size", "none" if args.chunk_size is None else str(args.chunk_size),
+               "--source", args.source, "--epochs", str(args.epochs)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         la0 = os.getloadavg()[0]
         subprocess.run(cmd, check=True, env=env)
@@ -192,13 +223,18 @@ def main() -> None:
         rows[impl] = json.loads(Path(path).read_text())
     for impl, r in rows.items():
         assert r["steps"] == args.steps + 1 and r["seqs"] == args.steps * args.batch, (impl, r["steps"], r["seqs"])
-    assert rows["ours"]["prompts"] == rows["trl"]["prompts"], "the two runs did not see the same prompts"
+    n = min(len(rows["ours"]["prompts"]), len(rows["trl"]["prompts"]))
+    assert n >= args.steps * args.batch and rows["ours"]["prompts"][:n] == rows["trl"]["prompts"][:n], \
+        "the two runs did not see the same prompts"
     print(f"\nsteps timed={args.steps} (after 1 warm-up) batch={args.batch} max_new_tokens={args.max_new_tokens} "
           f"student=first {args.draft_layers} layers, divergence=forward KL, CPU fp32, torch threads="
           f"{rows['ours']['threads']}/{rows['trl']['threads']} (ours/TRL), host cores={os.cpu_count()}\n")
     print("| implementation | completion tokens | mean len | seconds | s/step | tokens/s | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
-    names = {"ours": "distillspec DistillModule", "trl": "TRL GKDTrainer (lmbda=1, beta=0)"}
+    names = {"ours": "distillspec DistillModule" + (" (teacher cached)" if args.source == "fixed" else ""),
+             "trl": f"TRL GKDTrainer (lmbda={0 if args.source == 'fixed' else 1}, beta=0)"}
+    print(f"source={args.source} epochs={args.epochs}" + (" (clock covers the whole fit, cache build included)"
+                                                          if args.source == "fixed" else ""))
     for impl, r in rows.items():
         print(f"| {names[impl]} | {r['tokens']} | {r['tokens'] / r['seqs']:.1f} | {r['seconds']:.1f} | "
               f"{r['seconds'] / args.steps:.2f} | {r['tokens'] / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
