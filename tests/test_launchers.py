@@ -32,3 +32,17 @@ def test_submitit_local_sweep_runs_two_jobs(tmp_path):
     # submitit ran them as jobs: one folder per job id with its pickled result
     submitted = [d for d in (sweep / ".submitit").iterdir() if any(d.glob("*_result.pkl"))]
     assert len(submitted) == 2, sorted(p.name for p in (sweep / ".submitit").rglob("*"))
+
+
+def test_multinode_slurm_commands_compose():
+    """The README's multi-node DDP commands compose to what Lightning needs under SLURM."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["experiment=reference_qwen_gsm8k", "method=rkl", "trainer=ddp", "trainer.num_nodes=2",
+                       "trainer.devices=4"])
+    assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 4)
+    cfg = compose_cfg(["experiment=reference_qwen_gsm8k", "method=rkl", "hydra/launcher=slurm",
+                       "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4",
+                       "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"])
+    assert cfg.hydra.launcher.nodes == cfg.trainer.num_nodes == 2
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == cfg.trainer.devices == 4
