@@ -1,6 +1,6 @@
 """The prepared GPU check: full-size shapes, random weights, one run of a few minutes on one GPU.
 
-    python benchmarks/gpu_check.py                    # on a CUDA machine (~6-7 min on an H100), writes gpu_check.json
+    python benchmarks/gpu_check.py                    # on a CUDA machine (sized for ~6-7 min on an H100; estimated)
     python benchmarks/gpu_check.py --json $OUT/gpu_check.json --budget-s 400
     python benchmarks/gpu_check.py --smoke            # the same code on CPU with tiny shapes (seconds; in make test)
     make gpu-check ARGS="--json /path/out.json"

@@ -135,7 +135,7 @@ def run(ctx: Ctx, guard: TimeGuard, *, pair: str = "qwen3", batch_sizes=(1, 16),
             if guard.left() <= 0:
                 skipped.append(f"{key} B={b}")
                 continue
-            fn(ps[:1], 1, warm)  # warm-up: a short generation through the same code path
+            fn(ps, b, warm)  # warm-up: a short generation through the same code path and batch shapes
             (outs, sd), secs = timed(ctx, fn, ps, b, n)
             tokens = sum(len(o) for o in outs)
             row = {"method": label, "key": key, "B": b, "prompts": len(ps), "tokens": tokens, "seconds": secs,
