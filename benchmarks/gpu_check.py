@@ -63,7 +63,7 @@ def settings(smoke: bool) -> dict:
     """Per-section keyword arguments: the full sizes, or tiny ones for --smoke."""
     if smoke:
         return {"decode": dict(batch_sizes=(1, 3), prompt_len=12, new_tokens=8, gamma=3, b1_prompts=1, repeats=1),
-                "equal": dict(batch=4, prompt_len=12, new_tokens=16, gamma=3, draft_layers=1),
+                "equal": dict(batch=4, prompt_len=12, new_tokens=16, gamma=3),
                 "loss": dict(batch=2, tokens=8, vocab=512),
                 "train": dict(batch=2, prompt_len=8, new_tokens=8, steps=1)}
     return {"decode": dict(batch_sizes=(1, 16), prompt_len=128, new_tokens=128, gamma=5, b1_prompts=2, repeats=10),
@@ -108,7 +108,7 @@ def report(results: dict) -> str:
                                        [[g["goal"], g["target"], g["measured"], g["pass"]] for g in d["goals"]]))
     if isinstance(results.get("equal"), dict) and "rows" in results["equal"]:
         e = results["equal"]
-        out.append(f"\n## Greedy equality (fp32, {e['shape']}, draft = first {e['draft_layers']} layers, B={e['B']}, "
+        out.append(f"\n## Greedy equality (fp32, {e['shape']}, draft = target + head noise {e['head_noise']}, B={e['B']}, "
                    f"{e['new_tokens']} tokens): SD == target-only {e['sd_equals_target']}/{e['rows']} rows, "
                    f"target-only == HF generate {e['target_equals_hf']}/{e['rows']}, alpha {e['alpha']:.3f}")
     if isinstance(results.get("loss"), list):

@@ -62,6 +62,7 @@ def test_equality_loss_and_train_sections(smoke):
     res = smoke[0]
     eq = res["equal"]
     assert eq["sd_equals_target"] == eq["rows"] == 4 and eq["target_equals_hf"] == 4
+    assert 0.1 < eq["alpha"] < 0.9  # partly accepted blocks: the ragged rollback path was exercised
     assert [r["chunk_size"] for r in res["loss"]] == [1024, None] and all(r["finite"] for r in res["loss"])
     rows = res["train"]["rows"]
     assert rows[0]["completion_tokens"] == 2 * 8  # batch 2 x 8 new tokens, no EOS with random weights
