@@ -98,11 +98,11 @@ def test_dry_run_flag_on_the_command_line(tmp_path):
     assert plan["estimate_gib"]["peak"] * GIB > plan["params"]["teacher"] * 2
 
 
-def test_8bit_teacher_on_cpu_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "run.py", *TINY, "pair.target_quantization=8bit",
-                           f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "needs CUDA and bitsandbytes" in proc.stderr and "Traceback" not in proc.stderr
+def test_8bit_teacher_on_cpu_is_a_clear_error(tmp_path, no_loading):
+    """Fails before any loading, naming CUDA and bitsandbytes (run.py turns a ConfigError into exit code 2
+    with this message and no traceback: test_config.test_run_py_reports_config_errors_without_traceback)."""
+    with pytest.raises(ConfigError, match=r"needs CUDA and bitsandbytes.*device=cpu.*quantization='8bit'"):
+        run_cfg(TINY + ["pair.target_quantization=8bit"], tmp_path)
     assert not (tmp_path / C.METRICS_FILE).exists()
 
 
