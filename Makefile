@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench-sd bench-train report clean
+.PHONY: install demo test test-all bench-sd bench-train gpu-check report clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ bench-sd: install
 bench-train: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_train.py $(ARGS)
+
+# The prepared GPU check (benchmarks/gpu_check.py; `ARGS=--smoke` for its CPU code path). No install step:
+# the GPU machines have torch/transformers/lightning but reach no package registry. Uses .venv when present.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 report: install
 	$(PY) -m distillspec.report $(SWEEP)

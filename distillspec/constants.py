@@ -35,7 +35,9 @@ METRICS_FILE = "metrics.json"
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_TRAIN_EVAL = "train_eval"
-STAGES = (STAGE_TRAIN_EVAL, STAGE_TRAIN, STAGE_EVAL)
+STAGE_PLAN = "plan"                     # memory plan only: nothing is loaded (also `+dry_run=true`)
+STAGES = (STAGE_TRAIN_EVAL, STAGE_TRAIN, STAGE_EVAL, STAGE_PLAN)
+PLAN_FILE = "plan.json"
 
 # --- task quality metrics (logged as QUALITY_PREFIX + name; all are fractions in [0, 1]) ---
 ACCURACY = "accuracy"                   # extracted final number == reference number

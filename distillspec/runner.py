@@ -36,12 +36,21 @@ def build(node: DictConfig, what: str) -> Any:
         raise
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node: LOCAL_RANK (torchrun, Lightning's own launcher), else
+    SLURM_LOCALID (srun, one task per GPU: multi-node DDP under SLURM), else 0."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def resolve_device(accelerator: str) -> torch.device:
     """The device models load on for this process (Lightning's accelerator setting decides)."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator!r} but CUDA is not available; use cpu or auto")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
@@ -76,6 +85,11 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
     trainer_factory = build(cfg.trainer, "trainer")
+    if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
+        from distillspec.planning import plan_run
+
+        return plan_run(pair, task, train, sd, objective, rollout, cfg.trainer, run_dir,
+                        cards=tuple(cfg.get("plan_cards") or ()))
     training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
     if cfg.draft_checkpoint is not None:
         if training:
