@@ -56,7 +56,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     evaluator = eval_loader = None
     if train.eval_every and eval_items:
         sub = list(eval_items[: train.eval_num])
-        evaluator = SDEvaluator(student, models.target, tokenizer, sd, task, sub, eval_max_new_tokens, seed)
+        evaluator = SDEvaluator(student, models.target, tokenizer, sd, task, sub, eval_max_new_tokens, seed,
+                                speed_repeats=1)  # periodic evals: one timed round (warm-up still on)
         eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
     module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
                            tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
