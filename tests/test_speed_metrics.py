@@ -217,3 +217,12 @@ def test_warning_when_outputs_are_cut_before_the_answer(tiny, one_thread, caplog
     with caplog.at_level(logging.WARNING, logger="distillspec"):
         _run(draft, target, tok, spec, new_tokens=6, task=AnswerTask(answers=True))
     assert "without a final answer" not in caplog.text
+
+
+def test_gamma_auto_from_the_command_line(tmp_path):
+    from conftest import TINY, run_cfg
+
+    out = run_cfg(TINY + ["stage=eval", "sd.gamma=auto", "sd.speed_repeats=1"], tmp_path)
+    m = out["metrics"]
+    assert 1 <= m[C.GAMMA] <= evaluation.AUTO_GAMMA_MAX and m[C.GAMMA] == int(m[C.GAMMA])
+    assert m[C.NUM_DRAFTED] % m[C.GAMMA] == 0 and C.SPEEDUP_PREDICTED_V in m
