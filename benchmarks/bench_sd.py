@@ -1,14 +1,16 @@
-"""Speculative-decoding throughput on the offline SmolLM2 pair: our engine vs the baselines, in one run.
+"""Speculative-decoding throughput of a model pair: our engine vs the baselines, in one run.
 
     python benchmarks/bench_sd.py                       # full: 8 GSM8K prompts, batch 8, gamma 5, 128 tokens
     python benchmarks/bench_sd.py --quick               # smoke: 4 prompts, batch 4, 32 tokens (a few minutes)
     python benchmarks/bench_sd.py --drafts 4 15 --out sd_bench.md
+    python benchmarks/bench_sd.py --target /models/target --draft HuggingFaceTB/SmolLM2-135M-Instruct
     make bench-sd ARGS="--quick"
 
 Same prompts for everything: the first --num-prompts GSM8K test questions of a seeded shuffle
 (../shared/data/gsm8k/test.jsonl, or --data), formatted by the gsm8k task through the tokenizer's chat
-template (`--task arithmetic` uses the built-in arithmetic task instead). Target offline:smollm2-135m,
-drafts offline:smollm2-135m-L<n> (its first n layers, untrained), CPU, float32, --threads torch threads.
+template (`--task arithmetic` uses the built-in arithmetic task instead). Default pair: target
+offline:smollm2-135m, drafts offline:smollm2-135m-L<n> (its first n layers, untrained); any pair with a
+shared vocabulary via --target/--draft (local directory or HF id). CPU, float32, --threads torch threads.
 Every method is warmed up once (a short generation on the same prompts) before it is timed.
 
   (a) our engine (ragged per-row KV caches) vs `generate_nocache` (same decoding, prefixes re-encoded
@@ -17,12 +19,16 @@ Every method is warmed up once (a short generation on the same prompts) before i
       same prompts (HF assisted generation supports batch 1 only), same gamma (num_assistant_tokens,
       constant schedule, confidence threshold off), greedy: tokens/s and ratio (target >= 2x);
   (c) SD vs target-only decoding (`autoregressive_generate`, KV cache, finished rows retired) at batch 1
-      (prompts one at a time) and batch --batch, greedy, plus one sampling row (T = 1) at batch --batch:
-      tokens/s, speedup, alpha_tok, tau, cost ratio c, predicted speedup tau / (c * gamma + 1); with
+      (prompts one at a time) and batch --batch, greedy, plus one sampling row (T = 1) at batch --batch,
+      measured by the run's own evaluator (`SDEvaluator`: both paths warmed up, --repeats rounds
+      alternating which goes first, median round, min-max spread): tokens/s, speedup, alpha_tok, tau,
+      cost ratio c, verify-cost ratio v, predicted speedups tau / (c * gamma + 1) and tau / (c v gamma + v),
+      and the phase split (prefill / draft / target / other; target-only prefill / decode); with
       --top-p < 1 the sampling rows use nucleus sampling and the SD sampling row is repeated with the
       nucleus found by a full vocabulary sort (the old implementation) instead of the partial sort;
   (d) bookkeeping: share of SD wall time outside model forwards,
-      1 - (time_draft + time_target + time_prefill) / time_total (target <= 15%).
+      1 - (time_draft + time_target + time_prefill) / time_total (target <= 15%);
+  (e) measured speedup vs the v-corrected prediction at batch 1 and --batch (target: within 15%).
 
 tokens/s = generated tokens (EOS included, nothing after it) / wall seconds of the whole call. Greedy
 rows also report how many output rows equal target-only greedy decoding of the same batch layout
@@ -38,70 +44,23 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_table import (HEADERS, PHASE_HEADERS, Run, _load1, bookkeeping_of, cpu_name, load_avg,  # noqa: E402
+                      phase_row, row_of, same_rows)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 TARGET = "offline:smollm2-135m"
 
 
-@dataclass
-class Run:
-    """One timed generation over all prompts."""
-
-    part: str
-    method: str
-    draft: str
-    batch: int
-    temperature: float
-    outputs: list[list[int]]
-    seconds: float
-    sd: object | None = None  # concatenated SDResult for SD runs
-    vs: float | None = None  # ratio against this row's baseline (see `baseline`)
-    baseline: str = ""
-    same_as_target: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(o) for o in self.outputs)
-
-    @property
-    def tps(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
-
-
 def log(msg: str) -> None:
     print(f"[bench_sd {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _load1(text: str) -> float:
-    try:
-        return float(text.split()[0])
-    except (ValueError, IndexError):
-        return 0.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128, help="max new tokens per prompt (default 128)")
     p.add_argument("--num-prompts", type=int, default=None, help="prompts (default: --batch)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--target", default=TARGET, help=f"target: local directory, HF id or offline:... (default {TARGET})")
+    p.add_argument("--draft", default=None, help="draft: local directory, HF id or offline:... (default: --drafts)")
     p.add_argument("--drafts", type=int, nargs="+", default=[4],
-                   help="draft depths n (offline:smollm2-135m-L<n>); the first is used for (a), (b), (d)")
+                   help="with the default target: draft depths n (offline:smollm2-135m-L<n>); the first is used "
+                        "for (a), (b), (d)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of SD and target-only per batch (default 3)")
     p.add_argument("--task", choices=["gsm8k", "arithmetic"], default="gsm8k")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K test JSONL (default ../shared/data/...)")
     p.add_argument("--nocache-tokens", type=int, default=None,
@@ -132,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.num_prompts = args.batch
     if args.nocache_tokens is None:
         args.nocache_tokens = args.new_tokens
-    for name in ("batch", "gamma", "new_tokens", "num_prompts", "threads", "nocache_tokens"):
+    for name in ("batch", "gamma", "new_tokens", "num_prompts", "threads", "nocache_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -153,7 +116,7 @@ def load_prompts(args, tokenizer) -> list[list[int]]:
     items = task.encode(task.load("eval"), tokenizer, limit=args.num_prompts, seed=args.seed)
     if not task.uses_chat(tokenizer):
         log("warning: the tokenizer has no chat template; prompts use the plain format")
-    return [list(it.input_ids) for it in items]
+    return [list(it.input_ids) for it in items], task
 
 
 def batches(prompts: list[list[int]], size: int, pad: int):
@@ -180,6 +143,29 @@ def run_sd(dec, prompts, batch, pad, new_tokens, seed):
     return outs, concat_results(results)
 
 
+def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p, new_tokens, repeats, seed):
+    """SD and target-only through the run's evaluator -> (SD metrics, SD outputs, target-only outputs)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from distillspec.evaluation import SDEvaluator
+    from distillspec.specs import SDSpec
+
+    spec = SDSpec(gamma=gamma, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, batch_size=batch,
+                  num_eval=len(prompts), compute_quality=False, draft_quality=False, speed_repeats=repeats)
+    items = [SimpleNamespace(input_ids=p, reference=None, uid=str(i), prompt_text="") for i, p in enumerate(prompts)]
+    ev = SDEvaluator(draft, target, tok, spec, task, items, new_tokens, seed)
+    outcomes = []
+    for k, (ids, mask) in enumerate(batches(prompts, batch, tok.pad_token_id)):
+        index = torch.arange(k * batch, k * batch + ids.shape[0])
+        outcomes.append(ev.evaluate_batch({"input_ids": ids, "attention_mask": mask, "index": index}, k))
+    report = ev.finalize(outcomes)
+    sd_out = [o.result.tokens[i, : int(o.result.lengths[i])].tolist() for o in outcomes
+              for i in range(o.result.lengths.shape[0])]
+    return report.metrics, sd_out, [row for o in outcomes for row in o.baseline_outputs]
+
+
 def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
     import torch
 
@@ -192,20 +178,6 @@ def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
         results.append(r)
         outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
     return outs, concat_results(results)
-
-
-def run_ar(target, prompts, batch, pad, new_tokens, temperature, eos, seed, top_p=1.0):
-    import torch
-
-    from distillspec.sd.baseline import autoregressive_generate
-
-    outs = []
-    for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):
-        r = autoregressive_generate(target, ids, mask, new_tokens, temperature=temperature, top_p=top_p,
-                                    generator=torch.Generator().manual_seed(seed * 1000 + k + 500),
-                                    eos_token_id=eos, pad_token_id=pad)
-        outs += [r.tokens[i, : int(r.lengths[i])].tolist() for i in range(ids.shape[0])]
-    return outs, None
 
 
 def run_hf_assisted(target, draft, prompts, new_tokens, eos, pad):
@@ -230,44 +202,6 @@ def timed(fn, *a, **kw):
     return outs, sd, time.perf_counter() - t0, time.process_time() - c0
 
 
-def same_rows(a: list[list[int]], b: list[list[int]]) -> str:
-    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
-
-
-# --- table ---------------------------------------------------------------------------------------------
-def fmt(x, spec=".2f", suffix=""):
-    import math
-
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
-    return f"{x:{spec}}{suffix}"
-
-
-def row_of(run: Run, gamma: int) -> list:
-    from distillspec import constants as C
-    from distillspec.sd.metrics import sd_metrics
-
-    alpha = tau = cost = book = pred = None
-    if run.sd is not None:
-        m = sd_metrics(run.sd, gamma)
-        alpha, tau, cost = m[C.ALPHA_TOK], m[C.BLOCK_EFFICIENCY], m[C.COST_RATIO]
-        book = bookkeeping(run.sd)
-        pred = run.extra.get("predicted")
-    temp = f"{run.temperature:g}" + (f", p {run.extra['top_p']:g}" if run.extra.get("top_p", 1.0) < 1 else "")
-    return [run.part, run.method, run.draft, run.batch, temp, run.tokens, fmt(run.seconds, ".1f"),
-            fmt(run.tps, ".2f"), fmt(run.vs, ".2f", "x") + (f" {run.baseline}" if run.vs is not None else ""),
-            fmt(alpha, ".3f"), fmt(tau, ".3f"), fmt(cost, ".3f"), fmt(pred, ".2f", "x"), fmt(book, ".1%"),
-            run.same_as_target, fmt(run.extra.get("cpu_use"), ".0%")]
-
-
-HEADERS = ["part", "method", "draft", "B", "T", "tokens", "time s", "tok/s", "ratio", "α_tok", "τ", "c",
-           "pred. speedup", "bookkeeping", "= target greedy", "CPU use"]
-
-
-def bookkeeping(sd) -> float:
-    return max(0.0, 1.0 - (sd.time_draft + sd.time_target + sd.time_prefill) / max(sd.time_total, 1e-9))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -278,7 +212,7 @@ def main(argv=None) -> None:
     from distillspec.evaluation import eos_token_ids
     from distillspec.models.loading import PairSpec, load_model
     from distillspec.sd.engine import SpeculativeDecoder
-    from distillspec.sd.metrics import sd_metrics, speedup_metrics
+    from distillspec.sd.metrics import sd_metrics
 
     torch.set_num_threads(args.threads)
     try:
@@ -290,15 +224,17 @@ def main(argv=None) -> None:
     load_before = load_avg()
     started = time.perf_counter()
 
-    drafts = [f"offline:smollm2-135m-L{n}" for n in args.drafts]
-    log(f"loading {TARGET} and {', '.join(drafts)}")
-    pair = PairSpec(draft=drafts[0], target=TARGET, dtype="float32", draft_trainable=False).load("cpu")
+    drafts = [args.draft] if args.draft else [f"offline:smollm2-135m-L{n}" for n in args.drafts]
+    if args.target != TARGET and not args.draft:
+        sys.exit("--target without --draft: pass the draft too (--drafts depths apply to the offline pair only)")
+    log(f"loading {args.target} and {', '.join(drafts)}")
+    pair = PairSpec(draft=drafts[0], target=args.target, dtype="float32", draft_trainable=False).load("cpu")
     target, tok = pair.target, pair.tokenizer
     draft_models = {drafts[0]: pair.draft}
     for name in drafts[1:]:
         draft_models[name] = load_model(name, dtype="float32", device="cpu")
     pad, eos = tok.pad_token_id, eos_token_ids(tok, target)
-    prompts = load_prompts(args, tok)
+    prompts, task = load_prompts(args, tok)
     B, G, N = args.batch, args.gamma, args.new_tokens
     lens = [len(p) for p in prompts]
     log(f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens; batch {B}, gamma {G}, {N} new tokens")
@@ -328,48 +264,46 @@ def main(argv=None) -> None:
 
     runs: list[Run] = []
     first = drafts[0]
-    short = lambda name: name.rsplit("-", 1)[-1]  # noqa: E731  "L4"
+    short = lambda name: name.rsplit("-", 1)[-1] if name.startswith("offline:") else name.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731,E501
 
-    # (c) target-only baselines (shared by every draft), then SD per draft.
-    ar = {}
-    for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
-        outs, _, secs = measure(("ar", b), run_ar, target, prompts, b, pad, new_tokens=N, temperature=t, eos=eos,
-                                seed=args.seed, top_p=top_p if t > 0 else 1.0)
-        ar[(b, t)] = Run("c", "target-only (KV cache)", "-", b, t, outs, secs)
-    sd_runs = {}
+    def evaluate(name, b, t):
+        """SD and target-only at batch b, temperature t through SDEvaluator -> (SD Run, target-only Run)."""
+        log(f"evaluator: {short(name)} B={b} T={t:g} ({args.repeats} rounds after a warm-up)")
+        c0, t0 = time.process_time(), time.perf_counter()
+        m, outs, base_outs = run_eval(draft_models[name], target, tok, task, prompts, b, G, t, top_p, N, args.repeats,
+                                      args.seed)
+        use = (time.process_time() - c0) / max((time.perf_counter() - t0) * args.threads, 1e-9)
+        log(f"  speedup {m[C.SPEEDUP]:.2f}x ({m[C.SPEEDUP_MIN]:.2f}-{m[C.SPEEDUP_MAX]:.2f}), CPU use {use:.0%}")
+        r = Run("c,d", "SD engine (ours)", short(name), b, t, outs, m[C.SD_TIME], metrics=m)
+        r.vs, r.baseline = m[C.SPEEDUP], "speedup"
+        base = Run("c", "target-only (KV cache)", "-", b, t, base_outs, m[C.TARGET_TIME])
+        r.extra["cpu_use"] = base.extra["cpu_use"] = use
+        if t == 0.0:
+            r.same_as_target, base.same_as_target = same_rows(outs, base_outs), "ref"
+        return r, base
+
+    # (c) SD and target-only per draft, batch 1 and B greedy, B sampled: the run's own evaluator.
+    ar, sd_runs = {}, {}
     for name in drafts:
         for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
-            outs, sd, secs = measure(("sd", name, b), run_sd, decoder(name, t), prompts, b, pad, new_tokens=N,
-                                     seed=args.seed)
-            parts = "a,b,c,d" if (name == first and b == B and t == 0.0) else "c,d"
-            r = Run(parts, "SD engine (ours)", short(name), b, t, outs, secs, sd=sd)
-            base = ar[(b, t)]
-            m = sd_metrics(sd, G)
-            sp = speedup_metrics(1.0 / max(r.tps, 1e-9), 1.0 / max(base.tps, 1e-9), m[C.BLOCK_EFFICIENCY],
-                                 m[C.COST_RATIO], G)
-            r.vs, r.baseline = sp[C.SPEEDUP], "speedup"
-            r.extra["predicted"] = sp[C.SPEEDUP_PREDICTED]
-            if t == 0.0:
-                r.same_as_target = same_rows(outs, base.outputs)
-            sd_runs[(name, b, t)] = r
+            sd_runs[(name, b, t)], base = evaluate(name, b, t)
+            ar.setdefault((b, t), base)
+    sd_runs[(first, B, 0.0)].part = "a,b,c,d"
     if top_p < 1.0:  # the same nucleus SD row with a full vocabulary sort per draft step (old implementation)
         from distillspec.sd import sampling
 
         first_k = sampling.NUCLEUS_FIRST_K
         sampling.NUCLEUS_FIRST_K = target.config.vocab_size
         try:
-            outs, sd, secs = measure(("sd-fullsort", first, B), run_sd, decoder(first, 1.0), prompts, B, pad,
-                                     new_tokens=N, seed=args.seed)
+            r, _ = evaluate(first, B, 1.0)
         finally:
             sampling.NUCLEUS_FIRST_K = first_k
-        r = Run("d", "SD engine, nucleus by full sort", short(first), B, 1.0, outs, secs, sd=sd)
+        r.part, r.method = "d", "SD engine, nucleus by full sort"
+        outs = r.outputs
         part = sd_runs[(first, B, 1.0)]
         r.vs, r.baseline = part.tps / max(r.tps, 1e-9), "partial-sort row ÷ this"
         r.same_as_target = f"{same_rows(outs, part.outputs)} = partial"
         sd_runs[("fullsort", B, 1.0)] = r
-    for (b, t), base in ar.items():
-        if t == 0.0:
-            base.same_as_target = "ref"
     main_sd = sd_runs[(first, B, 0.0)]
 
     # (a) no-cache SD at batch B, greedy.
@@ -378,12 +312,13 @@ def main(argv=None) -> None:
         Nn = args.nocache_tokens
         outs, sd, secs = measure(("nocache",), run_nocache, decoder(first, 0.0), prompts, B, pad, new_tokens=Nn,
                                  seed=args.seed)
-        nc = Run("a", "SD no-cache (re-encode)", short(first), B, 0.0, outs, secs, sd=sd)
+        nc = Run("a", "SD no-cache (re-encode)", short(first), B, 0.0, outs, secs, metrics=sd_metrics(sd, G))
         ours = main_sd
         if Nn != N:  # same work for the ratio: re-time our engine at the no-cache length
             o2, sd2, s2 = measure(("sd", first, B), run_sd, decoder(first, 0.0), prompts, B, pad, new_tokens=Nn,
                                   seed=args.seed)
-            ours = Run("a", f"SD engine (ours), {Nn} tok", short(first), B, 0.0, o2, s2, sd=sd2)
+            ours = Run("a", f"SD engine (ours), {Nn} tok", short(first), B, 0.0, o2, s2, metrics=sd_metrics(sd2, G))
+            ours.metrics[C.BOOKKEEPING_FRACTION] = bookkeeping_of(sd2)
             ours.same_as_target = "-"
             runs.append(ours)
         nc.same_as_target = f"{same_rows(nc.outputs, ours.outputs)} vs ours"
@@ -408,22 +343,30 @@ def main(argv=None) -> None:
         checks.append([f"(b) engine B={B} / HF assisted B=1 loop tokens/s (greedy, γ={G})", f"{ratio:.2f}x",
                        ">= 2x", "yes" if ratio >= 2 else "NO"])
 
-    book = bookkeeping(main_sd.sd)
+    bookkeeping = lambda r: r.metrics[C.BOOKKEEPING_FRACTION]  # noqa: E731
+    book = bookkeeping(main_sd)
     checks.append([f"(d) bookkeeping share of SD time (engine, {short(first)}, B={B}, greedy)", f"{book:.1%}",
                    "<= 15%", "yes" if book <= 0.15 else "NO"])
-    worst = max((r for k, r in sd_runs.items() if k[0] != "fullsort"), key=lambda r: bookkeeping(r.sd))
+    worst = max((r for k, r in sd_runs.items() if k[0] != "fullsort"), key=bookkeeping)
     worst_label = f"{worst.draft}, B={worst.batch}, T={worst.temperature:g}"
     checks.append([f"(d) worst bookkeeping share over SD rows ({worst_label})",
-                   f"{bookkeeping(worst.sd):.1%}", "<= 15%", "yes" if bookkeeping(worst.sd) <= 0.15 else "NO"])
+                   f"{bookkeeping(worst):.1%}", "<= 15%", "yes" if bookkeeping(worst) <= 0.15 else "NO"])
+    for b in (1, B) if B > 1 else (1,):
+        r = sd_runs[(first, b, 0.0)]
+        off = r.metrics[C.SPEEDUP] / r.metrics[C.SPEEDUP_PREDICTED_V] - 1
+        checks.append([f"(e) measured speedup vs τ/(cvγ+v) ({short(first)}, B={b}, greedy): "
+                       f"{r.metrics[C.SPEEDUP]:.2f}x vs {r.metrics[C.SPEEDUP_PREDICTED_V]:.2f}x", f"{off:+.0%}",
+                       "within ±15%", "yes" if abs(off) <= 0.15 else "NO"])
 
     table_runs = [main_sd] + runs + [ar[(B, 0.0)], ar[(1, 0.0)], sd_runs[(first, 1, 0.0)], ar[(B, 1.0)],
                                      sd_runs[(first, B, 1.0)]]
     table_runs += [r for (name, _, _), r in sd_runs.items() if name != first]
     for r in table_runs:
-        r.extra["cpu_use"] = cpu_use.get(id(r.outputs))
+        r.extra.setdefault("cpu_use", cpu_use.get(id(r.outputs)))
         if r.temperature > 0:
             r.extra["top_p"] = top_p
-    rows = [row_of(r, G) for r in table_runs]
+    rows = [row_of(r) for r in table_runs]
+    phases = [phase_row(r) for r in table_runs if r.metrics and C.SD_TIME in r.metrics]
     load_after = load_avg()
     elapsed = time.perf_counter() - started
 
@@ -432,11 +375,11 @@ def main(argv=None) -> None:
         f"device: CPU ({cpu_name()}), {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads, transformers {transformers.__version__}, Python "
         f"{platform.python_version()}, float32",
-        f"models: target {TARGET} (SmolLM2-135M-Instruct, 30 layers); drafts {', '.join(drafts)} (first n layers, "
-        f"untrained)",
+        f"models: target {args.target} ({target.config.num_hidden_layers} layers); drafts "
+        + ", ".join(f"{d} ({draft_models[d].config.num_hidden_layers} layers)" for d in drafts),
         f"prompts: {len(prompts)} {args.task} {'test questions' if args.task == 'gsm8k' else 'problems'} "
         f"(chat template, {min(lens)}-{max(lens)} tokens, seed {args.seed}); batch {B}, γ={G}, max {N} new tokens; "
-        f"warm-up once per method",
+        f"warm-up once per method; SD vs target-only: {args.repeats} alternating rounds, median",
         f"load average (1/5/15 min) before: {load_before}; after: {load_after}; total {elapsed / 60:.1f} min",
     ]
     others = max(_load1(load_before), _load1(load_after) - args.threads)  # our own threads count in `after`
@@ -445,9 +388,10 @@ def main(argv=None) -> None:
                       f"run, {_load1(load_after):.2f} after it including our {args.threads} thread(s), on "
                       f"{os.cpu_count()} CPUs): timings may be inflated and noisy; rerun on an idle machine")
     notes = [
-        "ratio: SD rows = tokens/s speedup over target-only at the same B and T; no-cache and HF rows = our "
-        "engine's tokens/s ÷ theirs. c = draft time per forward / target time per forward (measured, "
-        "prefill excluded); pred. speedup = τ / (cγ + 1).",
+        "ratio: SD rows = speedup over target-only at the same B and T (median round; min-max over rounds); "
+        "no-cache and HF rows = our engine's tokens/s ÷ theirs. c = draft time per forward / target time per "
+        "verification forward; v = target time per verification forward / per target-only decoding step "
+        "(prefill excluded); predictions τ / (cγ + 1) and τ / (cvγ + v).",
         "bookkeeping = 1 - (draft + target + prefill forward time) / SD wall time. "
         "'= target greedy': output rows identical to target-only greedy decoding (same batch layout). "
         "CPU use = process CPU time / (wall time * threads): well below 100% means the CPU was shared.",
@@ -455,12 +399,14 @@ def main(argv=None) -> None:
     table = tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
     targets = tabulate(checks, headers=["check", "measured", "issue target", "met"], tablefmt="github",
                        disable_numparse=True)
-    text = "\n".join(header) + "\n\n" + table + "\n\n" + "\n".join(notes) + "\n\n" + targets + "\n"
+    split = tabulate(phases, headers=PHASE_HEADERS, tablefmt="github", disable_numparse=True)
+    text = "\n".join(header) + "\n\n" + table + "\n\n" + split + "\n\n" + "\n".join(notes) + "\n\n" + targets + "\n"
     print(text)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        md = "\n".join(f"- {h}" for h in header) + "\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) \
+        md = "\n".join(f"- {h}" for h in header) + "\n\n" + table + "\n\n" + split + "\n\n" \
+            + "\n".join(f"- {n}" for n in notes) \
             + "\n\n" + targets + "\n"
         out.write_text(md)
         log(f"wrote {out}")

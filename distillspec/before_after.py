@@ -21,7 +21,8 @@ TABLE_FILE = "before_after.md"
 PLOT_FILE = "before_after.png"
 LABELS = {C.ALPHA_EXPECTED: "α_expected (1 − TV)", C.ALPHA_TOK: "α_tok", C.ALPHA_SEQ: "α_seq",
           C.BLOCK_EFFICIENCY: "τ (block efficiency)", C.SPEEDUP: "speedup, measured",
-          C.SPEEDUP_PREDICTED: "speedup, predicted τ/(cγ+1)"}
+          C.SPEEDUP_PREDICTED: "speedup, predicted τ/(cγ+1)", C.SPEEDUP_PREDICTED_V: "speedup, predicted τ/(c·vγ+v)",
+          C.VERIFY_COST_RATIO: "verify-cost ratio v", C.COST_RATIO: "draft/target cost ratio c", C.GAMMA: "γ"}
 
 
 def _cell(metrics: dict[str, float], per_example: Sequence[dict[str, Any]], key: str) -> str:
@@ -38,9 +39,8 @@ def _cell(metrics: dict[str, float], per_example: Sequence[dict[str, Any]], key:
 
 def table_keys(metrics: dict[str, float]) -> list[str]:
     """Rows of the table: the acceptance metrics, then every speedup the evaluation measured or predicted."""
-    keys = [C.ALPHA_EXPECTED, C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED]
-    keys += sorted(k for k in metrics if k.startswith(C.SPEEDUP_PREDICTED) and k not in keys)
-    return keys
+    return [C.ALPHA_EXPECTED, C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED,
+            C.SPEEDUP_PREDICTED_V, C.COST_RATIO, C.VERIFY_COST_RATIO, C.GAMMA]
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:

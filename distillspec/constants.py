@@ -10,9 +10,25 @@ TAU_PREDICTED = "sd/tau_predicted"      # (1 - a^(g+1)) / (1 - a), a = ALPHA_EXP
 COST_RATIO = "sd/cost_ratio"            # c = draft forward time / target forward time (measured)
 SPEEDUP = "sd/speedup"                  # wall-clock: target-only time / SD time, same prompts, same batch size
 SPEEDUP_PREDICTED = "sd/speedup_predicted"  # tau / (c * gamma + 1)
+SPEEDUP_MIN = "sd/speedup_min"          # spread of SPEEDUP over the timed rounds (SPEEDUP is their median round)
+SPEEDUP_MAX = "sd/speedup_max"
+VERIFY_COST_RATIO = "sd/verify_cost_ratio"  # v = time per verification call / time per target-only decode step
+SPEEDUP_PREDICTED_V = "sd/speedup_predicted_v"  # tau / (c_step * gamma + v), c_step = c * v (see sd/metrics.py)
+SPEED_ROUNDS = "sd/speed_rounds"        # timed rounds per batch (SD and target-only alternate which goes first)
+GAMMA = "sd/gamma"                      # drafted tokens per block actually used (the choice of sd.gamma=auto)
+# Phase split of the SD wall time (seconds, median round, summed over batches): the four sum to SD_TIME.
+SD_TIME = "sd/time_total"
+SD_TIME_PREFILL = "sd/time_prefill"     # prompt prefill forwards of both models
+SD_TIME_DRAFT = "sd/time_draft"         # draft forwards after prefill
+SD_TIME_TARGET = "sd/time_target"       # target verification forwards
+SD_TIME_OTHER = "sd/time_other"         # everything else (sampling, verification, cache bookkeeping)
+TARGET_TIME = "sd/target_time_total"    # target-only baseline wall time = TARGET_TIME_PREFILL + TARGET_TIME_DECODE
+TARGET_TIME_PREFILL = "sd/target_time_prefill"
+TARGET_TIME_DECODE = "sd/target_time_decode"
+TRUNCATED_FRACTION = "sd/truncated_fraction"  # SD outputs cut at max_new_tokens (no EOS)
 SD_TOKENS_PER_S = "sd/tokens_per_s"
 TARGET_TOKENS_PER_S = "sd/target_tokens_per_s"
-BOOKKEEPING_FRACTION = "sd/bookkeeping_fraction"  # share of SD time outside model forwards
+BOOKKEEPING_FRACTION = "sd/bookkeeping_fraction"  # SD_TIME_OTHER / SD_TIME (prefill counts as model time)
 NUM_EXAMPLES = "sd/num_examples"
 NUM_DRAFTED = "sd/num_drafted"
 NUM_OUTPUT_TOKENS = "sd/num_output_tokens"

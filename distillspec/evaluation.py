@@ -7,6 +7,7 @@ training module's periodic evaluation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -14,10 +15,19 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from distillspec import constants as C
+from distillspec.errors import ConfigError
 from distillspec.sd.baseline import autoregressive_generate
 from distillspec.sd.engine import SDResult, SpeculativeDecoder
-from distillspec.sd.metrics import entropy_bins, per_example_metrics, sd_metrics, speedup_metrics
-from distillspec.specs import SDSpec
+from distillspec.sd.metrics import choose_gamma, entropy_bins, per_example_metrics, sd_metrics, verify_cost_ratio
+from distillspec.sd.timing import RoundTimes, median_round, speed_metrics, sum_rounds
+from distillspec.specs import AUTO_GAMMA, SDSpec
+
+log = logging.getLogger("distillspec")
+
+WARMUP_TOKENS = 8       # warm-up generation (both paths, first batch of each pass) before anything is timed
+AUTO_GAMMA_PILOT = 4    # sd.gamma=auto: gamma of the pilot SD run that measures alpha, c and v
+AUTO_GAMMA_MAX = 10     # ... and the largest gamma it may choose
+PILOT_TOKENS = 32       # new tokens of the pilot runs (capped at max_new_tokens)
 
 
 def concat_results(results: Sequence[SDResult]) -> SDResult:
@@ -47,12 +57,13 @@ def concat_results(results: Sequence[SDResult]) -> SDResult:
 
 @dataclass
 class BatchOutcome:
-    """One evaluated batch: the SD result (on CPU), baseline time, and the item indices."""
+    """One evaluated batch: the SD result (on CPU), the item indices, one RoundTimes per timed round."""
 
     result: SDResult
     index: torch.Tensor
-    baseline_time: float | None = None
+    rounds: list[RoundTimes] = field(default_factory=list)
     baseline_tokens: int | None = None
+    baseline_outputs: list[list[int]] | None = None  # target-only tokens per row (first round; EOS included)
     draft_texts: list[str] | None = None  # draft-only generations (sd.draft_quality)
 
 
@@ -80,43 +91,96 @@ class SDEvaluator:
         tokenizer: shared tokenizer (for decoding outputs and EOS/pad ids).
         spec: SD settings. task: the task (for `score`). items: encoded prompts (`.input_ids`, `.reference`).
         max_new_tokens: tokens to generate per prompt. seed: base seed (batch i uses seed + i).
+        speed_repeats: timed rounds per batch (default spec.speed_repeats; periodic training evals pass 1).
+        baseline_first: round 0 runs target-only before SD (rounds alternate the order either way).
+
+    Timing protocol (measure_speedup): on the first batch of a pass both paths are warmed up (a
+    WARMUP_TOKENS generation; sd.speed_warmup), then each batch runs `speed_repeats` rounds of SD and
+    target-only on the same prompts, alternating which goes first; see `distillspec.sd.timing`. With
+    sd.gamma=auto a pilot on the first batch measures alpha, c and v at AUTO_GAMMA_PILOT and sets gamma
+    to `choose_gamma`'s pick (recorded as sd/gamma).
     """
 
     def __init__(self, draft, target, tokenizer, spec: SDSpec, task, items: Sequence[Any],
-                 max_new_tokens: int, seed: int = 0) -> None:
+                 max_new_tokens: int, seed: int = 0, speed_repeats: int | None = None,
+                 baseline_first: bool = False) -> None:
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
         self.spec, self.task, self.items = spec, task, items
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.speed_repeats = spec.speed_repeats if speed_repeats is None else int(speed_repeats)
+        if self.speed_repeats < 1:
+            raise ConfigError(f"speed_repeats={self.speed_repeats} is invalid; valid: >= 1")
+        self.baseline_first = baseline_first
+        self.auto_gamma = spec.gamma == AUTO_GAMMA
         self.eos_ids = eos_token_ids(tokenizer, target)
         self.decoder = SpeculativeDecoder(
-            draft, target, gamma=spec.gamma, temperature=spec.temperature, top_p=spec.top_p,
+            draft, target, gamma=AUTO_GAMMA_PILOT if self.auto_gamma else spec.gamma,
+            temperature=spec.temperature, top_p=spec.top_p,
             lenience=spec.lenience, epsilon=spec.epsilon, eos_token_id=self.eos_ids,
             pad_token_id=tokenizer.pad_token_id)
 
     def _generator(self, device: torch.device, batch_idx: int, salt: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + batch_idx * 7 + salt)
 
+    def _baseline(self, model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, generator):
+        return autoregressive_generate(model, ids, mask, new_tokens, temperature=self.spec.temperature,
+                                       top_p=self.spec.top_p, generator=generator, eos_token_id=self.eos_ids,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+
+    def _warm_up(self, ids: torch.Tensor, mask: torch.Tensor, batch_idx: int) -> None:
+        """Short untimed generations of both paths: one-time costs (allocator, first kernels) land here."""
+        n = min(WARMUP_TOKENS, self.max_new_tokens)
+        self.decoder.generate(ids, mask, n, generator=self._generator(ids.device, batch_idx, 5))
+        if self.spec.measure_speedup or self.auto_gamma:
+            self._baseline(self.target, ids, mask, n, self._generator(ids.device, batch_idx, 6))
+
+    def _choose_gamma(self, ids: torch.Tensor, mask: torch.Tensor, batch_idx: int) -> None:
+        """sd.gamma=auto: pilot SD (gamma AUTO_GAMMA_PILOT) and target-only runs -> alpha, c_step, v -> gamma."""
+        n = min(PILOT_TOKENS, self.max_new_tokens)
+        self.decoder.gamma = AUTO_GAMMA_PILOT
+        sd = self.decoder.generate(ids, mask, n, generator=self._generator(ids.device, batch_idx, 3))
+        base = self._baseline(self.target, ids, mask, n, self._generator(ids.device, batch_idx, 4))
+        alpha = sd_metrics(sd, AUTO_GAMMA_PILOT)[C.ALPHA_EXPECTED]
+        step_calls = max(base.num_calls - 1, 0)
+        step = (base.time_forward - base.time_prefill) / step_calls if step_calls else float("nan")
+        cost_step = sd.time_draft / max(sd.num_draft_calls, 1) / step
+        v = verify_cost_ratio(sd.time_target, sd.num_target_calls, base.time_forward - base.time_prefill, step_calls)
+        try:
+            self.decoder.gamma = choose_gamma(alpha, cost_step, v, AUTO_GAMMA_PILOT, AUTO_GAMMA_MAX)
+        except ValueError as exc:
+            log.warning("sd.gamma=auto: %s; keeping gamma=%d", exc, AUTO_GAMMA_PILOT)
+        log.info("sd.gamma=auto: alpha=%.3f c_step=%.3f v=%.3f -> gamma=%d", alpha, cost_step, v, self.decoder.gamma)
+
     @torch.no_grad()
     def evaluate_batch(self, batch: dict[str, torch.Tensor], batch_idx: int) -> BatchOutcome:
         """batch: input_ids (B, L), attention_mask (B, L), index (B,) on the models' device."""
-        device = batch["input_ids"].device
-        result = self.decoder.generate(batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                                       generator=self._generator(device, batch_idx, 0))
-        outcome = BatchOutcome(result=_to_cpu(result), index=batch["index"].cpu())
-        if self.spec.measure_speedup:
-            base = autoregressive_generate(
-                self.target, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                temperature=self.spec.temperature, top_p=self.spec.top_p,
-                generator=self._generator(device, batch_idx, 1), eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id)
-            outcome.baseline_time = float(base.time_total)
-            outcome.baseline_tokens = int(base.lengths.sum())
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        device = ids.device
+        if batch_idx == 0:  # a new pass (the draft may have changed since the last one)
+            if self.spec.speed_warmup:
+                self._warm_up(ids, mask, batch_idx)
+            if self.auto_gamma:
+                self._choose_gamma(ids, mask, batch_idx)
+        timed = self.spec.measure_speedup
+        result, rounds, base_out = None, [], None
+        for r in range(self.speed_repeats if timed else 1):
+            base_first = timed and (r + int(self.baseline_first)) % 2 == 1
+            base = None
+            if base_first:
+                base = self._baseline(self.target, ids, mask, self.max_new_tokens, self._generator(device, batch_idx, 1))
+            sd = self.decoder.generate(ids, mask, self.max_new_tokens, generator=self._generator(device, batch_idx, 0))
+            if timed and not base_first:
+                base = self._baseline(self.target, ids, mask, self.max_new_tokens, self._generator(device, batch_idx, 1))
+            rounds.append(RoundTimes.of(sd, base))
+            if result is None:  # same seeds every round: the same outputs; keep the first
+                result = sd
+                base_out = None if base is None else [base.tokens[i, : int(base.lengths[i])].tolist()
+                                                      for i in range(base.tokens.shape[0])]
+        outcome = BatchOutcome(result=_to_cpu(result), index=batch["index"].cpu(), rounds=rounds,
+                               baseline_tokens=None if base_out is None else sum(map(len, base_out)),
+                               baseline_outputs=base_out)
         if self.spec.compute_quality and self.spec.draft_quality:
-            own = autoregressive_generate(
-                self.draft, batch["input_ids"], batch["attention_mask"], self.max_new_tokens,
-                temperature=self.spec.temperature, top_p=self.spec.top_p,
-                generator=self._generator(device, batch_idx, 2), eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id)
+            own = self._baseline(self.draft, ids, mask, self.max_new_tokens, self._generator(device, batch_idx, 2))
             outcome.draft_texts = self._decode(own.tokens, own.lengths)
         return outcome
 
@@ -140,19 +204,24 @@ class SDEvaluator:
         """Aggregate batch outcomes into run metrics (constants' names), bins, examples."""
         result = concat_results([o.result for o in outcomes])
         index = torch.cat([o.index for o in outcomes]).tolist()
-        gamma = self.spec.gamma
+        gamma = self.decoder.gamma
+        rounds = sum_rounds([o.rounds for o in outcomes])
+        timed = all(o.baseline_tokens is not None for o in outcomes)
+        med = median_round(rounds, "sd_total")
+        # c and tokens/s from the median SD round, the same one whose phase split is recorded
+        result = dataclasses.replace(result, time_total=med.sd_total, time_draft=med.sd_draft,
+                                     time_target=med.sd_target, time_prefill=med.sd_prefill,
+                                     num_draft_calls=med.sd_draft_calls, num_target_calls=med.sd_target_calls)
         metrics = dict(sd_metrics(result, gamma))
-        sd_time = float(result.time_total)
+        metrics[C.GAMMA] = float(gamma)
         n_out = int(result.lengths.sum())
-        metrics[C.SD_TOKENS_PER_S] = n_out / max(sd_time, 1e-9)
         metrics[C.NUM_EXAMPLES] = float(len(index))
-        forward_time = float(result.time_draft + result.time_target)
-        metrics[C.BOOKKEEPING_FRACTION] = max(0.0, 1.0 - forward_time / max(sd_time, 1e-9))
-        if all(o.baseline_time is not None for o in outcomes):
-            base_time = sum(o.baseline_time for o in outcomes)
-            metrics[C.TARGET_TOKENS_PER_S] = sum(o.baseline_tokens for o in outcomes) / max(base_time, 1e-9)
-            metrics.update(speedup_metrics(sd_time, base_time, metrics[C.BLOCK_EFFICIENCY],
-                                           metrics[C.COST_RATIO], gamma))
+        metrics.update(speed_metrics(rounds, metrics[C.BLOCK_EFFICIENCY], metrics[C.COST_RATIO], gamma, timed))
+        metrics[C.SD_TOKENS_PER_S] = n_out / max(metrics[C.SD_TIME], 1e-9)
+        if timed:
+            base_tokens = sum(o.baseline_tokens for o in outcomes)
+            metrics[C.TARGET_TOKENS_PER_S] = base_tokens / max(metrics[C.TARGET_TIME], 1e-9)
+        metrics[C.TRUNCATED_FRACTION] = self._truncated(result).float().mean().item()
         texts = self._decode(result.tokens, result.lengths)
         refs = [self.items[j].reference for j in index]
         if self.spec.compute_quality and refs and all(r is not None for r in refs):
@@ -162,6 +231,7 @@ class SDEvaluator:
                 own = [t for o in outcomes for t in o.draft_texts]
                 for name, value in self.task.score(own, refs).items():
                     metrics[C.DRAFT_QUALITY_PREFIX + name] = float(value)
+        self._warn_if_cut(texts, result)
         record = _record_mask(result)
         bins = entropy_bins(result.trace_entropy, result.trace_accepted, record,
                             min_count=self.spec.entropy_min_count, hi=self.spec.entropy_bin_max)
@@ -171,6 +241,23 @@ class SDEvaluator:
         examples = [{"uid": self.items[j].uid, "prompt": self.items[j].prompt_text, "output": texts[row],
                      "reference": refs[row]} for row, j in enumerate(index[: self.spec.num_examples_logged])]
         return EvalReport(metrics=metrics, entropy_bins=bins, examples=examples, per_example=per_ex)
+
+    def _truncated(self, result: SDResult) -> torch.Tensor:
+        """(B,) bool: outputs that stopped at max_new_tokens without an EOS."""
+        last = result.tokens.gather(1, (result.lengths - 1).clamp(min=0)[:, None])[:, 0]
+        return (result.lengths >= self.max_new_tokens) & ~torch.isin(last, torch.tensor(self.eos_ids))
+
+    def _warn_if_cut(self, texts: Sequence[str], result: SDResult) -> None:
+        """Warn when most outputs were cut at max_new_tokens before the task's final answer (quality ~ 0)."""
+        has_answer = getattr(self.task, "has_final_answer", None)
+        if has_answer is None or not texts:
+            return
+        cut = self._truncated(result).tolist()
+        missing = sum(1 for t, c in zip(texts, cut) if c and not has_answer(t))
+        if missing > len(texts) / 2:
+            log.warning("%d of %d outputs end at max_new_tokens=%d without a final answer, so the task's quality "
+                        "metric mostly measures truncation; raise sd.max_new_tokens (or task.max_new_tokens)",
+                        missing, len(texts), self.max_new_tokens)
 
 
 def _record_mask(result: SDResult) -> torch.Tensor:

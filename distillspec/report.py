@@ -59,7 +59,8 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         "job": str(job_dir), "method": method_label(cfg, saved.get("stage", "")),
         "task": saved.get("task", ""), "draft": saved.get("draft", ""), "target": saved.get("target", ""),
         "divergence": cfg.get("div", {}).get("divergence"), "rollout": cfg.get("rollout", {}).get("source"),
-        "gamma": sd.get("gamma"), "temperature": sd.get("temperature"), "top_p": sd.get("top_p"),
+        "gamma": int(metrics[C.GAMMA]) if C.GAMMA in metrics else sd.get("gamma"),  # the used one (sd.gamma=auto)
+        "temperature": sd.get("temperature"), "top_p": sd.get("top_p"),
         "lenience": sd.get("lenience"), "epsilon": sd.get("epsilon"), **metrics,
     }
     per_ex_file = job_dir / "per_example.json"

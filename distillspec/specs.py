@@ -15,6 +15,7 @@ from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
 GATE_MODES = ("greedy", "sampled", "ratio")
+AUTO_GAMMA = "auto"  # sd.gamma=auto: chosen from measured alpha, c and v (SDEvaluator)
 
 
 def _plain(value: Any) -> Any:
@@ -38,7 +39,7 @@ def _check_sampling(prefix: str, temperature: float, top_p: float) -> None:
 class SDSpec:
     """Speculative-decoding evaluation settings (conf/sd/)."""
 
-    gamma: int = 5
+    gamma: int | str = 5
     temperature: float = 1.0
     top_p: float = 1.0
     lenience: str = "none"
@@ -52,16 +53,18 @@ class SDSpec:
     entropy_min_count: int = 5
     entropy_bin_max: float = ENTROPY_BIN_HI
     num_examples_logged: int = 8
+    speed_repeats: int = 3
+    speed_warmup: bool = True
 
     def __post_init__(self) -> None:
         from distillspec.sd.sampling import LENIENCES
 
-        if not isinstance(self.gamma, int) or self.gamma < 1:
-            raise ConfigError(f"sd.gamma={self.gamma!r} is invalid; valid: an integer >= 1")
+        if self.gamma != AUTO_GAMMA and (not isinstance(self.gamma, int) or self.gamma < 1):
+            raise ConfigError(f"sd.gamma={self.gamma!r} is invalid; valid: an integer >= 1 or {AUTO_GAMMA!r}")
         _check_sampling("sd", self.temperature, self.top_p)
         check_choice("sd.lenience", self.lenience, LENIENCES)
         check_range("sd.epsilon", self.epsilon, lo=0.0, hi=1.0, lo_open=True)
-        for name in ("num_eval", "batch_size"):
+        for name in ("num_eval", "batch_size", "speed_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sd.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
         if not self.entropy_bin_max > ENTROPY_BIN_LO:

@@ -115,3 +115,21 @@ def test_slurm_launcher_composes():
     cfg = compose_cfg(["experiment=reference_qwen_gsm8k", "hydra/launcher=slurm"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_run_name_uses_model_names_when_the_pair_is_given_by_paths_or_ids():
+    from conftest import compose_cfg
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    given = ["task=gsm8k_local", "pair.target=/models/SmolLM2-1.7B-Instruct/",
+             "pair.draft=HuggingFaceTB/SmolLM2-135M-Instruct"]
+    cfg = compose_cfg(given)
+    expected = "gsm8k_local-SmolLM2-1.7B-Instruct+SmolLM2-135M-Instruct"
+    assert OmegaConf.select(cfg, "name") == expected
+    assert str(cfg.hydra.sweep.dir) == f"multirun/{expected}"
+    HydraConfig.instance().cfg = None  # as before any job exists: read from the config's own hydra node
+    assert OmegaConf.select(cfg, "name") == expected
+    one = compose_cfg(["pair=tiny", "pair.draft=offline:smollm2-135m-L6"])  # the other model: the group's value
+    assert OmegaConf.select(one, "name") == "arithmetic-target+smollm2-135m-L6"
+    assert OmegaConf.select(compose_cfg(["pair=tiny"]), "name") == "arithmetic-tiny"

@@ -20,13 +20,20 @@ from distillspec.sd.sampling import process_logits, sample
 @dataclass
 class GenResult:
     """tokens: (B, T) long right-padded with pad; lengths: (B,) (EOS included); time_total: seconds;
-    time_forward: seconds inside model forwards; num_calls: forward calls (prefill included)."""
+    time_forward: seconds inside model forwards (prefill included); num_calls: forward calls (prefill
+    included); time_prefill: seconds of the prefill forward (the prompt), part of time_forward."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     time_total: float
     time_forward: float = 0.0
     num_calls: int = 0
+    time_prefill: float = 0.0
+
+    @property
+    def time_decode(self) -> float:
+        """Wall seconds after the prefill (decoding steps and their bookkeeping)."""
+        return max(0.0, self.time_total - self.time_prefill)
 
 
 @torch.no_grad()
@@ -49,6 +56,7 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
     mask = attention_mask.long()
     kv = RaggedKV(model, B, dev)
     logits = kv.forward(input_ids, mask, (mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)[:, -1]
+    prefill = kv.forward_time
     pos = mask.sum(1)
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -76,4 +84,5 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
     _sync(dev)
     width = max(int(lengths.max()), 1)
     return GenResult(tokens=out[:, :width], lengths=lengths, time_total=time.perf_counter() - t0,
-                     time_forward=kv.forward_time, num_calls=kv.calls)
+                     time_forward=kv.forward_time, num_calls=kv.calls,
+                     time_prefill=prefill)

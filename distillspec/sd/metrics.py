@@ -11,6 +11,12 @@ Pure torch/Python. Names are the constants in `distillspec.constants`.
   tau_predicted = (1 - a^(g+1)) / (1 - a), a = alpha_expected (i.i.d. acceptance, Leviathan et al. 2023)
   cost ratio c = time per draft forward / time per target forward (measured, prefill excluded)
   speedup    = target-only wall time / SD wall time;  predicted speedup = tau / (c * gamma + 1)
+  verify-cost ratio v = time per target verification call (gamma + 1 positions) / time per target-only
+               decoding step (1 position), same batch; on a CPU v > 1 and tau / (c * gamma + 1) over-predicts.
+  v-corrected predicted speedup = tau / (c_step * gamma + v), c_step = c * v = draft call / decoding step
+               (one SD block costs gamma draft calls + one verification; target-only pays one step per token)
+  auto gamma = argmax over 1..max_gamma of tau(a, g) / (c_step * g + v(g)), v(g) = 1 + (v_pilot - 1) * g / g_pilot
+               (verification cost linear in the extra positions, measured once at g_pilot; `choose_gamma`)
 """
 
 from __future__ import annotations
@@ -99,10 +105,48 @@ def bootstrap_ci(num, den, *, n_boot: int = 1000, level: float = 0.95, seed: int
     return float(lo), float(hi)
 
 
-def speedup_metrics(sd_time: float, target_time: float, tau: float, cost_ratio: float, gamma: int) -> dict[str, float]:
-    """Measured wall-clock speedup next to the predicted tau / (c * gamma + 1)."""
-    return {C.SPEEDUP: _ratio(target_time, sd_time),
-            C.SPEEDUP_PREDICTED: tau / (cost_ratio * gamma + 1.0) if not math.isnan(cost_ratio) else math.nan}
+def speedup_metrics(sd_time: float, target_time: float, tau: float, cost_ratio: float, gamma: int,
+                    verify_ratio: float | None = None) -> dict[str, float]:
+    """Measured wall-clock speedup next to the predicted tau / (c * gamma + 1) and, given the verify-cost
+    ratio v, the v-corrected tau / (c * v * gamma + v)."""
+    out = {C.SPEEDUP: _ratio(target_time, sd_time),
+           C.SPEEDUP_PREDICTED: tau / (cost_ratio * gamma + 1.0) if not math.isnan(cost_ratio) else math.nan}
+    if verify_ratio is not None:
+        out[C.VERIFY_COST_RATIO] = verify_ratio
+        out[C.SPEEDUP_PREDICTED_V] = _ratio(tau, verify_ratio * (cost_ratio * gamma + 1.0))
+    return out
+
+
+def verify_cost_ratio(target_time: float, target_calls: int, step_time: float, step_calls: int) -> float:
+    """v = (target_time / target_calls) / (step_time / step_calls): a verification call vs a decoding step."""
+    if target_calls < 1 or step_calls < 1:
+        return math.nan
+    return _ratio(target_time / target_calls, step_time / step_calls)
+
+
+def predicted_speedup_curve(alpha: float, cost_step: float, verify_pilot: float, gamma_pilot: int,
+                            max_gamma: int = 10) -> dict[int, float]:
+    """{gamma: tau(alpha, gamma) / (cost_step * gamma + v(gamma))} for gamma in 1..max_gamma.
+
+    cost_step: draft call / target decoding step. verify_pilot: v measured at gamma_pilot; v(gamma) =
+    1 + (verify_pilot - 1) * gamma / gamma_pilot (slope clamped at 0: verifying more never gets cheaper).
+    """
+    if gamma_pilot < 1 or max_gamma < 1:
+        raise ValueError(f"gamma_pilot={gamma_pilot} and max_gamma={max_gamma} must be >= 1")
+    if any(math.isnan(x) for x in (alpha, cost_step, verify_pilot)) or cost_step < 0:
+        raise ValueError(f"auto gamma needs measured alpha, c and v; got alpha={alpha}, c_step={cost_step}, "
+                         f"v={verify_pilot}")
+    slope = max(0.0, (verify_pilot - 1.0) / gamma_pilot)
+    a = min(max(alpha, 0.0), 1.0)
+    return {g: expected_tau(a, g) / (cost_step * g + 1.0 + slope * g) for g in range(1, max_gamma + 1)}
+
+
+def choose_gamma(alpha: float, cost_step: float, verify_pilot: float, gamma_pilot: int,
+                 max_gamma: int = 10) -> int:
+    """The gamma in 1..max_gamma maximising the predicted speedup (`predicted_speedup_curve`); ties -> smaller."""
+    curve = predicted_speedup_curve(alpha, cost_step, verify_pilot, gamma_pilot, max_gamma)
+    best = max(curve.values())
+    return min(g for g, s in curve.items() if s >= best * (1 - 1e-12))
 
 
 ENTROPY_BIN_LO = 1e-4  # nats; entropies below fall in [0, lo)

@@ -11,7 +11,7 @@ from typing import Sequence
 from distillspec import constants as C
 from distillspec.errors import ConfigError
 from distillspec.tasks.base import DatasetTask, strip_calculator
-from distillspec.tasks.metrics import accuracy
+from distillspec.tasks.metrics import accuracy, has_answer_marker
 
 MATH_INSTRUCTION = ("{input}\n\nSolve the problem step by step. End your answer with a final line of the "
                     "form '#### <number>'.")
@@ -26,6 +26,11 @@ class MathAnswerMixin:
 
     def compute_quality(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
         return {C.ACCURACY: accuracy(predictions, references)}
+
+    @staticmethod
+    def has_final_answer(text: str) -> bool:
+        """Whether `text` holds the requested final-answer line ('#### <number>' or \\boxed{<number>})."""
+        return has_answer_marker(text)
 
 
 class GSM8KTask(MathAnswerMixin, DatasetTask):

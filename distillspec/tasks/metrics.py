@@ -60,6 +60,12 @@ def extract_answer(text: str) -> float | None:
     return nums[-1] if nums else None
 
 
+def has_answer_marker(text: str) -> bool:
+    """Whether `text` has a `#### <number>` or `\\boxed{<number>}` marker (a final answer was written)."""
+    contents = [m.group(1) for m in _HASH_MARKER.finditer(text)] + [m.group(1) for m in _BOXED_MARKER.finditer(text)]
+    return any(parse_number(c) is not None for c in contents)
+
+
 def answers_match(prediction: str, reference: str) -> bool:
     """Whether the numbers extracted from `prediction` and `reference` are equal (numeric compare)."""
     pred, ref = extract_answer(prediction), extract_answer(reference)
