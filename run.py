@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distillspec.errors import ConfigError
+from distillspec.errors import ConfigError, NonFiniteError
 from distillspec.resolvers import register
 
 register()  # before @hydra.main composes the config
@@ -56,6 +56,10 @@ def main(cfg: DictConfig) -> None:
         log.error("configuration error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as exc:
+        log.error("training stopped: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, check_choice
+from distillspec.errors import ConfigError, check_choice, check_number
 
 log = logging.getLogger("distillspec")
 
@@ -65,6 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     import lightning as L
 
     check_choice("stage", cfg.stage, C.STAGES)
+    check_number("seed", cfg.seed, integer=True)
     for key in ("path", "train_path"):
         if cfg.task.get(key) is not None:
             cfg.task[key] = absolutize(cfg.task[key], launch_dir)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from distillspec.errors import ConfigError, check_choice
+from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
 from distillspec.sd.cache import RaggedKV, _sync
 from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
 
@@ -111,8 +111,9 @@ class SpeculativeDecoder:
                  compact_at: float = 0.3) -> None:
         if not isinstance(gamma, int) or gamma < 1:
             raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
-        if temperature < 0:
-            raise ConfigError(f"temperature={temperature} is invalid; valid: >= 0 (0 = greedy)")
+        check_temperature("temperature", temperature)
+        check_number("top_p", top_p)
+        check_number("epsilon", epsilon)
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p={top_p} is invalid; valid: 0 < top_p <= 1")
         check_choice("acceptance", acceptance, ACCEPTANCE_MODES)
