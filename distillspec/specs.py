@@ -109,7 +109,7 @@ class SDSpec:
 class GateSpec:
     """SpecKD loss gating (distillspec.losses.gating.speckd_gate)."""
 
-    top_k: int = 10
+    top_k: int = 5  # SpecKD paper default (Algorithm 1: k = 5, beta = 0.01)
     mode: str = "greedy"
     num_candidates: int = 1
     beta: float = 0.01
