@@ -62,5 +62,20 @@ def main(cfg: DictConfig) -> None:
         sys.exit(3)
 
 
+def check_cli_name(argv: list[str]) -> None:
+    """Refuse a bad `name=` override before Hydra creates outputs/<name>/ (the resolver would raise with a
+    traceback); see distillspec.rundir.check_name."""
+    from distillspec.rundir import check_name
+
+    for arg in argv:
+        if arg.lstrip("+").startswith("name="):
+            try:
+                check_name(arg.split("=", 1)[1])
+            except ConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_cli_name(sys.argv[1:])
     main()

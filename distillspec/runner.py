@@ -64,8 +64,13 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     """Run the configured stage; returns what was written to run_dir/metrics.json."""
     import lightning as L
 
+    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+    from distillspec.rundir import check_name, check_rerun
+
     check_choice("stage", cfg.stage, C.STAGES)
     check_number("seed", cfg.seed, integer=True)
+    check_name(cfg.name)
+    snapshot = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for key in ("path", "train_path"):
         if cfg.task.get(key) is not None:
             cfg.task[key] = absolutize(cfg.task[key], launch_dir)
@@ -84,6 +89,12 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                               f"got stage={cfg.stage!r}")
         pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
             os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+    # A rerun of a finished command reports its result; a changed config is refused (distillspec.rundir).
+    finished = check_rerun(run_dir, snapshot, cfg.resume,
+                           has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))
+    if finished is not None:
+        log_summary(finished)
+        return finished
     device = resolve_device(cfg.trainer.get("accelerator", "auto"))
     pair.validate(device)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
