@@ -39,6 +39,19 @@ def check_name(name: object) -> str:
     return name
 
 
+def check_writable(path: Path, what: str = "output dir") -> None:
+    """ConfigError unless a file can be created in `path` (creating it if missing): fail before any work."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is not writable ({type(exc).__name__}: {exc.strerror or exc}); fix its "
+                          "permissions or free space, or run elsewhere (hydra.run.dir=<dir>)") from None
+
+
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a.b.c": leaf}."""
     out: dict[str, Any] = {}

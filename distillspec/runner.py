@@ -36,6 +36,23 @@ def build(node: DictConfig, what: str) -> Any:
         raise
 
 
+def check_trainer_settings(trainer_cfg: DictConfig) -> None:
+    """ConfigError for an unknown trainer.accelerator / precision / strategy name, before models load."""
+    import typing
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = [str(v) for lit in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(lit)]
+    valid = {"accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
+             "precision": precisions, "strategy": ["auto", *StrategyRegistry.available_strategies()]}
+    for key, choices in valid.items():
+        value = trainer_cfg.get(key)
+        if value is not None and isinstance(value, (str, int)) and str(value) not in choices:
+            raise ConfigError(f"unknown trainer.{key} {value!r}; valid choices: {', '.join(choices)}")
+
+
 def resolve_device(accelerator: str) -> torch.device:
     """The device models load on for this process (Lightning's accelerator setting decides)."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
@@ -65,7 +82,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     import lightning as L
 
     from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
-    from distillspec.rundir import check_name, check_rerun
+    from distillspec.rundir import check_name, check_rerun, check_writable
 
     check_choice("stage", cfg.stage, C.STAGES)
     check_number("seed", cfg.seed, integer=True)
@@ -82,6 +99,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
     trainer_factory = build(cfg.trainer, "trainer")
+    check_trainer_settings(cfg.trainer)
+    check_writable(run_dir)
     training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
     if cfg.draft_checkpoint is not None:
         if training:
