@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,7 +97,7 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
     elif started and not saved_cfg.exists():
         log.warning("%s has no %s (started by an older version); its config cannot be compared",
                     run_dir, C.RUN_CONFIG_FILE)
-    tmp = saved_cfg.with_name(saved_cfg.name + ".tmp")
+    tmp = saved_cfg.with_name(f".{saved_cfg.name}.tmp-{os.getpid()}")  # unique: DDP ranks may race
     tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
     tmp.replace(saved_cfg)
     if metrics.exists() and resume != C.RESUME_FORCE:
