@@ -43,8 +43,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
 
     from distillspec.evaluation import SDEvaluator, eos_token_ids
     from distillspec.lit.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, previous_path
-    from distillspec.lit.loggers import trim_csv_for_resume
     from distillspec.lit.data import IndexDataset, prompt_loader
+    from distillspec.lit.loggers import trim_csv_for_resume
     from distillspec.lit.train_module import DistillModule, save_hf_atomic
 
     tokenizer = models.tokenizer

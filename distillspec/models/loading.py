@@ -40,10 +40,12 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.path.exists(name) or name.count("/") >= 2
 
 
-def check_local_model_dir(path: Path, name: str) -> None:
-    """ConfigError unless `path` is an HF model dir whose *.safetensors headers read (cheap: headers only)."""
-    if not path.is_dir() or not (path / "config.json").is_file():
-        what = "is not a directory" if not path.is_dir() else "has no config.json"
+def check_local_model_dir(path: Path, name: str, need_config: bool = False) -> None:
+    """ConfigError unless `path` is an HF model (or tokenizer) dir whose *.safetensors headers read (cheap:
+    headers only). need_config: a model is about to load, so config.json must be there."""
+    markers = ("config.json",) if need_config else ("config.json", "tokenizer_config.json")
+    if not path.is_dir() or not any((path / m).is_file() for m in markers):
+        what = "is not a directory" if not path.is_dir() else f"has no {' or '.join(markers)}"
         raise ConfigError(f"model path {name!r} {what}, so it is not a Hugging Face model directory; pass a "
                           "model folder (for a trained draft: draft_checkpoint=outputs/<name>/<run>/draft)")
     from safetensors import safe_open
@@ -180,6 +182,8 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
         raise ConfigError(f"gradient_checkpointing=True needs trainable=True (model {name!r})")
 
     path = resolve_model_path(name)
+    if _looks_local(path):
+        check_local_model_dir(Path(path), name, need_config=True)
     kwargs: dict = {"dtype": torch_dtype}
     if quantization is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
