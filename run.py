@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distillspec.errors import ConfigError
+from distillspec.errors import ConfigError, NonFiniteError
 from distillspec.resolvers import register
 
 register()  # before @hydra.main composes the config
@@ -56,7 +56,31 @@ def main(cfg: DictConfig) -> None:
         log.error("configuration error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as exc:
+        log.error("training stopped: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def check_cli(argv: list[str]) -> None:
+    """Before Hydra creates outputs/<name>/ (its errors there are tracebacks): refuse a bad `name=` override
+    (distillspec.rundir.check_name) and an unwritable outputs/ or multirun/ (unless the command sets its own
+    hydra.run.dir / hydra.sweep.dir, or only prints: --cfg, --help, --info)."""
+    from distillspec.rundir import check_name, check_writable
+
+    try:
+        for arg in argv:
+            if arg.lstrip("+").startswith("name="):
+                check_name(arg.split("=", 1)[1])
+        prints = any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") for a in argv)
+        own_dir = any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv)
+        if not prints and not own_dir:
+            check_writable(Path("multirun" if {"-m", "--multirun"} & set(argv) else "outputs"))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_cli(sys.argv[1:])
     main()

@@ -48,6 +48,9 @@ VAL_PREFIX = "val/"                     # periodic SD evaluation during training
 
 # --- run bookkeeping ---
 METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"     # the resolved config a run dir was started with (rerun check)
+CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per `resume=force` rerun with a changed config
+RESUME_FORCE = "force"                  # resume=force: continue a run dir although its config changed
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_TRAIN_EVAL = "train_eval"

@@ -96,8 +96,19 @@ def pair_name(*, _root_) -> str:
     return f"{model_name(actual['pair.target'])}+{model_name(actual['pair.draft'])}"
 
 
+def run_name(name: str) -> str:
+    """`${runname:${name}}`: the run name, validated (distillspec.rundir.check_name) before Hydra creates
+    outputs/<name>/..., so `name=../../x` cannot write outside outputs/ and multirun/."""
+    from distillspec.rundir import check_name
+
+    return check_name(name)
+
+
 def register() -> None:
     from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("runname"):
+        OmegaConf.register_new_resolver("runname", run_name)
 
     if not OmegaConf.has_resolver("dirname"):
         OmegaConf.register_new_resolver("dirname", short_dirname)

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, check_choice
+from distillspec.errors import ConfigError, check_choice, check_number
 
 log = logging.getLogger("distillspec")
 
@@ -43,6 +43,23 @@ def local_rank() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0
+
+
+def check_trainer_settings(trainer_cfg: DictConfig) -> None:
+    """ConfigError for an unknown trainer.accelerator / precision / strategy name, before models load."""
+    import typing
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = [str(v) for lit in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(lit)]
+    valid = {"accelerator": ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())],
+             "precision": precisions, "strategy": ["auto", *StrategyRegistry.available_strategies()]}
+    for key, choices in valid.items():
+        value = trainer_cfg.get(key)
+        if value is not None and isinstance(value, (str, int)) and str(value) not in choices:
+            raise ConfigError(f"unknown trainer.{key} {value!r}; valid choices: {', '.join(choices)}")
 
 
 def resolve_device(accelerator: str) -> torch.device:
@@ -73,7 +90,13 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     """Run the configured stage; returns what was written to run_dir/metrics.json."""
     import lightning as L
 
+    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+    from distillspec.rundir import check_name, check_rerun, check_writable
+
     check_choice("stage", cfg.stage, C.STAGES)
+    check_number("seed", cfg.seed, integer=True)
+    check_name(cfg.name)
+    snapshot = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for key in ("path", "train_path"):
         if cfg.task.get(key) is not None:
             cfg.task[key] = absolutize(cfg.task[key], launch_dir)
@@ -85,6 +108,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
     trainer_factory = build(cfg.trainer, "trainer")
+    check_trainer_settings(cfg.trainer)
+    check_writable(run_dir)
     if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
         from distillspec.planning import plan_run
 
@@ -97,6 +122,12 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                               f"got stage={cfg.stage!r}")
         pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
             os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+    # A rerun of a finished command reports its result; a changed config is refused (distillspec.rundir).
+    finished = check_rerun(run_dir, snapshot, cfg.resume,
+                           has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))
+    if finished is not None:
+        log_summary(finished)
+        return finished
     device = resolve_device(cfg.trainer.get("accelerator", "auto"))
     pair.validate(device)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

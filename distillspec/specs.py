@@ -6,10 +6,12 @@ the entry point receives these objects (or plain values from them), never a Hydr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from distillspec.errors import ConfigError, check_choice, check_range
+from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
 from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
@@ -30,8 +32,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_field_types(spec: Any, prefix: str) -> None:
+    """ConfigError for any field whose value does not match its annotated scalar type.
+
+    Covers every `float`, `int`, `bool` and `str` field (optionally `| None`) of a dataclass spec, so a
+    new field is checked too: floats must be finite numbers (ints are converted to float), ints must be
+    ints; bools are neither. The message names the field (`train.lr='abc' is not a finite number`).
+    """
+    hints = typing.get_type_hints(type(spec))
+    for f in fields(spec):
+        hint, value = hints[f.name], getattr(spec, f.name)
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        optional = type(None) in args
+        scalar = [a for a in args if a is not type(None)]
+        if len(scalar) != 1 or scalar[0] not in (float, int, bool, str) or (optional and value is None):
+            continue
+        kind, name = scalar[0], f"{prefix}.{f.name}"
+        if kind is float:
+            check_number(name, value)
+            setattr(spec, f.name, float(value))
+        elif kind is int:
+            check_number(name, value, integer=True)
+        elif not isinstance(value, kind):
+            raise ConfigError(f"{name}={value!r} is not a {kind.__name__} (got {type(value).__name__})"
+                              + ("; valid: true or false" if kind is bool else ""))
+
+
 def _check_sampling(prefix: str, temperature: float, top_p: float) -> None:
-    check_range(f"{prefix}.temperature", temperature, lo=0.0)
+    check_temperature(f"{prefix}.temperature", temperature)
     check_range(f"{prefix}.top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
 
 
@@ -59,6 +88,7 @@ class SDSpec:
     def __post_init__(self) -> None:
         from distillspec.sd.sampling import LENIENCES
 
+        check_field_types(self, "sd")
         if self.gamma != AUTO_GAMMA and (not isinstance(self.gamma, int) or self.gamma < 1):
             raise ConfigError(f"sd.gamma={self.gamma!r} is invalid; valid: an integer >= 1 or {AUTO_GAMMA!r}")
         _check_sampling("sd", self.temperature, self.top_p)
@@ -82,12 +112,13 @@ class SDSpec:
 class GateSpec:
     """SpecKD loss gating (distillspec.losses.gating.speckd_gate)."""
 
-    top_k: int = 10
+    top_k: int = 5  # SpecKD paper default (Algorithm 1: k = 5, beta = 0.01)
     mode: str = "greedy"
     num_candidates: int = 1
     beta: float = 0.01
 
     def __post_init__(self) -> None:
+        check_field_types(self, "div.gate")
         check_choice("div.gate.mode", self.mode, GATE_MODES)
         if self.top_k < 1 or self.num_candidates < 1:
             raise ConfigError(f"div.gate.top_k={self.top_k} and num_candidates={self.num_candidates} must be >= 1")
@@ -108,8 +139,9 @@ class ObjectiveSpec:
     def __post_init__(self) -> None:
         from distillspec.losses.divergences import DIVERGENCES
 
+        check_field_types(self, "div")
         check_choice("div.divergence", self.divergence, DIVERGENCES)
-        check_range("div.temperature", self.temperature, lo=0.0, lo_open=True)
+        check_temperature("div.temperature", self.temperature, allow_zero=False)
         check_range("div.beta", self.beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_range("div.alpha", self.alpha, lo=0.0, hi=1.0, hi_open=True)
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -133,6 +165,7 @@ class RolloutSpec:
     cache_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        check_field_types(self, "rollout")
         check_choice("rollout.source", self.source, ROLLOUT_SOURCES)
         if self.cache_top_k < 0 or self.cache_batch_size < 1:
             raise ConfigError(f"rollout.cache_top_k={self.cache_top_k!r} (valid: >= 0, 0 = no cache) and "
@@ -140,8 +173,9 @@ class RolloutSpec:
         _check_sampling("rollout", self.temperature, self.top_p)
         if self.source == "mixed":
             mix = dict(_plain(self.mix) or {})
-            for key in mix:
+            for key, value in mix.items():
                 check_choice("rollout.mix source", key, MIX_SOURCES)
+                check_number(f"rollout.mix.{key}", value)
             if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
                 raise ConfigError(f"rollout.mix={mix} needs non-negative fractions with a positive sum")
             total = sum(mix.values())
@@ -172,6 +206,7 @@ class TrainSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         for name in ("max_steps", "batch_size", "accumulate", "num_train", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is invalid; valid: >= 1")
@@ -179,6 +214,9 @@ class TrainSpec:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is invalid; valid: >= 0")
         check_range("train.lr", self.lr, lo=0.0, lo_open=True)
+        check_range("train.weight_decay", self.weight_decay, lo=0.0)
+        if self.grad_clip is not None:
+            check_range("train.grad_clip", self.grad_clip, lo=0.0)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"train.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
 

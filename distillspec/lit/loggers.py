@@ -2,23 +2,78 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from distillspec import constants as C
 
 log = logging.getLogger(__name__)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; this one keeps the rows (a resumed
+    run appends to them) and starts from the file's header, so new columns rewrite it with every row kept."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger that never deletes earlier rows of run_dir/csv/metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def trim_csv_for_resume(path: Path, step: int) -> int:
+    """Drop the rows a resume from a checkpoint at global step `step` logs again; returns how many.
+
+    Training rows are logged at the 0-based index of their step (redone from `step` on); periodic-eval
+    rows (val/...) at the step count after it (the one at `step` is in the checkpoint, not redone).
+    """
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+
+    def redone(row: dict) -> bool:
+        s = int(float(row.get("step") or -1))
+        has = lambda prefix: any(v not in ("", None) for k, v in row.items() if k.startswith(prefix))  # noqa: E731
+        return (has("train/") and s >= step) or (has(C.VAL_PREFIX) and s > step)
+
+    keep = [r for r in rows if not redone(r)]
+    if len(keep) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(keep)
+        tmp.replace(path)
+    return len(rows) - len(keep)
+
+
 def build_loggers(run_dir: Path, *, run_name: str, wandb: Mapping[str, Any] | None = None,
                   config: Mapping[str, Any] | None = None) -> list[Logger]:
-    """CSV logger under run_dir/csv, plus a W&B logger when `wandb` settings are given.
+    """CSV logger under run_dir/csv (appending: earlier rows are kept), plus a W&B logger when `wandb` settings are given.
 
     W&B runs offline (files under run_dir/wandb) unless WANDB_API_KEY is set or `mode` says otherwise.
     """
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     if wandb is not None:
         from lightning.pytorch.loggers import WandbLogger
 

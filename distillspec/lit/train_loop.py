@@ -43,14 +43,16 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from distillspec.evaluation import SDEvaluator, eos_token_ids
+    from distillspec.lit.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, previous_path
     from distillspec.lit.data import IndexDataset, prompt_loader
+    from distillspec.lit.loggers import trim_csv_for_resume
     from distillspec.lit.train_module import DistillModule, save_hf_atomic
 
     tokenizer = models.tokenizer
     eos_ids = eos_token_ids(tokenizer, models.target)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     last = ckpt_dir / LAST_CHECKPOINT
-    if last.exists() and not resume:
+    if (last.exists() or previous_path(last).exists()) and not resume:
         raise ConfigError(f"{last} exists and resume=false; rerun with resume=true to continue that run, "
                           "or pass name=<new name> to start a fresh one (nothing is overwritten)")
     if train.freeze_embeddings:  # tied models: this freezes the output head too
@@ -73,10 +75,14 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
                                  every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
     trainer = trainer_factory(logger=loggers, max_steps=train.max_steps, callbacks=[checkpoint],
                               use_distributed_sampler=False, log_every_n_steps=train.log_every,
-                              num_sanity_val_steps=0, enable_model_summary=False)
-    resume_from = str(last) if last.exists() else None
-    if resume_from:
-        log.info("resuming from %s", resume_from)
+                              num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+    # each rank checks for itself (no process group yet); only rank 0 moves damaged files aside
+    found = find_resume_checkpoint(last, repair=trainer.is_global_zero)
+    resume_from = str(found[0]) if found else None
+    if found:
+        log.info("resuming from %s (step %d)", found[0], found[1])
+        if trainer.is_global_zero:
+            trim_csv_for_resume(run_dir / "csv" / "metrics.csv", found[1])  # steps from here on are redone
     # step ticks: each step picks its prompts from the step number (DistillModule.step_indices), not the loader
     loader = DataLoader(IndexDataset(train.max_steps), batch_size=None, shuffle=False)
     # Intended: the frozen teacher stays in eval mode, and checkpoints hold the post-step state (resume = next step).

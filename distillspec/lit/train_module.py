@@ -184,6 +184,7 @@ class DistillModule(L.LightningModule):
             self.manual_backward(loss)
             ent, ov, _ = token_stats(s_logits.detach(), t_logits, mask)
             sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+        check_finite_step(sums[0], self.student.parameters(), step, self.trainer.strategy)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         if self.train_spec.grad_clip:
@@ -218,10 +219,41 @@ class DistillModule(L.LightningModule):
         log.info("step %d: %s=%.4f", step, C.ALPHA_TOK, report.metrics.get(C.ALPHA_TOK, math.nan))
 
 
+def check_finite_step(loss_sum: torch.Tensor, params, step: int, strategy=None) -> None:
+    """Raise NonFiniteError (on every rank) if the step's loss or any gradient is NaN/inf.
+
+    Called after backward and before the optimizer step, so the weights (and every checkpoint and saved
+    draft) stay those of the last finite step. loss_sum: () tensor; params: the trained parameters.
+    """
+    from distillspec.errors import NonFiniteError
+
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss_sum.device)
+    bad = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float().to(loss_sum.device)])
+    if strategy is not None:
+        bad = strategy.reduce(bad, reduce_op="sum")  # every rank stops together
+    if bool(bad.any()):
+        what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
+        raise NonFiniteError(f"non-finite {what} at training step {step} (loss sum {float(loss_sum):.4g}, "
+                             f"gradient norm {float(grad_norm):.4g}); stopped before the optimizer step, so "
+                             "checkpoints keep the last finite weights and no draft was saved. Lower train.lr, "
+                             "set train.grad_clip, or check the models' dtype (pair.dtype=float32)")
+
+
+def assert_finite_weights(model) -> None:
+    """Raise NonFiniteError naming the first parameter holding NaN/inf (never save such a draft)."""
+    from distillspec.errors import NonFiniteError
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"draft parameter {name} has non-finite values; the draft is not saved")
+
+
 def save_hf_atomic(model, tokenizer, out_dir: Path) -> None:
     """save_pretrained into a temp dir, then rename over `out_dir` (never a half-written draft dir)."""
     import shutil
 
+    assert_finite_weights(model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -62,7 +62,7 @@ def _sample(student: Tensor, n: int, generator: torch.Generator | None) -> Tenso
 
 
 @torch.no_grad()
-def speckd_gate(student_logits: Tensor, teacher_logits: Tensor, *, top_k: int = 10, mode: str = "greedy",
+def speckd_gate(student_logits: Tensor, teacher_logits: Tensor, *, top_k: int = 5, mode: str = "greedy",
                 num_candidates: int = 1, beta: float = 0.01,
                 generator: torch.Generator | None = None) -> GateResult:
     """SpecKD gate weights for every position.

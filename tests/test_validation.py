@@ -1,0 +1,112 @@
+"""Issue 9, item 2: NaN/inf, underflowing temperatures and non-numeric values are refused by name;
+training stops at the first non-finite loss or gradient and never saves a non-finite draft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg, run_cfg
+
+from distillspec.errors import ConfigError, NonFiniteError
+from distillspec.runner import build
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["sd.temperature=nan"], "sd.temperature=nan"),
+    (["sd.temperature=inf"], "sd.temperature=inf"),
+    (["sd.temperature=1e-45"], "sd.temperature=1e-45"),
+    (["sd.epsilon=nan"], "sd.epsilon=nan"),
+    (["sd.top_p=nan"], "sd.top_p=nan"),
+    (["sd.entropy_bin_max=inf"], "sd.entropy_bin_max=inf"),
+    (["sd.gamma=abc"], "sd.gamma='abc'"),
+    (["sd.gamma=2.5"], "sd.gamma=2.5"),
+    (["sd.measure_speedup=maybe"], "sd.measure_speedup='maybe'"),
+    (["div.temperature=nan"], "div.temperature=nan"),
+    (["div.temperature=1e-45"], "div.temperature=1e-45"),
+    (["div=jsd", "div.beta=nan"], "div.beta=nan"),
+    (["div=speckd", "div.gate.beta=nan"], "div.gate.beta=nan"),
+    (["rollout.temperature=nan"], "rollout.temperature=nan"),
+    (["rollout.temperature=1e-45"], "rollout.temperature=1e-45"),
+    (["rollout=mixed", "rollout.mix.student=nan"], "rollout.mix.student=nan"),
+    (["train.lr=abc"], "train.lr='abc'"),
+    (["train.lr=nan"], "train.lr=nan"),
+    (["train.lr=inf"], "train.lr=inf"),
+    (["train.max_steps=abc"], "train.max_steps='abc'"),
+    (["train.weight_decay=nan"], "train.weight_decay=nan"),
+    (["train.grad_clip=inf"], "train.grad_clip=inf"),
+])
+def test_non_finite_and_non_numeric_settings_are_refused(overrides, needle):
+    cfg = compose_cfg(overrides)
+    group = overrides[-1].split(".")[0]
+    with pytest.raises(ConfigError) as exc:
+        build(cfg[group], group)
+    assert needle in str(exc.value)
+
+
+def test_good_values_still_pass_and_ints_become_floats():
+    cfg = compose_cfg(["train.lr=1", "sd.temperature=0", "rollout.temperature=0.001"])
+    assert build(cfg.train, "train").lr == 1.0 and isinstance(build(cfg.train, "train").lr, float)
+    assert build(cfg.sd, "sd").greedy
+    assert build(cfg.rollout, "rollout").temperature == 0.001
+
+
+def test_bad_seed_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="seed='x'"):
+        run_cfg(TINY + ["seed=x"], tmp_path)
+
+
+def test_engine_refuses_nan_temperature(tiny_pair_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from distillspec.sd.engine import SpeculativeDecoder
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0])
+    for t in (float("nan"), 1e-45, float("inf")):
+        with pytest.raises(ConfigError, match="temperature"):
+            SpeculativeDecoder(m, m, temperature=t)
+
+
+def test_finite_check_names_loss_and_gradient():
+    from distillspec.lit.train_module import check_finite_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    check_finite_step(torch.tensor(1.0), [w], 0)  # finite: no error
+    with pytest.raises(NonFiniteError, match="non-finite loss at training step 4"):
+        check_finite_step(torch.tensor(float("nan")), [w], 4)
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(NonFiniteError, match="non-finite gradient at training step 2"):
+        check_finite_step(torch.tensor(1.0), [w], 2)
+
+
+def test_training_stops_at_first_nan_loss_and_saves_no_draft(tmp_path, monkeypatch):
+    import distillspec.lit.train_module as tm
+
+    real = tm.divergence_loss
+    calls = []
+
+    def nan_from_second_step(*args, **kwargs):
+        loss, per_tok = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), per_tok) if len(calls) > 1 else (loss, per_tok)
+
+    monkeypatch.setattr(tm, "divergence_loss", nan_from_second_step)
+    with pytest.raises(NonFiniteError, match="step 1"):
+        run_cfg(TINY + ["stage=train", "train.max_steps=3", "train.batch_size=4"], tmp_path)
+    assert not (tmp_path / "draft").exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_save_refuses_non_finite_draft(tmp_path, tiny_pair_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillspec.lit.train_module import save_hf_atomic
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0])
+    with torch.no_grad():
+        next(m.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        save_hf_atomic(m, AutoTokenizer.from_pretrained(tiny_pair_dirs[0]), tmp_path / "draft")
+    assert not (tmp_path / "draft").exists()
