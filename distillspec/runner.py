@@ -6,6 +6,7 @@ typed specs and plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -156,7 +157,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     # 4. The untrained draft on the same prompts, for the before/after comparison (train_eval only).
     before = None
     if cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items:
-        before = evaluate_plain(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device)
+        # one timed round: the untrained draft's speed is context, the distilled draft's is the result
+        before = evaluate_plain(models, tokenizer, task, eval_items, dataclasses.replace(sd, speed_repeats=1),
+                                eval_tokens, cfg.seed, device)
         out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
                          "per_example": before.per_example}
         log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
