@@ -270,3 +270,34 @@ def test_adaptive_trains_with_gate_block_weights_and_skd(tmp_path):
     assert 0.0 < float(row[C.TRAIN_BLOCK_WEIGHT_MEAN]) <= 1.0 and float(row[C.TRAIN_TAR]) >= 0.0
     shares = [float(v) for k, v in row.items() if k.startswith(C.TRAIN_TOKENS_BY_ENTROPY)]
     assert len(shares) == len(train_entropy_edges()) - 1 and sum(shares) == pytest.approx(1.0)
+
+
+def test_report_labels_entropy_table_and_task_panels(tmp_path):
+    """The experiment's report: adaptive variants get their own labels, acceptance per entropy bin per method
+    lands in the right cell, and the entropy figure gets one panel per task."""
+    import matplotlib.image
+    import pandas as pd
+
+    from distillspec.report import FIG_ENTROPY, entropy_table, method_label, plots
+
+    div = {"divergence": "adaptive", "adaptive": {"reverse": True}, "block_weighting": "none"}
+    assert method_label({"div": div, "rollout": {"source": "mixed"}}, "train_eval") == "adaptive-rev/mixed"
+    div = {"divergence": "tvd", "block_weighting": "block"}
+    assert method_label({"div": div, "rollout": {"source": "student"}}, "train_eval") == "tvd+block"
+    bins = lambda a: [{"bin_lo": 0.1, "bin_hi": 0.316, "count": 10.0, "acceptance": a},  # noqa: E731
+                      {"bin_lo": 1.0, "bin_hi": 3.16, "count": 7.0, "acceptance": a / 2}]
+    rows = [("rkl", "A", 0.5), ("adaptive", "A", 0.25), ("rkl", "B", 0.75)]
+    df = pd.DataFrame([{"method": m, "task": t, "rollout": "mixed", "gamma": 5, "temperature": 1.0,
+                        C.ALPHA_TOK: a, "_entropy_bins": bins(a), "_eval_history": []} for m, t, a in rows])
+    lines = entropy_table(df).splitlines()
+    assert lines[0] == "A, γ = 5, T = 1.0" and lines[2] == "| teacher entropy (nats) | adaptive | rkl |"
+    assert lines[4] == "| [0.1, 0.316) | 25.0 (10) | 50.0 (10) |"
+    assert lines[5] == "| [1, 3.16) | 12.5 (7) | 25.0 (7) |"
+    assert "B, γ = 5, T = 1.0" in lines and "| [1, 3.16) | 37.5 (7) |" in lines
+    widths = {}
+    for name, data in (("two_tasks", df), ("one_task", df[df["task"] == "A"])):
+        out = tmp_path / name
+        out.mkdir()
+        assert out / FIG_ENTROPY in plots(data, out)
+        widths[name] = matplotlib.image.imread(out / FIG_ENTROPY).shape[1]
+    assert widths["two_tasks"] > 1.5 * widths["one_task"]
