@@ -44,6 +44,10 @@ TRAIN_TEACHER_ENTROPY = "train/teacher_entropy"
 TRAIN_ALIGNMENT = "train/alignment"     # mean 1 - TV(p, q) on the rollouts: cheap alpha estimate
 TRAIN_COMPLETION_TOKENS = "train/completion_tokens"
 TRAIN_LR = "train/lr"
+TRAIN_BETA_MEAN = "train/beta_mean"     # div=adaptive: mean per-token beta over completion tokens
+TRAIN_BLOCK_WEIGHT_MEAN = "train/block_weight_mean"  # div.block_weighting: mean reach probability
+TRAIN_DIV_BY_ENTROPY = "train/div_by_entropy/"        # + "<lo>-<hi>" nats: mean divergence per teacher-entropy bin
+TRAIN_TOKENS_BY_ENTROPY = "train/tokens_by_entropy/"  # + "<lo>-<hi>": share of tokens in that bin
 VAL_PREFIX = "val/"                     # periodic SD evaluation during training: val/ + the sd/ names
 
 # --- run bookkeeping ---

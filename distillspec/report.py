@@ -38,7 +38,12 @@ def method_label(cfg: dict[str, Any], stage: str) -> str:
     if stage == C.STAGE_EVAL:
         return "baseline"
     div = cfg.get("div", {})
-    label = div.get("divergence", "?") + ("+speckd" if div.get("gate") else "")
+    label = div.get("divergence", "?")
+    if label == "adaptive" and (div.get("adaptive") or {}).get("reverse"):
+        label = "adaptive-rev"
+    label += ("+speckd" if div.get("gate") else "")
+    if div.get("block_weighting", "none") != "none":
+        label += "+" + div["block_weighting"]
     source = cfg.get("rollout", {}).get("source", "student")
     return label if source == "student" else f"{label}/{source}"
 
@@ -138,6 +143,27 @@ def recipe_table(df: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
+def entropy_table(df: pd.DataFrame) -> str:
+    """Acceptance (%) per teacher-entropy bin (SD eval, recorded positions) per method: one block per (task, γ, T),
+    rows = bins, cells "acceptance (positions)"; bins with too few positions in a job are "–"."""
+    blocks = []
+    for (task, gamma, temp), grp in df.groupby(["task", "gamma", "temperature"], dropna=False):
+        methods = sorted(grp["method"].unique(), key=_baseline_first)
+        cells: dict[tuple[float, float], dict[str, str]] = {}
+        for _, r in grp.iterrows():
+            for b in r["_entropy_bins"]:
+                cells.setdefault((b["bin_lo"], b["bin_hi"]), {})[r["method"]] = \
+                    f"{100 * b['acceptance']:.1f} ({int(b['count'])})"
+        if not cells:
+            continue
+        lines = [f"{task}, γ = {gamma}, T = {temp}", "", "| teacher entropy (nats) | " + " | ".join(methods) + " |",
+                 "|" + "---|" * (1 + len(methods))]
+        for lo, hi in sorted(cells):
+            lines.append(f"| [{lo:.3g}, {hi:.3g}) | " + " | ".join(cells[(lo, hi)].get(m, "–") for m in methods) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -147,8 +173,8 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
 
     sns.set_theme(style="whitegrid")
     made = []
-    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"]) for _, r in df.iterrows()
-            for b in r["_entropy_bins"]]
+    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"], task=r.get("task", ""))
+            for _, r in df.iterrows() for b in r["_entropy_bins"]]
     if bins:
         b = pd.DataFrame(bins)
         b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
@@ -160,7 +186,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
             sns.scatterplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, size="count",
                             sizes=(20, 300), ax=ax, legend=ax is axes[0][-1])
             ax.set(xscale="log", xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
-                   title=f"data source: {title}" if title else "Acceptance vs teacher entropy")
+                   title=title or "Acceptance vs teacher entropy")
         axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
         made.append(_save(fig, out / FIG_ENTROPY))
     if df["gamma"].nunique() > 1 or C.SPEEDUP in df:
@@ -170,7 +196,8 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         g = sns.relplot(data=long, x="gamma", y="value", hue="method", style=style, col="metric", kind="line",
                         marker="o", facet_kws={"sharey": False}, height=3.5)
         made.append(_save(g.figure, out / FIG_GAMMA))
-    hist = [dict(h, method=r["method"], rollout=r["rollout"]) for _, r in df.iterrows() for h in r["_eval_history"]]
+    hist = [dict(h, method=r["method"], rollout=r["rollout"], task=r.get("task", "")) for _, r in df.iterrows()
+            for h in r["_eval_history"]]
     key = C.VAL_PREFIX + C.ALPHA_TOK
     if hist and key in pd.DataFrame(hist):
         panels, hue, order = _panels(pd.DataFrame(hist))
@@ -179,7 +206,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
             sns.lineplot(data=data, x="step", y=key, hue=hue, hue_order=order, marker="o", ax=ax,
                          legend=ax is axes[0][-1])
             ax.set(ylabel="α_tok (periodic SD eval)",
-                   title=f"data source: {title}" if title else "Acceptance over training")
+                   title=title or "Acceptance over training")
         axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
         made.append(_save(fig, out / FIG_TRAINING))
     # the draft's own quality when measured (sd.draft_quality), else the SD outputs' (the target's when lossless)
@@ -194,12 +221,16 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _panels(rows: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], str, list[str]]:
-    """Split plot rows (columns method, rollout) into panels: one per data source (hue = loss, baseline rows in
-    every panel) when trained jobs' rollouts vary, else one panel (hue = method). Returns (panels, hue, order)."""
+    """Split plot rows (columns method, rollout, task) into panels: one per task (hue = method) when tasks vary,
+    else one per data source (hue = loss, baseline rows in every panel) when trained jobs' rollouts vary, else
+    one panel (hue = method). Returns (panels as (title, rows), hue, order)."""
     trained = rows["method"] != "baseline"
+    if "task" in rows and rows["task"].nunique() > 1:
+        return ([(f"task: {t}", rows[rows["task"] == t]) for t in sorted(rows["task"].unique())], "method",
+                sorted(rows["method"].unique(), key=_baseline_first))
     if rows.loc[trained, "rollout"].nunique() > 1:
         rows = rows.assign(loss=_loss(rows["method"]))
-        panels = [(s, pd.concat([rows[trained & (rows["rollout"] == s)], rows[~trained]]))
+        panels = [(f"data source: {s}", pd.concat([rows[trained & (rows["rollout"] == s)], rows[~trained]]))
                   for s in sorted(rows.loc[trained, "rollout"].unique())]
         return panels, "loss", sorted(rows["loss"].unique(), key=_baseline_first)
     return [("", rows)], "method", sorted(rows["method"].unique(), key=_baseline_first)
@@ -237,9 +268,12 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     cols += [c for c in df.columns if c.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))]
     cols = [c for c in cols if c in df.columns]
     recipe = recipe_table(df)
+    by_entropy = entropy_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
+          *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]
+            if by_entropy else []),
           "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figs]
     (out / REPORT_MD).write_text("\n".join(md) + "\n")

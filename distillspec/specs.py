@@ -127,7 +127,12 @@ class GateSpec:
 
 @dataclass
 class ObjectiveSpec:
-    """The distillation objective (conf/div/): a token-level divergence, optionally SpecKD-gated."""
+    """The distillation objective (conf/div/): a token-level divergence, optionally SpecKD-gated.
+
+    adaptive: the beta schedule of divergence "adaptive" (distillspec.losses.adaptive.BetaSchedule, from a
+    mapping; its defaults when null). block_weighting: "none", "block" or "block_avg" (weight each token by the
+    detached probability of reaching it in a block_gamma-token SD block; any divergence).
+    """
 
     divergence: str = "rkl"
     temperature: float = 1.0
@@ -135,6 +140,9 @@ class ObjectiveSpec:
     alpha: float = 0.1
     chunk_size: int | None = 1024
     gate: GateSpec | Mapping[str, Any] | None = None
+    adaptive: Any = None
+    block_weighting: str = "none"
+    block_gamma: int = 5
 
     def __post_init__(self) -> None:
         from distillspec.losses.divergences import DIVERGENCES
@@ -149,6 +157,29 @@ class ObjectiveSpec:
         gate = _plain(self.gate)
         if isinstance(gate, Mapping):
             self.gate = GateSpec(**gate)
+        self._post_init_adaptive()
+
+    def _post_init_adaptive(self) -> None:
+        from distillspec.losses.adaptive import BLOCK_WEIGHTINGS, BetaSchedule
+
+        check_choice("div.block_weighting", self.block_weighting, BLOCK_WEIGHTINGS)
+        if isinstance(self.block_gamma, bool) or not isinstance(self.block_gamma, int) or self.block_gamma < 1:
+            raise ConfigError(f"div.block_gamma={self.block_gamma!r} is invalid; valid: an integer >= 1")
+        adaptive = _plain(self.adaptive)
+        if adaptive is not None and self.divergence != "adaptive":
+            raise ConfigError(f"div.adaptive is set but div.divergence={self.divergence!r}; the beta schedule "
+                              "applies only to divergence 'adaptive' (div=adaptive)")
+        if self.divergence == "adaptive":
+            if adaptive is None:
+                adaptive = BetaSchedule()
+            elif isinstance(adaptive, Mapping):
+                try:
+                    adaptive = BetaSchedule(**adaptive)
+                except TypeError as exc:
+                    raise ConfigError(f"invalid div.adaptive settings: {exc}") from None
+            elif not isinstance(adaptive, BetaSchedule):
+                raise ConfigError(f"div.adaptive={adaptive!r} is invalid; valid: a mapping of BetaSchedule fields")
+            self.adaptive = adaptive
 
 
 @dataclass

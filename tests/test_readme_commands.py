@@ -32,6 +32,7 @@ NOT_RUN_OFFLINE = {
     "experiment=reference_": "full-size pairs from the Hub, GPU",
     "experiment=recipe_grid": "full-size pairs from the Hub, GPU",
     "experiment=skd_speckd": "full-size pairs from the Hub, GPU",
+    "experiment=adaptive_reference": "full-size pairs from the Hub, GPU",
 }
 
 
@@ -59,14 +60,15 @@ def shrink(cmd: str) -> list[str]:
     if argv[:2] != ["python", "run.py"] or "--cfg" in argv:
         return argv
     own = {_key(a) for a in argv[2:] if "=" in a}
-    groups = {k for k in own if "." not in k}  # a group the command selects keeps its own options
-    extra = [o for o in TINY if _key(o) not in own and _key(o).split(".")[0] not in groups]
+    grid: dict[str, str] = {}
     for a in argv[2:]:  # one point of an experiment's grid (its last value: a trained method)
         if a.startswith("experiment="):
             exp = yaml.safe_load((REPO / "conf" / "experiment" / f"{a.split('=', 1)[1]}.yaml").read_text())
             params = (exp.get("hydra") or {}).get("sweeper", {}).get("params", {})
-            extra += [f"{k}={str(v).split(',')[-1]}" for k, v in params.items() if k not in own]
-    return argv + extra
+            grid.update({k: str(v).split(",")[-1] for k, v in params.items() if k not in own})
+    groups = {k for k in own | set(grid) if "." not in k}  # a group the command or grid selects keeps its options
+    extra = [o for o in TINY if _key(o) not in own | set(grid) and _key(o).split(".")[0] not in groups]
+    return argv + extra + [f"{k}={v}" for k, v in grid.items()]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ RUNNABLE = [c for c in readme_commands() if not any(s in c for s in NOT_RUN_OFFL
 @pytest.mark.parametrize("cmd", RUNNABLE)
 def test_readme_command_runs_verbatim(user_repo, cmd):
     """One README command (in README order: later ones use what earlier ones wrote)."""
-    if "gsm8k_local" in cmd and not SHARED_DATA.is_dir():
+    if ("gsm8k_local" in cmd or "experiment=offline_adaptive" in cmd) and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not beside the repo")
     if "<run>" in cmd:  # the README's placeholder: a run dir the first command wrote
         drafts = sorted((user_repo / "outputs").glob("*/*/draft"))

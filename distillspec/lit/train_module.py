@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from distillspec import constants as C
+from distillspec.losses.adaptive import entropy_bin_metrics, entropy_bin_sums
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
 from distillspec.losses.sparse import sparse_divergence_loss, student_buckets, teacher_buckets
 from distillspec.rollout.sources import Rollout, RolloutSampler
@@ -153,7 +154,8 @@ class DistillModule(L.LightningModule):
         normalizer = max(float(total) / self.trainer.world_size, 1.0)
         self.student.train()
         obj = self.objective
-        sums = torch.zeros(5, device=self.device)  # loss, divergence, entropy, overlap, gate accepted
+        sums = torch.zeros(6, device=self.device)  # loss, divergence, entropy, overlap, gate accepted, block weight
+        bin_sums = 0  # per teacher-entropy bin: counts, divergence sums; beta sum; tokens (entropy_bin_sums)
         for r in rollouts:
             mask = r.completion_mask()
             if isinstance(r, SparseRollout):  # cached teacher: the student alone runs this step
@@ -178,10 +180,16 @@ class DistillModule(L.LightningModule):
                                    num_candidates=g.num_candidates, beta=g.beta, generator=gen)
                 weights = gate.weights
                 sums[4] += (gate.accepted & mask).sum()
+            aux: dict = {}
             loss, per_tok = divergence_loss(s_logits, t_logits, mask, obj.divergence, weights=weights,
                                             temperature=obj.temperature, beta=obj.beta, alpha=obj.alpha,
-                                            chunk_size=obj.chunk_size, normalizer=normalizer)
+                                            chunk_size=obj.chunk_size, normalizer=normalizer,
+                                            schedule=obj.adaptive, block_weighting=obj.block_weighting,
+                                            block_gamma=obj.block_gamma, aux=aux)
             self.manual_backward(loss)
+            bin_sums = bin_sums + entropy_bin_sums(per_tok, aux["entropy"], mask, aux.get("beta"))
+            if "block_weight" in aux:
+                sums[5] += aux["block_weight"][mask].sum()
             ent, ov, _ = token_stats(s_logits.detach(), t_logits, mask)
             sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
         check_finite_step(sums[0], self.student.parameters(), step, self.trainer.strategy)
@@ -199,6 +207,10 @@ class DistillModule(L.LightningModule):
                  C.TRAIN_LR: torch.tensor(sched.get_last_lr()[0])}
         if obj.gate is not None:
             stats[C.TRAIN_TAR] = sums[4] / n
+        if obj.block_weighting != "none":
+            stats[C.TRAIN_BLOCK_WEIGHT_MEAN] = sums[5] / n
+        stats.update(entropy_bin_metrics(self.trainer.strategy.reduce(bin_sums, reduce_op="sum"),
+                                         with_beta=obj.divergence == "adaptive"))
         self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", float(stats[C.TRAIN_LOSS]), prog_bar=True, on_step=True, batch_size=1, logger=False)
         done = self.global_step  # incremented by opt.step()

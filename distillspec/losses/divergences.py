@@ -9,6 +9,12 @@ log-space (log_softmax) in float32 (float64 when an input is float64, so gradche
     tvd   0.5 sum_v |P - Q|
     skl   KL(P || alpha P + (1-alpha) Q)         (alpha in [0, 1); alpha = 0 is fkl)
     srkl  KL(Q || alpha Q + (1-alpha) P)         (alpha = 0 is rkl)
+    adaptive  per-token beta_t = schedule(H_t) from the teacher's entropy (distillspec.losses.adaptive), in one
+          of three forms (`form`):
+          njsd  normalised JSD: jsd(beta_t) / (beta_t (1 - beta_t)) = KL(P || M)/(1-beta) + KL(Q || M)/beta;
+                its limits are exact endpoints: beta_t = 0 gives fkl, beta_t = 1 gives rkl (default)
+          jsd   jsd(beta_t) itself (0 at beta_t in {0, 1}); a constant schedule reproduces jsd(beta)
+          mix   (1 - beta_t) fkl + beta_t rkl
 
 No temperature**2 factor is applied: temperature=2 is exactly the same as passing logits / 2.
 
@@ -40,12 +46,16 @@ from torch.autograd.function import once_differentiable
 
 from distillspec.errors import ConfigError, check_choice, check_range
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "adaptive")
+ADAPTIVE_FORMS = ("njsd", "jsd", "mix")
+
+BETA_EPS = 1e-6
+"""njsd evaluates its JSD formula at beta clamped to [BETA_EPS, 1 - BETA_EPS]; beta exactly 0 / 1 use fkl / rkl."""
 
 LOG_ZERO = -1000.0
 """Finite stand-in for log(0) (see the module docstring)."""
 
-__all__ = ["DIVERGENCES", "LOG_ZERO", "divergence_loss", "entropy", "overlap", "per_row_divergence"]
+__all__ = ["ADAPTIVE_FORMS", "DIVERGENCES", "LOG_ZERO", "divergence_loss", "entropy", "overlap", "per_row_divergence"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -72,14 +82,54 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
+def per_token_jsd(lp: Tensor, lq: Tensor, beta: Tensor, form: str = "njsd") -> Tensor:
+    """Generalised JSD family with a per-row beta. lp, lq: (N, V) finite log-probs; beta: (N,) in [0, 1].
+
+    Returns (N,): form "jsd" = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q; "njsd" = that divided
+    by beta (1-beta), i.e. KL(P||M)/(1-beta) + KL(Q||M)/beta, which is exactly fkl at beta = 0 and rkl at
+    beta = 1 (its limits); "mix" = (1-beta) fkl + beta rkl. beta is a constant (no gradient flows into it).
+
+    Numerics of njsd near the endpoints: KL(Q||M) is O(beta^2) as beta -> 0, so computing log M and then
+    subtracting log Q (errors ~eps |log Q|) and dividing by beta would blow float32 rounding up by 1/beta.
+    Instead log(M/Q) = logaddexp(log(1-beta), log(beta) + log P - log Q) and log(M/P) symmetrically are formed
+    directly from the log-ratio, so their error is relative to their own (small) size; since sum P = sum Q
+    = sum M, njsd = -sum_v [P log(M/P) / (1-beta) + Q log(M/Q) / beta]. Inside that formula beta is clamped
+    to [BETA_EPS, 1 - BETA_EPS]; rows with beta exactly 0 or 1 take fkl / rkl (torch.where, finite both ways).
+    """
+    beta = beta.detach().to(lp.dtype)
+    if form == "mix":
+        return (1.0 - beta) * _kl(lp, lq) + beta * _kl(lq, lp)
+    b = beta.clamp(BETA_EPS, 1.0 - BETA_EPS)
+    lb, lb1 = b.log().unsqueeze(-1), torch.log1p(-b).unsqueeze(-1)
+    d = lp - lq
+    log_m_q = torch.logaddexp(lb1, lb + d)   # log(M / Q)
+    log_m_p = torch.logaddexp(lb, lb1 - d)   # log(M / P)
+    kl_pm = -(lp.exp() * log_m_p).sum(-1)    # KL(P || M)
+    kl_qm = -(lq.exp() * log_m_q).sum(-1)    # KL(Q || M)
+    if form == "jsd":
+        return torch.where((beta > 0) & (beta < 1), b * kl_pm + (1.0 - b) * kl_qm, torch.zeros_like(kl_pm))
+    out = kl_pm / (1.0 - b) + kl_qm / b
+    if bool((beta == 0).any()):
+        out = torch.where(beta == 0, _kl(lp, lq), out)
+    if bool((beta == 1).any()):
+        out = torch.where(beta == 1, _kl(lq, lp), out)
+    return out
+
+
 def per_row_divergence(student: Tensor, teacher: Tensor, name: str, temperature: float = 1.0,
-                       beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+                       beta: float | Tensor = 0.5, alpha: float = 0.1, form: str = "njsd") -> Tensor:
     """student, teacher: (N, V) logits already in the compute dtype -> (N,) divergence per row.
 
-    Differentiable w.r.t. `student` (and `teacher`, which callers pass detached). No validation here.
+    beta: a float, or for "adaptive" an (N,) tensor of per-row betas (a float is broadcast). form: the
+    adaptive form (ADAPTIVE_FORMS). Differentiable w.r.t. `student` (and `teacher`, which callers pass
+    detached). No validation here.
     """
     lq = _log_probs(student, temperature)
     lp = _log_probs(teacher, temperature)
+    if name == "adaptive":
+        if not isinstance(beta, Tensor):
+            beta = torch.full(lq.shape[:-1], float(beta), dtype=lq.dtype, device=lq.device)
+        return per_token_jsd(lp, lq, beta, form)
     if name == "fkl":
         return _kl(lp, lq)
     if name == "rkl":
@@ -101,37 +151,40 @@ class _ChunkedDivergence(torch.autograd.Function):
 
     Rows are gathered with advanced indexing (on CPU, index_select over long rows is ~30x slower).
 
-    forward(student (R, V), teacher (R, V), rows (N,) long, cfg) -> (N,) in the compute dtype, where
-    cfg = (name, temperature, beta, alpha, chunk_size, compute_dtype). Gradient only w.r.t. student.
+    forward(student (R, V), teacher (R, V), rows (N,) long, betas (N,) or None, cfg) -> (N,) in the compute
+    dtype, where cfg = (name, temperature, beta, alpha, chunk_size, compute_dtype, form); betas (per selected
+    row, for "adaptive") replace the scalar beta. Gradient only w.r.t. student.
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor, cfg: tuple) -> Tensor:
-        name, temperature, beta, alpha, chunk, cd = cfg
+    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor, betas: Tensor | None, cfg: tuple) -> Tensor:
+        name, temperature, beta, alpha, chunk, cd, form = cfg
         out = torch.empty(rows.numel(), dtype=cd, device=student.device)
         for i in range(0, rows.numel(), chunk):
             idx = rows[i:i + chunk]
+            b = beta if betas is None else betas[i:i + chunk]
             out[i:i + chunk] = per_row_divergence(student[idx].to(cd), teacher[idx].to(cd),
-                                                  name, temperature, beta, alpha)
-        ctx.save_for_backward(student, teacher, rows)  # references to the inputs, no copies
+                                                  name, temperature, b, alpha, form)
+        ctx.save_for_backward(student, teacher, rows, betas)  # references to the inputs, no copies
         ctx.cfg = cfg
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        student, teacher, rows = ctx.saved_tensors
-        name, temperature, beta, alpha, chunk, cd = ctx.cfg
+        student, teacher, rows, betas = ctx.saved_tensors
+        name, temperature, beta, alpha, chunk, cd, form = ctx.cfg
         grad = torch.zeros_like(student)
         with torch.enable_grad():
             for i in range(0, rows.numel(), chunk):
                 idx = rows[i:i + chunk]
+                b = beta if betas is None else betas[i:i + chunk]
                 x = student[idx].detach().to(cd).requires_grad_(True)
-                val = per_row_divergence(x, teacher[idx].to(cd), name, temperature, beta, alpha)
+                val = per_row_divergence(x, teacher[idx].to(cd), name, temperature, b, alpha, form)
                 (g,) = torch.autograd.grad(val, x, grad_out[i:i + chunk].to(cd))
                 grad.index_copy_(0, idx, g.to(grad.dtype))
                 del x, val, g
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -146,7 +199,8 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
 def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, name: str, *,
                     weights: Tensor | None = None, temperature: float = 1.0, beta: float = 0.5,
                     alpha: float = 0.1, chunk_size: int | None = None,
-                    normalizer: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    normalizer: float | Tensor | None = None, schedule=None, block_weighting: str = "none",
+                    block_gamma: int = 5, aux: dict | None = None) -> tuple[Tensor, Tensor]:
     """Masked, optionally weighted token-level divergence between teacher and student.
 
     Args:
@@ -159,6 +213,12 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
         beta: jsd mixture weight, in (0, 1). alpha: skl / srkl skew, in [0, 1).
         chunk_size: None for plain autograd; an int C >= 1 for the memory-bounded chunked path.
         normalizer: divisor of the weighted sum; defaults to mask.sum() clamped to >= 1.
+        schedule: for "adaptive", a losses.adaptive.BetaSchedule (None = its defaults): beta_t from the
+            teacher's entropy at `temperature`, and the form (njsd / jsd / mix).
+        block_weighting: "none", "block" or "block_avg": multiply the weights by the detached probability of
+            reaching each position in a `block_gamma`-token SD block (losses.adaptive.reach_weights).
+        aux: optional dict, filled with detached (B, T) tensors (0 where mask is False): "entropy" (teacher
+            entropy at `temperature`, nats), "beta" (adaptive only), "block_weight" (block weighting only).
 
     Returns:
         (loss, per_token): loss is a scalar = sum over mask of weights * per_token, / normalizer;
@@ -179,6 +239,11 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
         check_range("alpha", alpha, lo=0.0, hi=1.0, hi_open=True)
     if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size!r} is invalid; valid: >= 1 or None")
+    from distillspec.losses import adaptive as A
+
+    check_choice("div.block_weighting", block_weighting, A.BLOCK_WEIGHTINGS)
+    if name == "adaptive" and schedule is None:
+        schedule = A.BetaSchedule()
 
     vocab = student_logits.shape[-1]
     cd = _compute_dtype(student_logits, teacher_logits)
@@ -186,18 +251,34 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
     rows = mask.reshape(-1).nonzero().squeeze(1)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
+    ent = betas = None
+    if name == "adaptive" or aux is not None:
+        ent = A.row_entropy(teacher, rows, float(temperature), chunk_size or A.ROW_CHUNK, cd)
+    if name == "adaptive":
+        betas = schedule(ent).to(cd)
+    form = schedule.form if name == "adaptive" else "njsd"
     if chunk_size is None:
-        if rows.numel() < student.shape[0]:  # gather the masked rows (a full mask needs no copy)
-            student, teacher = student[rows], teacher[rows]
-        per_rows = per_row_divergence(student.to(cd), teacher.to(cd), name, float(temperature), float(beta),
-                                      float(alpha))
+        s_rows, t_rows = (student[rows], teacher[rows]) if rows.numel() < student.shape[0] else (student, teacher)
+        per_rows = per_row_divergence(s_rows.to(cd), t_rows.to(cd), name, float(temperature),
+                                      float(beta) if betas is None else betas, float(alpha), form)
     else:
-        cfg = (name, float(temperature), float(beta), float(alpha), int(chunk_size), cd)
-        per_rows = _ChunkedDivergence.apply(student, teacher, rows, cfg)
+        cfg = (name, float(temperature), float(beta), float(alpha), int(chunk_size), cd, form)
+        per_rows = _ChunkedDivergence.apply(student, teacher, rows, betas, cfg)
 
-    weighted = per_rows
-    if weights is not None:
-        weighted = per_rows * weights.detach().reshape(-1)[rows].to(cd)
+    w_rows = None if weights is None else weights.detach().reshape(-1)[rows].to(cd)
+    if block_weighting != "none":
+        reach = A.reach_weights(student_logits.detach(), teacher_logits.detach(), mask, block_gamma,
+                                block_weighting, float(temperature), chunk_size or A.ROW_CHUNK)
+        r_rows = reach.reshape(-1)[rows].to(cd)
+        w_rows = r_rows if w_rows is None else w_rows * r_rows
+    weighted = per_rows if w_rows is None else per_rows * w_rows
+    if aux is not None:
+        scatter = lambda x: x.new_zeros(mask.numel()).index_copy(0, rows, x.detach()).view(mask.shape)  # noqa: E731
+        aux["entropy"] = scatter(ent)
+        if betas is not None:
+            aux["beta"] = scatter(betas)
+        if block_weighting != "none":
+            aux["block_weight"] = scatter(r_rows)
     if normalizer is None:
         normalizer = mask.sum().clamp_min(1).to(cd)
     loss = weighted.sum() / normalizer
