@@ -52,7 +52,7 @@ def test_stage_eval_of_trained_draft(tmp_path):
     assert C.ALPHA_TOK in out["metrics"]
 
 
-@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "speckd"])
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "speckd", "adaptive"])
 def test_every_divergence_trains(tmp_path, div):
     out = run_cfg(TINY + [f"div={div}", "stage=train", "train.max_steps=1"], tmp_path)
     assert out["train"]["steps"] == 1

@@ -136,8 +136,11 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Teacher work that does not change between steps (teacher/fixed data) is done once, here.
-        Not with a SpecKD gate, which needs the teacher's dense distributions."""
-        if self.objective.gate is None and self.sampler.cached_sources() and not self.sampler.caches:
+        Not for objectives that need the teacher's dense distributions: a SpecKD gate, the adaptive divergence
+        (per-token teacher entropy), block-aware weighting (per-position 1 - TV)."""
+        obj = self.objective
+        dense = obj.gate is not None or obj.divergence == "adaptive" or obj.block_weighting != "none"
+        if not dense and self.sampler.cached_sources() and not self.sampler.caches:
             self.sampler.build_caches(self.items, self.device, self.seed, self.objective.temperature,
                                       progress=self.trainer.global_rank == 0)
 
