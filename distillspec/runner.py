@@ -158,7 +158,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     before = None
     if cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items:
         # one timed round: the untrained draft's speed is context, the distilled draft's is the result
-        before = evaluate_plain(models, tokenizer, task, eval_items, dataclasses.replace(sd, speed_repeats=1),
+        before = evaluate_plain(models, tokenizer, task, eval_items,
+                                dataclasses.replace(sd, speed_repeats=1, draft_quality=False),
                                 eval_tokens, cfg.seed, device)
         out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
                          "per_example": before.per_example}
