@@ -173,7 +173,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
                               objective=objective, rollout=rollout, train=train, sd=sd,
                               trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
-                              seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens)
+                              seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
+                              initial_eval=before.metrics if before is not None and train.eval_num >= len(eval_items)
+                              else None)
         out["train"] = summary
         if not summary.get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results

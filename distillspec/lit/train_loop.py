@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError
 from distillspec.specs import ObjectiveSpec, RolloutSpec, SDSpec, TrainSpec
 
@@ -34,7 +35,8 @@ def apply_lora(model, rank: int):
 
 def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequence[Any], objective: ObjectiveSpec,
                 rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
-                seed: int, resume: bool, eval_max_new_tokens: int) -> dict[str, Any]:
+                seed: int, resume: bool, eval_max_new_tokens: int,
+                initial_eval: dict[str, float] | None = None) -> dict[str, Any]:
     """Distil `models.draft` towards `models.target`; returns a summary (steps, eval history, draft dir).
 
     Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
@@ -71,6 +73,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
                            tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
                            evaluator=evaluator, eval_loader=eval_loader)
+    if initial_eval is not None and evaluator is not None:  # the untrained draft's evaluation is the step-0 point
+        module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
     trainer = trainer_factory(logger=loggers, max_steps=train.max_steps, callbacks=[checkpoint],

@@ -170,6 +170,8 @@ class DistillModule(L.LightningModule):
                 self.manual_backward(loss)
                 ent, ov = sparse_token_stats(s_logits.detach(), r, mask, obj.temperature)
                 sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+                tb = teacher_buckets(r.topk_logp, r.tail_logp)  # (B, T, k + 1): the sparse teacher's entropy
+                bin_sums = bin_sums + entropy_bin_sums(per_tok, -(tb.exp() * tb).sum(-1), mask)
                 continue
             with torch.no_grad():
                 t_logits = completion_logits(self.teacher, r)
