@@ -68,6 +68,6 @@ def test_two_job_sweep_and_report(tmp_path):
         m = json.loads(p.read_text())["metrics"]
         assert any(abs(v - m[C.ALPHA_TOK]) < 1e-9 for v in df[C.ALPHA_TOK])
     md = (sweep / REPORT_MD).read_text()
-    assert "baseline α_seq" in md and "rkl/mixed α_tok" in md
+    assert "baseline α_seq" in md and "rkl/teacher α_tok" in md
     best = df[C.ALPHA_TOK].max()
     assert f"**{100 * best:.2f}" in md  # the best α_tok is bold

@@ -27,7 +27,7 @@ def sparse(s, logp, mask, name, k, **kw):
     return sparse_divergence_loss(s, idx, vals, mask, name, **kw)
 
 
-@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("name", [d for d in DIVERGENCES if d != "adaptive"])  # adaptive: dense teacher only
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_k_equal_vocab_is_the_dense_loss(name, temperature):
     """Value and gradient equal the dense divergence when the teacher keeps every token (k = V)."""

@@ -92,7 +92,7 @@ def test_training_stops_at_first_nan_loss_and_saves_no_draft(tmp_path, monkeypat
 
     monkeypatch.setattr(tm, "divergence_loss", nan_from_second_step)
     with pytest.raises(NonFiniteError, match="step 1"):
-        run_cfg(TINY + ["stage=train", "train.max_steps=3", "train.batch_size=4"], tmp_path)
+        run_cfg(TINY + ["stage=train", "train.max_steps=3", "train.batch_size=4", "rollout=student"], tmp_path)
     assert not (tmp_path / "draft").exists()
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1

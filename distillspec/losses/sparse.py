@@ -77,6 +77,9 @@ def sparse_divergence_loss(student_logits: Tensor, topk_idx: Tensor, topk_logp: 
     tail_logp (B, T) optional teacher log-mass outside the top-k (see teacher_buckets).
     Returns (loss scalar = sum(w * D_k over masked) / normalizer, per_token (B, T) with zeros off-mask).
     """
+    if name == "adaptive":
+        raise ValueError("the adaptive divergence needs the dense teacher (its per-token entropy); "
+                         "the teacher cache is not used with it")
     if student_logits.shape[:-1] != topk_idx.shape[:-1] or topk_idx.shape != topk_logp.shape:
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, topk_idx "
                          f"{tuple(topk_idx.shape)}, topk_logp {tuple(topk_logp.shape)}")
