@@ -96,7 +96,7 @@ def alpha():
 hist = [(0, round(alpha(), 4))]
 params = [p for p in draft.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / max(a.steps, 1))))
 tt = time.time(); ttrain = 0.0
 for step in range(a.steps):
     perm = torch.randperm(len(cache), generator=torch.Generator().manual_seed(step // max(1, len(cache) // a.batch)))
