@@ -194,6 +194,7 @@ class RolloutSpec:
     skd_gamma: int = 5
     cache_top_k: int = 64  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
     cache_batch_size: int = 16
+    cache_store: bool = True  # keep that teacher data on disk (distillspec cache dir) for identical jobs to reuse
 
     def __post_init__(self) -> None:
         check_field_types(self, "rollout")

@@ -94,3 +94,70 @@ def test_sampler_serves_cached_sources_and_samples_the_rest(pair):
     assert seen == {("student", False), ("teacher", True)}
     off = RolloutSampler(RolloutSpec(source="teacher", cache_top_k=0), pair.draft, pair.target, [2], 0, 7)
     assert off.cached_sources() == []
+
+
+class _NoForward(torch.nn.Module):
+    """Wraps a model's weights (same fingerprint) but fails if it is ever run."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def named_parameters(self, *a, **k):
+        return self.inner.named_parameters(*a, **k)
+
+    def named_buffers(self, *a, **k):
+        return self.inner.named_buffers(*a, **k)
+
+    def forward(self, *a, **k):
+        raise AssertionError("the teacher ran although its data was stored")
+
+
+def stored_cache(pair, store, teacher=None, seed=0, n=6):
+    c = TeacherCache(items(n), "teacher", top_k=5, temperature=1.0, sample_temperature=1.0, top_p=1.0,
+                     max_new_tokens=7, eos_ids=[2], pad_id=0)
+    c.build(teacher or pair.target, torch.device("cpu"), seed=seed, batch_size=4, progress=False, store=store)
+    return c
+
+
+def _same(a, b):
+    return all(torch.equal(getattr(a.entries[i], f), getattr(b.entries[i], f))
+               for i in a.entries for f in ("tokens", "topk_idx", "topk_logp", "tail_logp"))
+
+
+def test_stored_teacher_data_is_reused_by_an_identical_job(pair, tmp_path):
+    """A second job with the same inputs loads the first one's teacher data (the teacher never runs) and gets
+    exactly the entries a fresh build gives; a different seed or prompt set gets its own entry."""
+    first = stored_cache(pair, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    again = stored_cache(pair, tmp_path, teacher=_NoForward(pair.target))
+    assert _same(first, again) and _same(first, cache(pair, "teacher", 5))
+    stored_cache(pair, tmp_path, seed=1)
+    stored_cache(pair, tmp_path, n=5)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no temp files left
+
+
+def test_changed_teacher_weights_change_the_key(pair, tmp_path):
+    from distillspec.rollout.cache_store import model_fingerprint
+
+    before = model_fingerprint(pair.target)
+    p = next(pair.target.parameters())
+    with torch.no_grad():
+        p[0, 0] += 1e-3
+    try:
+        assert model_fingerprint(pair.target) != before
+    finally:
+        with torch.no_grad():
+            p[0, 0] -= 1e-3
+
+
+def test_damaged_store_entry_is_rebuilt(pair, tmp_path, caplog):
+    first = stored_cache(pair, tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    with caplog.at_level("WARNING"):
+        rebuilt = stored_cache(pair, tmp_path)
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    assert _same(first, rebuilt)
+    assert stored_cache(pair, tmp_path, teacher=_NoForward(pair.target)).entries  # stored again, loads

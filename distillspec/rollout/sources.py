@@ -90,6 +90,7 @@ class RolloutSampler:
 
     def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True) -> None:
         """Precompute the teacher's completions and top-k log-probs (at loss `temperature`) for `items`."""
+        from distillspec.rollout.cache_store import default_store_dir
         from distillspec.rollout.teacher_cache import TeacherCache
 
         for k, source in enumerate(self.cached_sources()):
@@ -99,7 +100,9 @@ class RolloutSampler:
             cache = TeacherCache(items, source, top_k=self.spec.cache_top_k, temperature=temperature,
                                  sample_temperature=self.spec.temperature, top_p=self.spec.top_p,
                                  max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
-            cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress)
+            store = default_store_dir() if self.spec.cache_store else None
+            cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress,
+                        store=store)
             self.caches[source] = cache
 
     def choose_source(self, generator: torch.Generator) -> str:

@@ -13,12 +13,16 @@ resumed run rebuilds exactly the cache it had.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from distillspec.rollout.sources import Rollout, assemble, fixed_completions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,9 +85,36 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def settings(self, seed: int, batch_size: int) -> dict:
+        """Everything besides the prompts and the teacher that the cache's contents depend on."""
+        return {"source": self.source, "top_k": self.top_k, "temperature": self.temperature,
+                "sample_temperature": self.sample_temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "eos_ids": list(self.eos_ids), "pad_id": self.pad_id,
+                "seed": int(seed), "batch_size": int(batch_size)}
+
     @torch.no_grad()
-    def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True) -> None:
-        """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator)."""
+    def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True,
+              store: Path | None = None) -> None:
+        """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator).
+        With `store` (a directory), load the entries a job with identical inputs stored there, or compute and
+        store them (distillspec.rollout.cache_store)."""
+        from distillspec.rollout import cache_store
+
+        path = None
+        if store is not None:
+            key = cache_store.cache_key(self.settings(seed, batch_size), self.items,
+                                        cache_store.model_fingerprint(teacher), device)
+            path = Path(store) / f"{key}.pt"
+            stored = cache_store.load(path)
+            if stored is not None and set(stored) == set(range(len(self.items))):
+                self.entries = {i: CachedCompletion(**e) for i, e in stored.items()}
+                log.info("teacher data (%s, %d prompts) loaded from %s", self.source, len(self.items), path)
+                return
+        self._compute(teacher, device, seed, batch_size, progress)
+        if path is not None:
+            cache_store.save(path, {i: vars(e) for i, e in self.entries.items()})
+
+    def _compute(self, teacher, device: torch.device, seed: int, batch_size: int, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         from distillspec.lit.data import left_pad

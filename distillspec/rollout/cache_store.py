@@ -1,0 +1,94 @@
+"""On-disk store for teacher caches, so jobs that share their teacher data build it once.
+
+A sweep over divergences (`-m div=fkl,rkl,jsd`) gives every job the same prompts, teacher, sampling settings
+and seed, hence the same TeacherCache (it is a pure function of those, see teacher_cache.py). The first job
+writes it under `<store>/<key>.pt`; the others load it. The key hashes everything the cache depends on: the
+settings, every prompt's token ids (and dataset outputs), the teacher's weights (a per-tensor checksum), the
+device type and the store format. Files are written to a temp file in the same directory and renamed, so a
+killed job leaves no partial entry; an unreadable entry is reported and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when TeacherCache's contents or their computation change
+STORE_DIRNAME = "teacher_data"
+STALE_TMP_S = 6 * 3600
+
+
+def default_store_dir() -> Path:
+    """`<distillspec cache root>/teacher_data` (`$DISTILLSPEC_CACHE` or `~/.cache/distillspec`)."""
+    from distillspec.models.offline import cache_root
+
+    return cache_root() / STORE_DIRNAME
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A checksum of a model's weights: each tensor's name, shape, dtype, sum and sum of squares (float64)."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        x = t.detach()
+        stats = torch.stack([x.double().sum(), x.double().square().sum()]).cpu().tolist() if x.numel() else []
+        h.update(f"{name}|{tuple(x.shape)}|{x.dtype}|{stats!r};".encode())
+    return h.hexdigest()
+
+
+def cache_key(settings: dict, items: Sequence, teacher_fingerprint: str, device: torch.device) -> str:
+    """sha256 over the cache's settings, the prompts' ids (and dataset outputs), teacher weights and device."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "device": torch.device(device).type, "teacher": teacher_fingerprint,
+                         **settings}, sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([list(it.input_ids), None if it.target_ids is None else list(it.target_ids)]).encode())
+    return h.hexdigest()[:32]
+
+
+def load(path: Path) -> dict | None:
+    """The stored entries {item index: {tokens, topk_idx, topk_logp, tail_logp}}, or None when the file is
+    missing; a damaged file is reported, removed and treated as missing."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"unexpected contents (format {data.get('format') if isinstance(data, dict) else '?'})")
+        return data["entries"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+        log.warning("teacher data store entry %s is unreadable (%s); rebuilding it", path, err)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def save(path: Path, entries: dict) -> None:
+    """Write entries atomically (temp file in the same directory, fsync, rename); an unwritable store is
+    reported and skipped (the run goes on with its in-memory cache)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(".*.tmp-*"):  # left by killed writers (a live writer's is minutes old)
+            if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save({"format": FORMAT, "entries": entries}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:
+        log.warning("could not store teacher data at %s (%s); continuing without the store", path, err)
