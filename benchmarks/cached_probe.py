@@ -1,7 +1,7 @@
 """Recipe probe on cached teacher data: alpha_expected (mean 1 - TV on held-out teacher samples) of a draft made
 of chosen target layers, trained with a sparse top-k teacher on teacher samples computed once per prompt.
 
-    python benchmarks/cached_probe.py [--layers 0,1,2,3] [--T 1.0] [--steps 100] [--batch 8] [--ntrain 128] [--k 64]
+    python benchmarks/cached_probe.py [--layers 0,1,2,3] [--T 1.0] [--loss-T 1.0] [--steps 100] [--batch 8] [--ntrain 128] [--k 64]
 
 Plain torch (no Lightning): the library's decoding loop, rollout assembly, completion logits and sparse loss.
 Teacher data is saved under /tmp/probe_data_* and reused by later runs with the same sizes and temperature.
@@ -30,6 +30,7 @@ ap.add_argument("--ntrain", type=int, default=128)
 ap.add_argument("--k", type=int, default=64)
 ap.add_argument("--div", default="fkl")
 ap.add_argument("--T", type=float, default=1.0)
+ap.add_argument("--loss-T", type=float, default=1.0)  # temperature both distributions are taken at in the loss
 ap.add_argument("--tokens", type=int, default=48)
 ap.add_argument("--every", type=int, default=25)
 ap.add_argument("--neval", type=int, default=16)
@@ -80,7 +81,7 @@ else:
 # sparse cache of train
 cache = []
 for r, tl in trd:
-    lp = torch.log_softmax(tl.float(), -1)
+    lp = torch.log_softmax(tl.float() / a.loss_T, -1)
     v, i = lp.topk(a.k, -1)
     for j in range(r.input_ids.shape[0]):
         cache.append((r, j, i[j], v[j]))
@@ -117,7 +118,8 @@ for step in range(a.steps):
     s0 = time.time()
     draft.train()
     sl = completion_logits(draft, rr)
-    loss, _ = sparse_divergence_loss(sl, ti, tv, rr.completion_mask(), a.div, chunk_size=None)
+    loss, _ = sparse_divergence_loss(sl, ti, tv, rr.completion_mask(), a.div, temperature=a.loss_T,
+                                     chunk_size=None)
     loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(); sched.step()
     ttrain += time.time() - s0
     if (step + 1) % a.every == 0:

@@ -170,12 +170,14 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     if training:
         from distillspec.lit.train_loop import train_draft
 
+        # the curve's prompts are all the eval prompts: the evaluations before and after training are its ends
+        covers_eval = bool(eval_items) and train.eval_num >= len(eval_items)
         summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
                               objective=objective, rollout=rollout, train=train, sd=sd,
                               trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
                               seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
-                              initial_eval=before.metrics if before is not None and train.eval_num >= len(eval_items)
-                              else None)
+                              initial_eval=before.metrics if before is not None and covers_eval else None,
+                              final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval)
         out["train"] = summary
         if not summary.get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
@@ -185,6 +187,12 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
                           trainer_factory)
         out["metrics"] = report.metrics
+        history = (out.get("train") or {}).get("eval_history")
+        if history is not None and train.eval_every and covers_eval and train.max_steps % train.eval_every == 0:
+            point = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
+            history.append({"step": out["train"]["steps"], **point})  # the last curve point (skipped in training)
+            for lg in loggers:
+                lg.log_metrics(point, step=out["train"]["steps"])
         out["entropy_bins"] = report.entropy_bins
         out["examples"] = report.examples
         write_json_atomic(run_dir / "per_example.json", report.per_example)

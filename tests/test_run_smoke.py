@@ -43,6 +43,20 @@ def test_train_eval_writes_metrics(tmp_path):
     assert (tmp_path / "before_after.png").stat().st_size > 10_000
 
 
+def test_curve_ends_are_the_before_and_after_evaluations(tmp_path, caplog):
+    """When the curve's prompts are all the eval prompts, the untrained and final evaluations are its first and
+    last points: neither is measured twice."""
+    with caplog.at_level("INFO", logger="distillspec"):
+        run_cfg(TINY + ["train.eval_every=1", "train.eval_num=4"], tmp_path)  # sd.num_eval=4
+    saved = json.loads((tmp_path / C.METRICS_FILE).read_text())
+    curve = saved["train"]["eval_history"]
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    for point, source in ((curve[0], saved["before"]["metrics"]), (curve[-1], saved["metrics"])):
+        assert {k: point[C.VAL_PREFIX + k] for k in source} == pytest.approx(source)
+    periodic = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m.split(":")[0] for m in periodic] == ["step 1"]  # the only evaluation made during training
+
+
 def test_stage_eval_of_trained_draft(tmp_path):
     run_cfg(TINY + ["stage=train"], tmp_path / "train")
     saved = json.loads((tmp_path / "train" / C.METRICS_FILE).read_text())

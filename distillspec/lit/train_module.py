@@ -68,19 +68,20 @@ class DistillModule(L.LightningModule):
         student, teacher: HF causal LMs sharing a vocabulary. items: encoded training prompts (`.input_ids`,
         `.target_ids`). objective/rollout/train: specs. eos_ids, pad_id: token ids. max_new_tokens: rollout
         length. seed: base seed. evaluator: optional SDEvaluator-like object with `.run(loader, device)` for the
-        periodic acceptance curve, and eval_loader its prompts.
+        periodic acceptance curve, and eval_loader its prompts. skip_eval_at: a step whose periodic evaluation
+        is left out (the last step when the caller's final evaluation measures the same prompts).
     """
 
     def __init__(self, student, teacher, items: Sequence[Any], objective: ObjectiveSpec, rollout: RolloutSpec,
                  train: TrainSpec, eos_ids: list[int], pad_id: int, max_new_tokens: int, seed: int = 0,
-                 evaluator=None, eval_loader=None) -> None:
+                 evaluator=None, eval_loader=None, skip_eval_at: int | None = None) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher
         self.teacher.eval().requires_grad_(False)
         self.items, self.objective, self.train_spec = items, objective, train
         self.sampler = RolloutSampler(rollout, student, teacher, eos_ids, pad_id, max_new_tokens)
         self.pad_id, self.seed = pad_id, seed
-        self.evaluator, self.eval_loader = evaluator, eval_loader
+        self.evaluator, self.eval_loader, self.skip_eval_at = evaluator, eval_loader, skip_eval_at
         self.eval_history: list[dict[str, float]] = []
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the student only
@@ -219,7 +220,8 @@ class DistillModule(L.LightningModule):
         self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", float(stats[C.TRAIN_LOSS]), prog_bar=True, on_step=True, batch_size=1, logger=False)
         done = self.global_step  # incremented by opt.step()
-        if self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0:
+        if (self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0
+                and done != self.skip_eval_at):
             self.periodic_eval(done)
 
     def periodic_eval(self, step: int) -> None:
