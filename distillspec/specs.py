@@ -74,7 +74,7 @@ class SDSpec:
     lenience: str = "none"
     epsilon: float = 1.0
     num_eval: int = 16
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int | None = None
     measure_speedup: bool = True
     compute_quality: bool = True
@@ -82,7 +82,7 @@ class SDSpec:
     entropy_min_count: int = 5
     entropy_bin_max: float = ENTROPY_BIN_HI
     num_examples_logged: int = 8
-    speed_repeats: int = 3
+    speed_repeats: int = 2
     speed_warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class RolloutSpec:
     skd_top_k: int = 25
     skd_gamma: int = 5
     cache_top_k: int = 64  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
-    cache_batch_size: int = 16
+    cache_batch_size: int = 48  # prompts per teacher decoding batch (48 was 1.5x faster than 16 on 2 CPU cores)
     cache_store: bool = True  # keep that teacher data on disk (distillspec cache dir) for identical jobs to reuse
 
     def __post_init__(self) -> None:

@@ -107,7 +107,7 @@ def _speedup_with_cold_start(tiny, spec, baseline_first):
 
 
 def test_speedup_is_order_independent(tiny, one_thread):
-    spec = SDSpec(gamma=3, temperature=0.0, compute_quality=False)  # defaults: warm-up, 3 alternating rounds
+    spec = SDSpec(gamma=3, temperature=0.0, compute_quality=False, speed_repeats=3)  # warm-up, 3 alternating rounds
     a = _speedup_with_cold_start(tiny, spec, baseline_first=False)
     b = _speedup_with_cold_start(tiny, spec, baseline_first=True)
     assert a[C.SPEED_ROUNDS] == b[C.SPEED_ROUNDS] == 3
