@@ -19,10 +19,7 @@ from distillspec.sd.metrics import RATIO_PARTS, bootstrap_ci
 
 TABLE_FILE = "before_after.md"
 PLOT_FILE = "before_after.png"
-LABELS = {C.ALPHA_EXPECTED: "α_expected (1 − TV)", C.ALPHA_TOK: "α_tok", C.ALPHA_SEQ: "α_seq",
-          C.BLOCK_EFFICIENCY: "τ (block efficiency)", C.SPEEDUP: "speedup, measured",
-          C.SPEEDUP_PREDICTED: "speedup, predicted τ/(cγ+1)", C.SPEEDUP_PREDICTED_V: "speedup, predicted τ/(c·vγ+v)",
-          C.VERIFY_COST_RATIO: "verify-cost ratio v", C.COST_RATIO: "draft/target cost ratio c", C.GAMMA: "γ"}
+LABELS = C.LABELS
 
 
 def _cell(metrics: dict[str, float], per_example: Sequence[dict[str, Any]], key: str) -> str:
@@ -64,6 +61,8 @@ def before_after_plot(history: Sequence[dict[str, float]], before_bins: Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from distillspec.report_plots import integer_axis, log_entropy_axis, save
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, style in ((C.ALPHA_EXPECTED, "o-"), (C.ALPHA_TOK, "s--")):
         pts = [(h["step"], h[C.VAL_PREFIX + key]) for h in history if C.VAL_PREFIX + key in h]
@@ -71,15 +70,17 @@ def before_after_plot(history: Sequence[dict[str, float]], before_bins: Sequence
             ax1.plot(*zip(*pts), style, label=LABELS[key])
     ax1.set(xlabel="training step", ylabel="acceptance", title="Acceptance over training (periodic SD eval)",
             ylim=(0, 1))
+    integer_axis(ax1, [h["step"] for h in history] if len(history) <= 12 else None)
     ax1.legend(loc="upper left")
+    all_mids = []
     for bins, label, style in ((before_bins, "untrained draft", "o--"), (after_bins, "distilled draft", "o-")):
         if bins:
             mids = [math.sqrt(max(b["bin_lo"], 1e-5) * min(b["bin_hi"], 1e2)) for b in bins]
             ax2.plot(mids, [b["acceptance"] for b in bins], style, label=label)
-    ax2.set(xscale="log", xlabel="teacher entropy at the position (nats, log bins)", ylabel="acceptance rate",
+            all_mids += mids
+    ax2.set(xlabel="teacher entropy at the position (nats, log bins)", ylabel="acceptance rate",
             title="Acceptance by teacher entropy", ylim=(0, 1))
+    log_entropy_axis(ax2, all_mids)
     ax2.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)

@@ -36,6 +36,14 @@ ENTROPY_BINS = "sd/entropy_bins"        # table: bin edges, counts, acceptance p
 QUALITY_PREFIX = "quality/"             # + the task's metric name, e.g. quality/accuracy, quality/rouge1
 DRAFT_QUALITY_PREFIX = "draft_quality/" # the same metric on the draft's own (draft-only) generations
 
+# Display names for figures and tables (distillspec.report_plots.label adds the val/ and quality prefixes).
+LABELS = {
+    ALPHA_EXPECTED: "α_expected (1 − TV)", ALPHA_TOK: "α_tok", ALPHA_SEQ: "α_seq",
+    BLOCK_EFFICIENCY: "τ (block efficiency)", SPEEDUP: "speedup, measured",
+    SPEEDUP_PREDICTED: "speedup, predicted τ/(cγ+1)", SPEEDUP_PREDICTED_V: "speedup, predicted τ/(c·vγ+v)",
+    VERIFY_COST_RATIO: "verify-cost ratio v", COST_RATIO: "draft/target cost ratio c", GAMMA: "γ",
+}
+
 # --- distillation training ---
 TRAIN_LOSS = "train/loss"
 TRAIN_DIVERGENCE = "train/divergence"   # unweighted divergence (before gating weights)
@@ -67,3 +75,4 @@ ACCURACY = "accuracy"                   # extracted final number == reference nu
 ROUGE1 = "rouge1"                       # ROUGE F-measure (rouge-score, stemming on)
 ROUGE2 = "rouge2"
 ROUGEL = "rougeL"
+QUALITY_LABELS = {ACCURACY: "accuracy", ROUGE1: "ROUGE-1", ROUGE2: "ROUGE-2", ROUGEL: "ROUGE-L"}

@@ -17,20 +17,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from distillspec import constants as C
+from distillspec.report_plots import FIG_ENTROPY, FIG_GAMMA, FIG_QUALITY, FIG_TRAINING, plots  # noqa: F401
+from distillspec.report_plots import baseline_first as _baseline_first
+from distillspec.report_plots import loss_of as _loss
 from distillspec.sd.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
-FIG_ENTROPY = "acceptance_vs_entropy.png"
-FIG_GAMMA = "tau_speedup_vs_gamma.png"
-FIG_TRAINING = "acceptance_over_training.png"
-FIG_QUALITY = "quality_vs_acceptance.png"
 
 
 def method_label(cfg: dict[str, Any], stage: str) -> str:
@@ -162,97 +160,6 @@ def entropy_table(df: pd.DataFrame) -> str:
             lines.append(f"| [{lo:.3g}, {hi:.3g}) | " + " | ".join(cells[(lo, hi)].get(m, "–") for m in methods) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
-def plots(df: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid")
-    made = []
-    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"], task=r.get("task", ""))
-            for _, r in df.iterrows() for b in r["_entropy_bins"]]
-    if bins:
-        b = pd.DataFrame(bins)
-        b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
-        panels, hue, order = _panels(b)
-        fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4.5), sharey=True, squeeze=False)
-        for ax, (title, data) in zip(axes[0], panels):
-            sns.lineplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, ax=ax, legend=False,
-                         alpha=0.6)
-            sns.scatterplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, size="count",
-                            sizes=(20, 300), ax=ax, legend=ax is axes[0][-1])
-            ax.set(xscale="log", xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
-                   title=title or "Acceptance vs teacher entropy")
-        axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
-        made.append(_save(fig, out / FIG_ENTROPY))
-    if df["gamma"].nunique() > 1 or C.SPEEDUP in df:
-        cols = [c for c in (C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED) if c in df]
-        long = df.melt(id_vars=["method", "gamma", "temperature"], value_vars=cols, var_name="metric")
-        style = "temperature" if df["temperature"].nunique() > 1 else None  # greedy and sampled: one line each
-        g = sns.relplot(data=long, x="gamma", y="value", hue="method", style=style, col="metric", kind="line",
-                        marker="o", facet_kws={"sharey": False}, height=3.5)
-        made.append(_save(g.figure, out / FIG_GAMMA))
-    hist = [dict(h, method=r["method"], rollout=r["rollout"], task=r.get("task", "")) for _, r in df.iterrows()
-            for h in r["_eval_history"]]
-    key = C.VAL_PREFIX + C.ALPHA_TOK
-    if hist and key in pd.DataFrame(hist):
-        panels, hue, order = _panels(pd.DataFrame(hist))
-        fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4), sharey=True, squeeze=False)
-        for ax, (title, data) in zip(axes[0], panels):
-            sns.lineplot(data=data, x="step", y=key, hue=hue, hue_order=order, marker="o", ax=ax,
-                         legend=ax is axes[0][-1])
-            ax.set(ylabel="α_tok (periodic SD eval)",
-                   title=title or "Acceptance over training")
-        axes[0][-1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
-        made.append(_save(fig, out / FIG_TRAINING))
-    # the draft's own quality when measured (sd.draft_quality), else the SD outputs' (the target's when lossless)
-    quality = ([c for c in df.columns if c.startswith(C.DRAFT_QUALITY_PREFIX)]
-               or [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)])
-    if quality:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sns.scatterplot(data=df, x=C.ALPHA_TOK, y=quality[0], hue="method", style="task", s=80, ax=ax)
-        ax.set(title=f"Task quality ({quality[0]}) vs acceptance")
-        made.append(_save(fig, out / FIG_QUALITY))
-    return made
-
-
-def _panels(rows: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], str, list[str]]:
-    """Split plot rows (columns method, rollout, task) into panels: one per task (hue = method) when tasks vary,
-    else one per data source (hue = loss, baseline rows in every panel) when trained jobs' rollouts vary, else
-    one panel (hue = method). Returns (panels as (title, rows), hue, order)."""
-    trained = rows["method"] != "baseline"
-    if "task" in rows and rows["task"].nunique() > 1:
-        return ([(f"task: {t}", rows[rows["task"] == t]) for t in sorted(rows["task"].unique())], "method",
-                sorted(rows["method"].unique(), key=_baseline_first))
-    if rows.loc[trained, "rollout"].nunique() > 1:
-        rows = rows.assign(loss=_loss(rows["method"]))
-        panels = [(f"data source: {s}", pd.concat([rows[trained & (rows["rollout"] == s)], rows[~trained]]))
-                  for s in sorted(rows.loc[trained, "rollout"].unique())]
-        return panels, "loss", sorted(rows["loss"].unique(), key=_baseline_first)
-    return [("", rows)], "method", sorted(rows["method"].unique(), key=_baseline_first)
-
-
-def _loss(methods: pd.Series) -> pd.Series:
-    """The loss part of method labels (method_label: "<div>[+speckd][/<source>]")."""
-    return methods.str.split("/").str[0]
-
-
-def _baseline_first(method: str) -> tuple[bool, str]:
-    """Sort key: baseline first, then alphabetical."""
-    return method != "baseline", method
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) -> dict[str, Path]:

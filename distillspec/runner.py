@@ -251,11 +251,14 @@ def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int,
     from distillspec.evaluation import SDEvaluator
     from distillspec.lit.data import prompt_loader
     from distillspec.lit.eval_module import SDEvalModule
+    from distillspec.lit.progress import progress_callbacks, quiet_lightning
 
+    quiet_lightning()
     evaluator = SDEvaluator(models.draft, models.target, tokenizer, sd, task, items, max_new_tokens, seed)
     module = SDEvalModule(evaluator)
     trainer = trainer_factory(logger=loggers, devices=1, strategy="auto", num_nodes=1,
-                              enable_checkpointing=False, enable_model_summary=False)
+                              enable_checkpointing=False, enable_model_summary=False,
+                              callbacks=progress_callbacks(trainer_factory))
     trainer.test(module, dataloaders=prompt_loader(items, sd.batch_size, tokenizer.pad_token_id),
                  verbose=False)
     return module.report

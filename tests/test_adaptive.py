@@ -294,10 +294,11 @@ def test_report_labels_entropy_table_and_task_panels(tmp_path):
     assert lines[4] == "| [0.1, 0.316) | 25.0 (10) | 50.0 (10) |"
     assert lines[5] == "| [1, 3.16) | 12.5 (7) | 25.0 (7) |"
     assert "B, γ = 5, T = 1.0" in lines and "| [1, 3.16) | 37.5 (7) |" in lines
-    widths = {}
-    for name, data in (("two_tasks", df), ("one_task", df[df["task"] == "A"])):
+    from distillspec.report_plots import entropy_figure
+
+    for name, data, panels in (("two_tasks", df, 2), ("one_task", df[df["task"] == "A"], 1)):
         out = tmp_path / name
         out.mkdir()
         assert out / FIG_ENTROPY in plots(data, out)
-        widths[name] = matplotlib.image.imread(out / FIG_ENTROPY).shape[1]
-    assert widths["two_tasks"] > 1.5 * widths["one_task"]
+        assert matplotlib.image.imread(out / FIG_ENTROPY).shape[1] > 0
+        assert len(entropy_figure(data).axes) == panels  # one panel per task

@@ -43,13 +43,14 @@ def test_recipe_entropy_figure_has_one_panel_per_data_source(tmp_path):
     rows = [("baseline", "mixed"), ("fkl/fixed", "fixed"), ("fkl", "student"), ("rkl/teacher", "teacher")]
     df = pd.DataFrame([{"method": m, "rollout": r, "gamma": 5, "temperature": 1.0, C.ALPHA_TOK: 0.1,
                         "_entropy_bins": bins, "_eval_history": []} for m, r in rows])
-    widths = {}
-    for name, data in (("grid", df), ("single", df[df["rollout"].isin(["mixed", "student"])])):
+    from distillspec.report_plots import entropy_figure
+
+    for name, data, panels in (("grid", df, 3), ("single", df[df["rollout"].isin(["mixed", "student"])], 1)):
         out = tmp_path / name
         out.mkdir()
         assert out / FIG_ENTROPY in plots(data, out)
-        widths[name] = matplotlib.image.imread(out / FIG_ENTROPY).shape[1]
-    assert widths["grid"] > 2 * widths["single"]  # 3 data-source panels vs one panel
+        assert matplotlib.image.imread(out / FIG_ENTROPY).shape[1] > 0
+        assert len(entropy_figure(data).axes) == panels  # 3 data-source panels vs one panel
 
 
 def test_two_job_sweep_and_report(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,7 +53,10 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     from distillspec.lit.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, previous_path
     from distillspec.lit.data import IndexDataset, prompt_loader
     from distillspec.lit.loggers import trim_csv_for_resume
+    from distillspec.lit.progress import progress_callbacks, quiet_lightning
     from distillspec.lit.train_module import DistillModule, save_hf_atomic
+
+    quiet_lightning()
 
     tokenizer = models.tokenizer
     eos_ids = eos_token_ids(tokenizer, models.target)
@@ -84,7 +86,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
         module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
                                  every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
-    trainer = trainer_factory(logger=loggers, max_steps=train.max_steps, callbacks=[checkpoint],
+    trainer = trainer_factory(logger=loggers, max_steps=train.max_steps,
+                              callbacks=[checkpoint, *progress_callbacks(trainer_factory)],
                               use_distributed_sampler=False, log_every_n_steps=train.log_every,
                               num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()])
     # each rank checks for itself (no process group yet); only rank 0 moves damaged files aside
@@ -96,9 +99,6 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
             trim_csv_for_resume(run_dir / "csv" / "metrics.csv", found[1])  # steps from here on are redone
     # step ticks: each step picks its prompts from the step number (DistillModule.step_indices), not the loader
     loader = DataLoader(IndexDataset(train.max_steps), batch_size=None, shuffle=False)
-    # Intended: the frozen teacher stays in eval mode, and checkpoints hold the post-step state (resume = next step).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)
     if trainer.global_step % train.checkpoint_every:  # the final step is checkpointed too
         trainer.save_checkpoint(last)

@@ -151,8 +151,10 @@ class DistillModule(L.LightningModule):
         if step == 0 and self.evaluator is not None and not self.eval_history:
             self.periodic_eval(step)
         gen = self.step_generator(step)
+        self.show_phase("rollouts")
         rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
                     for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
+        self.show_phase("loss")
         tokens = torch.tensor(float(sum(r.num_tokens for r in rollouts)), device=self.device)
         total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         normalizer = max(float(total) / self.trainer.world_size, 1.0)
@@ -223,13 +225,21 @@ class DistillModule(L.LightningModule):
         if (self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0
                 and done != self.skip_eval_at):
             self.periodic_eval(done)
+        self.show_phase(None)
+
+    def show_phase(self, phase: str | None) -> None:
+        """Name what the step is doing in the training bar (distillspec.lit.progress.StepProgressBar)."""
+        bar = getattr(self._trainer, "progress_bar_callback", None) if self._trainer is not None else None
+        if hasattr(bar, "set_phase"):
+            bar.set_phase(phase)
 
     def periodic_eval(self, step: int) -> None:
         """Small SD evaluation of the current student (rank 0), logged as val/ + sd names at `step`."""
         if self.trainer.global_rank != 0:
             return
+        self.show_phase(f"SD eval @ step {step}")
         self.student.eval()
-        report = self.evaluator.run(self.eval_loader, self.device, progress=False, desc=f"SD eval @ {step}")
+        report = self.evaluator.run(self.eval_loader, self.device, progress=True, desc=f"SD eval @ step {step}")
         self.student.train()
         metrics = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
         self.eval_history.append({"step": step, **metrics})

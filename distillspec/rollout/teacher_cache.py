@@ -123,8 +123,9 @@ class TeacherCache:
         teacher.eval()
         gen = torch.Generator(device=device).manual_seed(seed)
         n = len(self.items)
-        for start in tqdm(range(0, n, batch_size), desc=f"teacher cache ({self.source})", disable=not progress,
-                          leave=False):
+        what = "teacher rollouts" if self.source == "teacher" else "teacher scores of dataset outputs"
+        bar = tqdm(total=n, desc=f"{what} (once, cached)", unit="prompt", disable=not progress, leave=False)
+        for start in range(0, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             ids, mask = left_pad([self.items[i].input_ids for i in idx], self.pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -138,6 +139,8 @@ class TeacherCache:
                                                    topk_idx=t_idx[row, :n_tok].to(torch.int32).cpu(),
                                                    topk_logp=t_val[row, :n_tok].float().cpu(),
                                                    tail_logp=t_tail[row, :n_tok].float().cpu())
+            bar.update(len(idx))
+        bar.close()
         teacher.train(was_training)
 
     def _sample(self, teacher, ids, mask, gen):

@@ -20,8 +20,18 @@ from distillspec.errors import ConfigError
 
 
 def _cache_kwarg(model) -> str:
-    """Name of the cache argument of `model.forward` (`cache` from transformers 5.2x, else `past_key_values`)."""
-    params = inspect.signature(model.forward).parameters
+    """Name of the cache argument of `model.forward` (`cache` from transformers 5.2x, else `past_key_values`).
+
+    Wrappers whose forward takes `**kwargs` and passes them on (a PEFT/LoRA model) are looked through to the
+    wrapped HF model, so a LoRA draft gets `cache` too (no deprecation warning from transformers).
+    """
+    base = model
+    for _ in range(4):  # PeftModel -> LoraModel -> the HF model
+        inner = base.get_base_model() if hasattr(base, "get_base_model") else getattr(base, "base_model", None)
+        if inner is None or inner is base:
+            break
+        base = inner
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
