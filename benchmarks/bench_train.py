@@ -6,7 +6,8 @@
 --source student (default): on-policy student samples (TRL lambda = 1). --source fixed: the dataset's solutions
 (TRL lambda = 0), the prompts reused for --epochs epochs; distillspec computes the teacher's top-k distributions
 once per prompt (rollout.cache_top_k, the default 64) while TRL runs the teacher every step. In fixed mode the
-clock covers the whole fit (cache building and the first step included) for both.
+clock covers the whole fit (cache building and the first step included) for both; the on-disk teacher-data
+store is off (rollout.cache_store=false), so the run builds its cache.
 
 Same pair (offline SmolLM2-135M target, its first N layers as the student), same prompts (the built-in
 arithmetic task, chat-formatted, the identical token ids in the identical per-step order), batch, max new
@@ -75,7 +76,7 @@ def run_ours(args) -> dict:
                      max_new_tokens=args.max_new_tokens, num_train=len(items))
     objective = ObjectiveSpec(divergence="fkl", chunk_size=args.chunk_size)
     module = DistillModule(pair.draft, pair.target, items, objective,
-                           RolloutSpec(source=args.source, temperature=1.0, top_p=1.0), spec, eos,
+                           RolloutSpec(source=args.source, temperature=1.0, top_p=1.0, cache_store=False), spec, eos,
                            pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
     clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
     sample = module.sampler.sample
