@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 SHORT = ["train.max_steps=40", "train.num_train=32", "train.eval_every=0", "train.checkpoint_every=40",
          "sd.num_eval=8", "sd.max_new_tokens=48", "sd.measure_speedup=false", "sd.draft_quality=false",
          "trainer=cpu"]
-# Evidence so far (not yet a seed-spread calibration of this exact shrunk run): the default recipe moved
-# alpha_expected 0.044 -> 0.512 on 16 prompts by step 50 (demo run, 2026-11-26), and cached_probe.py moved
-# it 0.06 -> 0.43 in 30 steps; a 0.15 margin is a third of the smallest gain seen.
-MARGIN = 0.15
+# Calibration (2026-11-26, this exact run with seed=1 and seed=2, current defaults: lr 1e-3, SD batch 16):
+# alpha_expected 0.051 -> 0.501 and 0.054 -> 0.486, gains 0.450 and 0.432; untrained values 0.047-0.054 over
+# all runs seen. Seed-to-seed spread of the gain ~0.02, so 0.3 sits far below the gain and far above noise.
+MARGIN = 0.3
 
 
 def test_short_distillation_raises_expected_acceptance(tmp_path):
