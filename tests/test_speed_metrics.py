@@ -64,15 +64,20 @@ def _sleep_hook(model, seconds: float, when):
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_phase_times_sum_to_total_and_prefill_is_model_time(tiny, one_thread):
+def _greedy_metrics_with_sleep(tiny, seconds, when) -> dict:
+    """Metrics of one timed greedy SD pass (gamma 3) with `seconds` added to the target calls `when` selects."""
     draft, target, tok = tiny
-    handle = _sleep_hook(target, 0.15, lambda width, prefill: prefill)  # a slow prompt prefill
+    handle = _sleep_hook(target, seconds, when)
     try:
         report, _ = _run(draft, target, tok, SDSpec(gamma=3, temperature=0.0, speed_repeats=1,
                                                     compute_quality=False))
     finally:
         handle.remove()
-    m = report.metrics
+    return report.metrics
+
+
+def test_phase_times_sum_to_total_and_prefill_is_model_time(tiny, one_thread):
+    m = _greedy_metrics_with_sleep(tiny, 0.15, lambda width, prefill: prefill)  # a slow prompt prefill
     phases = m[C.SD_TIME_PREFILL] + m[C.SD_TIME_DRAFT] + m[C.SD_TIME_TARGET] + m[C.SD_TIME_OTHER]
     assert phases == pytest.approx(m[C.SD_TIME], rel=1e-9)
     assert min(m[C.SD_TIME_PREFILL], m[C.SD_TIME_DRAFT], m[C.SD_TIME_TARGET], m[C.SD_TIME_OTHER]) >= 0
@@ -122,15 +127,8 @@ def test_speedup_is_order_independent(tiny, one_thread):
 
 
 def test_verify_cost_ratio_measured(tiny, one_thread):
-    draft, target, tok = tiny
     # every verification call (gamma + 1 = 4 positions after the prompt) costs 20 ms more than a decode step
-    handle = _sleep_hook(target, 0.02, lambda width, prefill: width == 4 and not prefill)
-    try:
-        report, _ = _run(draft, target, tok, SDSpec(gamma=3, temperature=0.0, speed_repeats=1,
-                                                    compute_quality=False))
-    finally:
-        handle.remove()
-    m = report.metrics
+    m = _greedy_metrics_with_sleep(tiny, 0.02, lambda width, prefill: width == 4 and not prefill)
     assert m[C.VERIFY_COST_RATIO] > 1.5  # (step + 20 ms) / step, a tiny-pair step being a few ms
     c, v, tau = m[C.COST_RATIO], m[C.VERIFY_COST_RATIO], m[C.BLOCK_EFFICIENCY]
     assert m[C.SPEEDUP_PREDICTED_V] == pytest.approx(tau / (c * v * 3 + v))
