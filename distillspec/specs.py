@@ -17,6 +17,7 @@ from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
 GATE_MODES = ("greedy", "sampled", "ratio")
+TEACHER_LOGITS = ("sparse", "dense")
 AUTO_GAMMA = "auto"  # sd.gamma=auto: chosen from measured alpha, c and v (SDEvaluator)
 
 
@@ -159,6 +160,13 @@ class ObjectiveSpec:
             self.gate = GateSpec(**gate)
         self._post_init_adaptive()
 
+    @property
+    def needs_dense_teacher(self) -> bool:
+        """True when the loss needs the teacher's full next-token distributions, not a top-k of them: a SpecKD
+        gate (teacher top-k membership of the student's proposal), the adaptive divergence (per-token teacher
+        entropy), block-aware weighting (per-position 1 - TV)."""
+        return self.gate is not None or self.divergence == "adaptive" or self.block_weighting != "none"
+
     def _post_init_adaptive(self) -> None:
         from distillspec.losses.adaptive import BLOCK_WEIGHTINGS, BetaSchedule
 
@@ -195,10 +203,15 @@ class RolloutSpec:
     cache_top_k: int = 64  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
     cache_batch_size: int = 48  # prompts per teacher decoding batch (48 was 1.5x faster than 16 on 2 CPU cores)
     cache_store: bool = True  # keep that teacher data on disk (distillspec cache dir) for identical jobs to reuse
+    # cached data: "sparse" trains on the stored top-k teacher (student alone runs); "dense" reuses the cached
+    # completions but runs the teacher on them every step for its full distributions (objectives that need
+    # them, ObjectiveSpec.needs_dense_teacher, always do)
+    teacher_logits: str = "sparse"
 
     def __post_init__(self) -> None:
         check_field_types(self, "rollout")
         check_choice("rollout.source", self.source, ROLLOUT_SOURCES)
+        check_choice("rollout.teacher_logits", self.teacher_logits, TEACHER_LOGITS)
         if self.cache_top_k < 0 or self.cache_batch_size < 1:
             raise ConfigError(f"rollout.cache_top_k={self.cache_top_k!r} (valid: >= 0, 0 = no cache) and "
                               f"rollout.cache_batch_size={self.cache_batch_size!r} (valid: >= 1)")

@@ -161,3 +161,46 @@ def test_damaged_store_entry_is_rebuilt(pair, tmp_path, caplog):
     assert "unreadable" in caplog.text and str(path) in caplog.text
     assert _same(first, rebuilt)
     assert stored_cache(pair, tmp_path, teacher=_NoForward(pair.target)).entries  # stored again, loads
+
+
+@pytest.mark.parametrize("div, teacher_logits, dense", [("fkl", "sparse", False), ("fkl", "dense", True),
+                                                         ("adaptive", "sparse", True)])
+def test_dense_teacher_scores_the_cached_completions(tiny_pair_dirs, div, teacher_logits, dense):
+    """Teacher data is cached for every objective. With the sparse teacher the steps never run the teacher; with
+    rollout.teacher_logits=dense, or an objective that needs full distributions (adaptive), each step runs the
+    teacher once per micro-batch, on exactly the cached completions of that step's prompts."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from distillspec.lit.data import IndexDataset
+    from distillspec.lit.train_module import DistillModule
+    from distillspec.specs import ObjectiveSpec, TrainSpec
+
+    draft_dir, target_dir = tiny_pair_dirs
+    fresh = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32").load("cpu")
+    its = items(8)
+    rollout = RolloutSpec(source="teacher", cache_top_k=8, cache_store=False, teacher_logits=teacher_logits)
+    train = TrainSpec(max_steps=2, batch_size=2, num_train=8, warmup_steps=0, checkpoint_every=2, eval_every=0)
+    module = DistillModule(fresh.draft, fresh.target, its, ObjectiveSpec(divergence=div), rollout, train, [2], 0, 7)
+    scored = []  # input_ids of the teacher's full-sequence (no KV cache) forwards: the training steps' scoring
+    fresh.target.register_forward_hook(
+        lambda mod, args, kwargs, out: scored.append(kwargs["input_ids"]) if kwargs.get("use_cache") is False
+        else None, with_kwargs=True)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(IndexDataset(2), batch_size=None))
+    assert module.dense_teacher is dense
+    cache = module.sampler.caches["teacher"]
+    assert len(cache) == 8
+    if not dense:
+        assert scored == []
+        return
+    expected = [cache.rollout(module.step_indices(step), torch.device("cpu")).input_ids for step in range(2)]
+    assert len(scored) == len(expected) == 2  # one micro-batch of 2 prompts per step
+    for got, want in zip(scored, expected):
+        assert torch.equal(got, want)
+
+
+def test_teacher_logits_must_be_sparse_or_dense():
+    with pytest.raises(Exception, match=r"rollout.teacher_logits.*'full'.*sparse.*dense"):
+        RolloutSpec(source="teacher", teacher_logits="full")

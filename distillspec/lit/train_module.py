@@ -135,13 +135,19 @@ class DistillModule(L.LightningModule):
             ids, mask = left_pad([it.input_ids for it in chunk], self.pad_id)
             yield ids.to(self.device), mask.to(self.device), [it.target_ids for it in chunk], idx
 
+    @property
+    def dense_teacher(self) -> bool:
+        """Run the teacher on every step's sequences (its full distributions), cached sequences included."""
+        return self.objective.needs_dense_teacher or self.sampler.spec.teacher_logits == "dense"
+
     def on_fit_start(self) -> None:
-        """Teacher work that does not change between steps (teacher/fixed data) is done once, here.
-        Not for objectives that need the teacher's dense distributions: a SpecKD gate, the adaptive divergence
-        (per-token teacher entropy), block-aware weighting (per-position 1 - TV)."""
-        obj = self.objective
-        dense = obj.gate is not None or obj.divergence == "adaptive" or obj.block_weighting != "none"
-        if not dense and self.sampler.cached_sources() and not self.sampler.caches:
+        """Teacher work that does not change between steps (teacher/fixed data) is done once, here: the
+        completions, and the teacher's top-k log-probs the sparse loss trains on. With a dense teacher
+        (`dense_teacher`) only the cached completions are used and the teacher scores them every step."""
+        if self.sampler.cached_sources() and not self.sampler.caches:
+            if self.objective.needs_dense_teacher and self.sampler.spec.teacher_logits == "sparse":
+                log.info("this objective needs the teacher's full distributions: the cached teacher data's "
+                         "completions are scored by the teacher every step (as rollout.teacher_logits=dense)")
             self.sampler.build_caches(self.items, self.device, self.seed, self.objective.temperature,
                                       progress=self.trainer.global_rank == 0)
 
@@ -164,7 +170,7 @@ class DistillModule(L.LightningModule):
         bin_sums = 0  # per teacher-entropy bin: counts, divergence sums; beta sum; tokens (entropy_bin_sums)
         for r in rollouts:
             mask = r.completion_mask()
-            if isinstance(r, SparseRollout):  # cached teacher: the student alone runs this step
+            if isinstance(r, SparseRollout) and not self.dense_teacher:  # sparse cached teacher: student only
                 s_logits = completion_logits(self.student, r)
                 loss, per_tok = sparse_divergence_loss(
                     s_logits, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
