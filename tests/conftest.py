@@ -14,6 +14,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +25,12 @@ import torch  # noqa: E402
 from distillspec.resolvers import register  # noqa: E402
 
 register()
+
+# Teacher data that test runs build (rollout.cache_store) goes to a temp dir, not the user's cache; inherited
+# by the run.py subprocesses the tests start.
+_TEACHER_DATA = tempfile.mkdtemp(prefix="distillspec-teacher-data-")
+os.environ["DISTILLSPEC_TEACHER_DATA"] = _TEACHER_DATA
+atexit.register(shutil.rmtree, _TEACHER_DATA, ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

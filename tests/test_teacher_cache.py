@@ -204,3 +204,13 @@ def test_dense_teacher_scores_the_cached_completions(tiny_pair_dirs, div, teache
 def test_teacher_logits_must_be_sparse_or_dense():
     with pytest.raises(Exception, match=r"rollout.teacher_logits.*'full'.*sparse.*dense"):
         RolloutSpec(source="teacher", teacher_logits="full")
+
+
+def test_store_dir_follows_its_environment_variable(monkeypatch, tmp_path):
+    from distillspec.rollout.cache_store import STORE_ENV, default_store_dir
+
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "td"))
+    assert default_store_dir() == tmp_path / "td"
+    monkeypatch.delenv(STORE_ENV)
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "root"))
+    assert default_store_dir() == tmp_path / "root" / "teacher_data"

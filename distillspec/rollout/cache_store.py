@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when TeacherCache's contents or their computation change
 STORE_DIRNAME = "teacher_data"
 STALE_TMP_S = 6 * 3600
+STORE_ENV = "DISTILLSPEC_TEACHER_DATA"
 
 
 def default_store_dir() -> Path:
-    """`<distillspec cache root>/teacher_data` (`$DISTILLSPEC_CACHE` or `~/.cache/distillspec`)."""
+    """`$DISTILLSPEC_TEACHER_DATA` if set, else `<distillspec cache root>/teacher_data` (root:
+    `$DISTILLSPEC_CACHE` or `~/.cache/distillspec`)."""
     from distillspec.models.offline import cache_root
 
-    return cache_root() / STORE_DIRNAME
+    env = os.environ.get(STORE_ENV)
+    return Path(env).expanduser() if env else cache_root() / STORE_DIRNAME
 
 
 @torch.no_grad()
