@@ -209,22 +209,38 @@ def training_figure(df: pd.DataFrame):
     return fig
 
 
+def _quality_column(rows: pd.DataFrame) -> str | None:
+    """The quality metric to plot for one task's rows: the draft's own (sd.draft_quality) when measured; else
+    the SD outputs', but only when some job is lossy (with lossless SD it is the target's quality, the same
+    for every draft up to sampling noise); None when neither has values."""
+    def first(prefix: str) -> str | None:
+        cols = [c for c in rows.columns if c.startswith(prefix) and rows[c].notna().any()]
+        return cols[0] if cols else None
+
+    lossy = "lenience" in rows and rows["lenience"].notna().any() and (
+        rows["lenience"].dropna().astype(str) != "none").any()
+    return first(C.DRAFT_QUALITY_PREFIX) or (first(C.QUALITY_PREFIX) if lossy else None)
+
+
 def quality_figure(df: pd.DataFrame):
-    """The draft's own quality when measured (sd.draft_quality), else the SD outputs' (the target's when lossless)."""
+    """Task quality vs α_tok, one panel per task (each with its own metric, see _quality_column); None when no
+    task has a quality worth plotting."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    quality = ([c for c in df.columns if c.startswith(C.DRAFT_QUALITY_PREFIX)]
-               or [c for c in df.columns if c.startswith(C.QUALITY_PREFIX)])
-    if not quality:
+    groups = list(df.groupby(df["task"].map(task_label), sort=True)) if "task" in df else [("", df)]
+    panels = [(task, rows, col) for task, rows in groups if (col := _quality_column(rows)) is not None]
+    if not panels:
         return None
-    data = df.assign(task=df["task"].map(task_label)) if "task" in df else df
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.scatterplot(data=data, x=C.ALPHA_TOK, y=quality[0], hue="method", s=80, ax=ax,
-                    style="task" if "task" in data and data["task"].nunique() > 1 else None,
-                    hue_order=sorted(df["method"].unique(), key=baseline_first))
-    ax.set(xlabel=label(C.ALPHA_TOK), ylabel=label(quality[0]), title="Task quality vs acceptance")
-    _legend_outside(ax)
+    order = sorted(df["method"].unique(), key=baseline_first)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4.5 * len(panels), 4), squeeze=False)
+    for ax, (task, rows, col) in zip(axes[0], panels):
+        last = ax is axes[0][-1]
+        sns.scatterplot(data=rows, x=C.ALPHA_TOK, y=col, hue="method", hue_order=order, s=80, ax=ax,
+                        legend="brief" if last else False)
+        ax.set(xlabel=label(C.ALPHA_TOK), ylabel=label(col),
+               title=f"{task}: task quality vs acceptance" if task else "Task quality vs acceptance")
+    _legend_outside(axes[0][-1])
     return fig
 
 

@@ -142,3 +142,36 @@ def test_before_after_figure_has_whole_steps_and_readable_entropy_ticks(tmp_path
     labels = [t.get_text() for t in _visible_xticklabels(entropy)]
     assert len(labels) >= 2 and not any("×" in s or "$" in s for s in labels), labels
     assert not [t for t in _texts(fig) if RAW.search(t)]
+
+
+def test_quality_figure_has_one_panel_per_task_with_its_own_metric():
+    """Arithmetic reports accuracy, DialogSum ROUGE: each task's panel plots its own metric (none is dropped)."""
+    rows = []
+    for i, m in enumerate(["baseline", "fkl"]):
+        a = _row(m, task="ArithmeticTask", i=i)
+        d = _row(m, task="DialogSumTask", i=i)
+        d.pop(C.DRAFT_QUALITY_PREFIX + C.ACCURACY)
+        d[C.DRAFT_QUALITY_PREFIX + "rouge1"] = 0.2 + 0.05 * i
+        rows += [a, d]
+    fig = rp.quality_figure(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in fig.axes] == ["Arithmetic: task quality vs acceptance",
+                                                   "DialogSum: task quality vs acceptance"]
+    assert [ax.get_ylabel() for ax in fig.axes] == [rp.label(C.DRAFT_QUALITY_PREFIX + C.ACCURACY),
+                                                    rp.label(C.DRAFT_QUALITY_PREFIX + "rouge1")]
+    assert all(len(ax.collections[0].get_offsets()) == 2 for ax in fig.axes)  # both methods' points drawn
+
+
+def test_lossless_sd_output_quality_is_not_plotted_as_the_drafts():
+    """Without draft-only quality, the SD outputs' quality is the target's when SD is lossless: no figure; a lossy
+    sweep (lenience) plots it."""
+    rows = []
+    for i, m in enumerate(["baseline", "fkl"]):
+        r = _row(m, i=i)
+        r.pop(C.DRAFT_QUALITY_PREFIX + C.ACCURACY)
+        r[C.QUALITY_PREFIX + C.ACCURACY] = 0.3
+        r["lenience"] = "none"
+        rows.append(r)
+    assert rp.quality_figure(pd.DataFrame(rows)) is None
+    lossy = pd.DataFrame(rows).assign(lenience=["none", "linear"])
+    fig = rp.quality_figure(lossy)
+    assert fig is not None and fig.axes[0].get_ylabel() == rp.label(C.QUALITY_PREFIX + C.ACCURACY)
