@@ -68,6 +68,10 @@ def shrink(cmd: str) -> list[str]:
             grid.update({k: str(v).split(",")[-1] for k, v in params.items() if k not in own})
     groups = {k for k in own | set(grid) if "." not in k}  # a group the command or grid selects keeps its options
     extra = [o for o in TINY if _key(o) not in own | set(grid) and _key(o).split(".")[0] not in groups]
+    # The tiny pair's tokenizer splits text into more tokens than the real pairs' do: an experiment's prompt-length
+    # cap sized for those (offline_adaptive: 256 SmolLM2 tokens) would drop every DialogSum prompt.
+    if "task.max_prompt_tokens" not in own:
+        extra.append("task.max_prompt_tokens=512")
     return argv + extra + [f"{k}={v}" for k, v in grid.items()]
 
 
