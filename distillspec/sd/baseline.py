@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from distillspec.sd.cache import RaggedKV, _sync
+from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.engine import check_prompts
 from distillspec.sd.sampling import process_logits, sample
 
@@ -56,7 +57,8 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
     mask = attention_mask.long()
     kv = RaggedKV(model, B, dev)
     logits = kv.forward(input_ids, mask, (mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)[:, -1]
-    prefill = kv.forward_time
+    prefill = kv.timer  # read at the end: no device wait here
+    kv.timer = ForwardTimer(dev)
     pos = mask.sum(1)
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -84,5 +86,5 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
     _sync(dev)
     width = max(int(lengths.max()), 1)
     return GenResult(tokens=out[:, :width], lengths=lengths, time_total=time.perf_counter() - t0,
-                     time_forward=kv.forward_time, num_calls=kv.calls,
-                     time_prefill=prefill)
+                     time_forward=prefill.seconds + kv.forward_time, num_calls=prefill.calls + kv.calls,
+                     time_prefill=prefill.seconds)

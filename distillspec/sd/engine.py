@@ -8,6 +8,7 @@ One block per step for every active row:
 Each row keeps its own accepted length: rejected cache columns become holes in that row's attention
 mask (see `RaggedKV`), the tail invalid for every row is cropped, nothing accepted is recomputed.
 Finished rows (EOS or max_new_tokens) are removed from the batch and both caches.
+Forward calls are timed without a device synchronisation per call (`clock.ForwardTimer`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
 from distillspec.sd.cache import RaggedKV, _sync
+from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
 
 ACCEPTANCE_MODES = ("rejection", "topk")
@@ -154,9 +156,8 @@ class SpeculativeDecoder:
             posids = (mask.cumsum(1) - 1).clamp(min=0)
             for kv in (tgt, drf):
                 kv.forward(input_ids[:, :-1], mask[:, :-1], posids[:, :-1], logits_to_keep=1)
-        prefill = tgt.forward_time + drf.forward_time
-        tgt.forward_time = drf.forward_time = 0.0
-        tgt.calls = drf.calls = 0
+        prefill_timers = (tgt.timer, drf.timer)  # read at the end: no device wait here
+        tgt.timer, drf.timer = ForwardTimer(dev), ForwardTimer(dev)
         last = input_ids[:, -1].clone()
         dprev = torch.full_like(last, self.pad_id)  # d_gamma of a fully accepted block (unseen by the draft)
         dprev_valid = torch.zeros_like(last)
@@ -223,12 +224,13 @@ class SpeculativeDecoder:
             # ---- 4. roll caches back per row ----
             max_n = int(n.max())
             keep_t = n + 1 - full.long()  # target columns kept per row: [last, d_1..d_n], minus d_G if pending
-            tgt.crop(t_start_w + int(keep_t.max()))
-            tgt.mask[:, t_start_w:] = (ar[None, : int(keep_t.max())] < keep_t[:, None]).long()
+            max_t = int(keep_t.max())
+            tgt.crop(t_start_w + max_t)
+            tgt.set_valid(t_start_w, (ar[None, :max_t] < keep_t[:, None]).long())
             keep_d = min(max_n, G - 1)
             drf.crop(d_start + lead + keep_d)
             if keep_d > 0:
-                drf.mask[:, d_start + lead:] = (ar[None, 1: keep_d + 1] <= n[:, None]).long()
+                drf.set_valid(d_start + lead, (ar[None, 1: keep_d + 1] <= n[:, None]).long())
             bonus = (n == G) & ~full  # d_G was committed but not fed to the draft; the bonus token follows it
             dprev = torch.where(bonus, d[:, -1], torch.full_like(last, self.pad_id))
             dprev_valid = bonus.long()
@@ -262,5 +264,5 @@ class SpeculativeDecoder:
                         trace_first_rejected=fields[4], trace_p=fields[5], trace_q=fields[6],
                         trace_entropy=fields[7], trace_accept_prob=fields[8],
                         time_total=time.perf_counter() - t_start, time_draft=drf.forward_time,
-                        time_target=tgt.forward_time, time_prefill=prefill, num_draft_calls=drf.calls,
-                        num_target_calls=tgt.calls, pad_token_id=self.pad_id)
+                        time_target=tgt.forward_time, time_prefill=sum(t.seconds for t in prefill_timers),
+                        num_draft_calls=drf.calls, num_target_calls=tgt.calls, pad_token_id=self.pad_id)
