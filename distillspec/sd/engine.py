@@ -7,7 +7,8 @@ One block per step for every active row:
   3. `verify_block` decides per row how many drafted tokens survive (n_i) and the token after them.
 Each row keeps its own accepted length: rejected cache columns become holes in that row's attention
 mask (see `RaggedKV`), the tail invalid for every row is cropped, nothing accepted is recomputed.
-Finished rows (EOS or max_new_tokens) are removed from the batch and both caches.
+Finished rows (EOS or max_new_tokens) are removed from the batch and both caches (kv="dynamic"), or stay
+in the fixed-shape static caches with their results ignored (kv="static", see `static_cache.StaticKV`).
 Forward calls are timed without a device synchronisation per call (`clock.ForwardTimer`).
 """
 
@@ -20,9 +21,10 @@ from typing import Sequence
 import torch
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
-from distillspec.sd.cache import RaggedKV, _sync
+from distillspec.sd.cache import _sync
 from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
+from distillspec.sd.static_cache import check_kv_options, make_kv
 
 ACCEPTANCE_MODES = ("rejection", "topk")
 
@@ -106,12 +108,15 @@ class SpeculativeDecoder:
             first one outside by a target sample; no target token after a fully kept block; at T = 0
             greedy proposals and greedy replacements). eos_token_id: int or list. pad_token_id: padding.
         compact_at: hole fraction of a cache above which it is compacted.
+        kv: "dynamic" (RaggedKV: growing DynamicCache, finished rows removed) or "static" (StaticKV:
+            preallocated, fixed shapes per call width). compile: kv="static" only, CUDA only: the decoding
+            calls run through torch.compile(mode="reduce-overhead") (CUDA graphs); ConfigError elsewhere.
     """
 
     def __init__(self, draft, target, *, gamma: int = 5, temperature: float = 1.0, top_p: float = 1.0,
                  lenience: str = "none", epsilon: float = 1.0, acceptance: str = "rejection", top_k: int = 25,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = 0,
-                 compact_at: float = 0.3) -> None:
+                 compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False) -> None:
         if not isinstance(gamma, int) or gamma < 1:
             raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
         check_temperature("temperature", temperature)
@@ -127,6 +132,8 @@ class SpeculativeDecoder:
         if vd != vt:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
+        check_kv_options(kv, compile, (draft, target))
+        self.kv, self.compile = kv, compile
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
         self.lenience, self.epsilon = lenience, float(epsilon)
@@ -147,10 +154,14 @@ class SpeculativeDecoder:
                  generator: torch.Generator | None = None) -> SDResult:
         """input_ids, attention_mask: (B, L) left-padded prompts on the models' device."""
         check_prompts(input_ids, attention_mask, max_new_tokens, (self.draft, self.target), self.gamma + 1)
+        check_kv_options(self.kv, self.compile, (self.draft, self.target), input_ids.device)
         t_start = time.perf_counter()
         dev, G, B = input_ids.device, self.gamma, input_ids.shape[0]
         mask = attention_mask.long()
-        tgt, drf = RaggedKV(self.target, B, dev), RaggedKV(self.draft, B, dev)
+        # static capacity: prompt columns + every committed token + one block of each model, + slack
+        opts = dict(kv=self.kv, compile=self.compile, capacity=input_ids.shape[1] + max_new_tokens + 2 * (G + 1) + 8)
+        tgt = make_kv(self.target, B, dev, role="target", **opts)
+        drf = make_kv(self.draft, B, dev, role="draft", **opts)
         pos = mask.sum(1)  # valid tokens per row, including the pending (last committed) one
         if input_ids.shape[1] > 1:
             posids = (mask.cumsum(1) - 1).clamp(min=0)
@@ -174,6 +185,8 @@ class SpeculativeDecoder:
         while active.numel() > 0:
             b = active.numel()
             # ---- 1. draft gamma tokens ----
+            for kv in (tgt, drf):
+                kv.reserve(G + 2)  # static caches compact here when full, never inside a block
             d_start = drf.width
             if bool(dprev_valid.any()):
                 toks = torch.stack([dprev, last], 1)
