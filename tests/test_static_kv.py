@@ -162,6 +162,10 @@ def test_static_options_fail_early(pair):
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="'flash_attention_2'.*'sdpa' or 'eager'"):
         SpeculativeDecoder(flash, flash, kv="static", temperature=0).generate(ids, mask, 4)
+    windowed = tiny_llama(104, 1)
+    windowed.config.layer_types = ["sliding_attention"]
+    with pytest.raises(ConfigError, match="full-attention models only.*sliding_attention.*kv='dynamic'"):
+        autoregressive_generate(windowed, ids, mask, 4, kv="static")
 
 
 def test_eager_attention_gets_an_additive_mask(one_thread):

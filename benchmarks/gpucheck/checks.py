@@ -76,7 +76,10 @@ def greedy_equality(ctx: Ctx, guard: TimeGuard, *, shape: str = "qwen3-0.6b", he
         del target, draft
         return out
     finally:
+        from distillspec.sd.static_cache import release_static_caches
+
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        release_static_caches()
         release()
 
 

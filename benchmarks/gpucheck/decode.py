@@ -197,7 +197,10 @@ def run(ctx: Ctx, guard: TimeGuard, *, pair: str = "qwen3", batch_sizes=(1, 16),
             costs.append({"B": b, "cache": kv + (" + CUDA graphs" if comp else ""),
                           **{k + " ms": v * 1e3 for k, v in c.items()},
                           "c": c["draft forward"] / step, "verify ratio": c[f"target verify ({gamma + 1} pos.)"] / step})
+    from distillspec.sd.static_cache import release_static_caches
+
     del target, small
+    release_static_caches()  # pooled static caches and compiled graphs hold the models' memory
     release()
     big_b = max(batch_sizes)
     measured = {

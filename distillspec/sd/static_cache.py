@@ -140,6 +140,28 @@ def check_kv_options(kv: str, compile: bool, models, device: torch.device | None
                               f"compile=False")
 
 
+def attention_layers(model) -> set[str]:
+    """The attention layer types of `model`'s config ("full_attention", "sliding_attention", ...)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return set(types)
+    if getattr(cfg, "sliding_window", None) is not None:
+        return {"sliding_attention"}
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        return {"chunked_attention"}
+    return {"full_attention"}
+
+
+def release_static_caches() -> None:
+    """Drop the pooled static caches and the compiled steps (frees their memory once the models are gone)."""
+    _POOL.clear()
+    _COMPILED.clear()
+    torch._dynamo.reset()
+
+
 def make_kv(model, batch_size: int, device: torch.device, *, kv: str = "dynamic", compile: bool = False,
             capacity: int = 0, role: str = "") -> "RaggedKV | StaticKV":
     """A RaggedKV (kv='dynamic') or a StaticKV of `capacity` columns (kv='static')."""
@@ -170,6 +192,10 @@ class StaticKV:
     def __init__(self, model, batch_size: int, device: torch.device, capacity: int, *,
                  cache: SlotCache | None = None, compiled=None) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        other = attention_layers(model) - {"full_attention"}
+        if other:  # our 4-D mask is a full causal one: it would silently ignore windows and chunks
+            raise ConfigError(f"kv='static' supports full-attention models only; {type(model).__name__} has "
+                              f"{', '.join(sorted(other))} layers; valid: kv='dynamic'")
         if impl not in (None, "sdpa", "eager"):
             raise ConfigError(f"kv='static' passes a 4-D attention mask; {type(model).__name__} uses "
                               f"attn_implementation={impl!r}; valid: 'sdpa' or 'eager' (or kv='dynamic')")
