@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus top-p of the T = 1 rows (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="prompt shuffle and sampling seed")
     p.add_argument("--quick", action="store_true", help="4 prompts, batch 4, 32 new tokens")
+    p.add_argument("--kv", choices=["dynamic", "static"], default="dynamic",
+                   help="KV cache of our engine and target-only decoding (default dynamic)")
     p.add_argument("--out", default=None, help="also write the tables as Markdown to this path")
     args = p.parse_args(argv)
     if args.quick:
@@ -143,7 +145,8 @@ def run_sd(dec, prompts, batch, pad, new_tokens, seed):
     return outs, concat_results(results)
 
 
-def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p, new_tokens, repeats, seed):
+def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p, new_tokens, repeats, seed,
+             kv="dynamic"):
     """SD and target-only through the run's evaluator -> (SD metrics, SD outputs, target-only outputs)."""
     from types import SimpleNamespace
 
@@ -155,7 +158,7 @@ def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p
     spec = SDSpec(gamma=gamma, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, batch_size=batch,
                   num_eval=len(prompts), compute_quality=False, draft_quality=False, speed_repeats=repeats)
     items = [SimpleNamespace(input_ids=p, reference=None, uid=str(i), prompt_text="") for i, p in enumerate(prompts)]
-    ev = SDEvaluator(draft, target, tok, spec, task, items, new_tokens, seed)
+    ev = SDEvaluator(draft, target, tok, spec, task, items, new_tokens, seed, kv=kv)
     outcomes = []
     for k, (ids, mask) in enumerate(batches(prompts, batch, tok.pad_token_id)):
         index = torch.arange(k * batch, k * batch + ids.shape[0])
@@ -243,7 +246,8 @@ def main(argv=None) -> None:
 
     def decoder(draft_name, temperature):
         return SpeculativeDecoder(draft_models[draft_name], target, gamma=G, temperature=temperature,
-                                  top_p=top_p if temperature > 0 else 1.0, eos_token_id=eos, pad_token_id=pad)
+                                  top_p=top_p if temperature > 0 else 1.0, eos_token_id=eos, pad_token_id=pad,
+                                  kv=args.kv)
 
     warm = min(8, N)
     warmed: set = set()
@@ -271,7 +275,7 @@ def main(argv=None) -> None:
         log(f"evaluator: {short(name)} B={b} T={t:g} ({args.repeats} rounds after a warm-up)")
         c0, t0 = time.process_time(), time.perf_counter()
         m, outs, base_outs = run_eval(draft_models[name], target, tok, task, prompts, b, G, t, top_p, N, args.repeats,
-                                      args.seed)
+                                      args.seed, kv=args.kv)
         use = (time.process_time() - c0) / max((time.perf_counter() - t0) * args.threads, 1e-9)
         log(f"  speedup {m[C.SPEEDUP]:.2f}x ({m[C.SPEEDUP_MIN]:.2f}-{m[C.SPEEDUP_MAX]:.2f}), CPU use {use:.0%}")
         r = Run("c,d", "SD engine (ours)", short(name), b, t, outs, m[C.SD_TIME], metrics=m)
@@ -379,7 +383,8 @@ def main(argv=None) -> None:
         + ", ".join(f"{d} ({draft_models[d].config.num_hidden_layers} layers)" for d in drafts),
         f"prompts: {len(prompts)} {args.task} {'test questions' if args.task == 'gsm8k' else 'problems'} "
         f"(chat template, {min(lens)}-{max(lens)} tokens, seed {args.seed}); batch {B}, γ={G}, max {N} new tokens; "
-        f"warm-up once per method; SD vs target-only: {args.repeats} alternating rounds, median",
+        f"warm-up once per method; SD vs target-only: {args.repeats} alternating rounds, median; "
+        f"KV cache of ours: {args.kv}",
         f"load average (1/5/15 min) before: {load_before}; after: {load_after}; total {elapsed / 60:.1f} min",
     ]
     others = max(_load1(load_before), _load1(load_after) - args.threads)  # our own threads count in `after`

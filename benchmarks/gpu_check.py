@@ -9,8 +9,9 @@ Nothing is downloaded: models are built from the configs in distillspec/models/c
 SmolLM-360M / 1.7B shapes) with random weights, in bf16 directly on the GPU. Sections (each guarded by a
 time budget; a section that fails is reported and the others still run):
   1. decode   forced-acceptance speed table (gpucheck/decode.py): SD all/none accepted vs target-only
-              vs HF generate / assisted generation, B = 1 and 16, per-call costs, c, issue 13's goals
-  2. equal    greedy SD == greedy target decoding on the GPU, fp32 (gpucheck/checks.py)
+              vs HF generate / assisted generation, B = 1 and 16, per-call costs, c, issue 13's goals;
+              our rows on the dynamic KV cache, the static one, and (CUDA) static + CUDA graphs
+  2. equal    greedy SD == greedy target decoding on the GPU, fp32 (gpucheck/checks.py), per cache path
   3. loss     chunked loss peak memory on the 151,936 vocabulary, B x T = 16 x 312 (gpucheck/checks.py)
   4. train    on-policy distillation steps, 0.6B student / 4B teacher: tokens/s, peak memory; 8-bit teacher
               with bitsandbytes; TRL GKDTrainer with trl + datasets (gpucheck/train.py)
@@ -110,7 +111,9 @@ def report(results: dict) -> str:
         e = results["equal"]
         out.append(f"\n## Greedy equality (fp32, {e['shape']}, draft = target + head noise {e['head_noise']}, B={e['B']}, "
                    f"{e['new_tokens']} tokens): SD == target-only {e['sd_equals_target']}/{e['rows']} rows, "
-                   f"target-only == HF generate {e['target_equals_hf']}/{e['rows']}, alpha {e['alpha']:.3f}")
+                   f"target-only == HF generate {e['target_equals_hf']}/{e['rows']}, alpha {e['alpha']:.3f}"
+                   + "".join(f"; {k.replace('_', ' ')} {e[k]}/{e['rows']}" for k in e
+                             if k.endswith("_equals_target") and k != "sd_equals_target"))
     if isinstance(results.get("loss"), list):
         out.append("\n## Loss memory\n" + md_table(
             ["divergence", "B", "T", "V", "chunk", "peak above inputs GiB", "grad GiB", "s", "note"],

@@ -54,14 +54,23 @@ def test_forced_acceptance_paths(smoke):
             assert rows[(key, b)]["same_as_target"] == f"{rows[(key, b)]['prompts']}/{rows[(key, b)]['prompts']}"
         assert rows[("target", b)]["tokens"] == 8 * rows[("target", b)]["prompts"]
     assert rows[("hf_all", 1)]["same_as_target"] == "1/1"
-    assert [g["pass"] in ("pass", "FAIL") for g in d["goals"]] == [True] * 4  # every goal measured
+    # the static KV cache path has the same rows; its CUDA-graph rows and goals need CUDA
+    for b in (1, 3):
+        assert rows[("sd_all_static", b)]["alpha"] == 1.0 and rows[("sd_all_static", b)]["tau"] == 4.0
+        for key in ("target_static", "sd_all_static", "sd_none_static"):
+            assert rows[(key, b)]["same_as_target"] == f"{rows[(key, b)]['prompts']}/{rows[(key, b)]['prompts']}"
+    assert not any(key.endswith("_graph") for key, _ in rows)
+    measured = [g["pass"] in ("pass", "FAIL") for g in d["goals"]]
+    assert measured == [True] * 5 + [False] * 3  # every goal measured but the CUDA-graph ones
     assert all(c["c"] > 0 and c["verify ratio"] > 0 for c in d["costs"])
+    assert [(c["B"], c["cache"]) for c in d["costs"]] == [(1, "dynamic"), (1, "static"), (3, "dynamic"), (3, "static")]
 
 
 def test_equality_loss_and_train_sections(smoke):
     res = smoke[0]
     eq = res["equal"]
     assert eq["sd_equals_target"] == eq["rows"] == 4 and eq["target_equals_hf"] == 4
+    assert eq["sd_static_equals_target"] == eq["target_static_equals_target"] == 4 and "sd_graph_equals_target" not in eq
     assert 0.1 < eq["alpha"] < 0.9  # partly accepted blocks: the ragged rollback path was exercised
     assert [r["chunk_size"] for r in res["loss"]] == [1024, None] and all(r["finite"] for r in res["loss"])
     rows = res["train"]["rows"]

@@ -60,10 +60,26 @@ def greedy_equality(ctx: Ctx, guard: TimeGuard, *, shape: str = "qwen3-0.6b", he
                "first_mismatch_per_row": first_diff,
                "alpha": float(sd.num_accepted.sum()) / float(sd.num_drafted.sum()),
                "sd_seconds": sd_s, "target_seconds": ar_s}
+        # the static KV path (and, on CUDA with time left, its CUDA graphs) must give the same rows
+        paths = [("static", False)] + ([("graph", True)] if ctx.device.type == "cuda" else [])
+        for name, comp in paths:
+            if guard.left() <= 0:
+                out.setdefault("skipped", []).append(name)
+                continue
+            dec = SpeculativeDecoder(draft, target, gamma=gamma, temperature=0.0, eos_token_id=None, pad_token_id=0,
+                                     kv="static", compile=comp)
+            rows = dec.generate(ids, mask, new_tokens).tokens.tolist()
+            ar_rows = autoregressive_generate(target, ids, mask, new_tokens, temperature=0.0, eos_token_id=None,
+                                              pad_token_id=0, kv="static", compile=comp).tokens.tolist()
+            out[f"sd_{name}_equals_target"] = sum(x == y for x, y in zip(rows, rows_ar))
+            out[f"target_{name}_equals_target"] = sum(x == y for x, y in zip(ar_rows, rows_ar))
         del target, draft
         return out
     finally:
+        from distillspec.sd.static_cache import release_static_caches
+
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        release_static_caches()
         release()
 
 

@@ -13,9 +13,12 @@ no EOS (every row generates exactly new_tokens tokens):
   SD ours, all accepted / none accepted (distillspec.sd.engine.SpeculativeDecoder, gamma)
   HF assisted generation (assistant_model=..., num_assistant_tokens=gamma, constant schedule), both
   paths; HF supports batch 1 only, so it is measured at B = 1 and its tokens/s is what a B-row loop gets.
-Per-call costs (median of repeated calls on a prefilled cache): draft forward (1 position), target decode
-step (1 position), target verify (gamma + 1 positions); c = draft / target step, verify ratio = verify /
-target step.
+  the same three rows of ours with kv="static" (preallocated KV cache, fixed shapes per call width) and, on
+  CUDA only, kv="static" + compile=True (torch.compile mode="reduce-overhead": CUDA graphs); the compiled
+  rows warm up with the full generation length, so the timed run reuses the recorded graphs.
+Per-call costs (median of repeated calls on a prefilled cache), per cache path: draft forward (1 position),
+target decode step (1 position), target verify (gamma + 1 positions); c = draft / target step, verify
+ratio = verify / target step.
 """
 
 from __future__ import annotations
@@ -32,28 +35,37 @@ GOALS = [
     ("B=1: SD all-accepted / HF assisted all-accepted", "b1_sd_vs_hf", ">=", 2.0),
     ("B=16: SD all-accepted / target-only (ours)", "bN_sd_vs_target", ">=", 2.0),
     ("c = draft forward / target decode step (B=1)", "c_b1", "<=", 0.25),
+    ("B=1: SD all-accepted / target-only, both static KV", "b1_static", ">=", 3.0),
+    ("B=1: SD all-accepted / target-only, both static KV + CUDA graphs", "b1_graph", ">=", 3.0),
+    ("B=1: SD all-accepted, static KV + CUDA graphs / target-only (ours)", "b1_graph_vs_target", ">=", 3.0),
+    ("c, static KV + CUDA graphs (B=1)", "c_b1_graph", "<=", 0.25),
 ]
+# cache paths: (row-key suffix, label, kv, compile)
+PATHS = [("", "", "dynamic", False), ("_static", "static KV", "static", False),
+         ("_graph", "static KV + CUDA graphs", "static", True)]
 
 
 def _rows_of(tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
     return [tokens[i, : int(lengths[i])].tolist() for i in range(tokens.shape[0])]
 
 
-def ours_target(ctx, target, prompts, batch, n):
+def ours_target(ctx, target, prompts, batch, n, kv="dynamic", compile=False):
     from distillspec.sd.baseline import autoregressive_generate
 
     out = []
     for ids, mask in batches(ctx, prompts, batch):
-        r = autoregressive_generate(target, ids, mask, n, temperature=0.0, eos_token_id=None, pad_token_id=0)
+        r = autoregressive_generate(target, ids, mask, n, temperature=0.0, eos_token_id=None, pad_token_id=0,
+                                    kv=kv, compile=compile)
         out += _rows_of(r.tokens, r.lengths)
     return out, None
 
 
-def ours_sd(ctx, draft, target, prompts, batch, n, gamma):
+def ours_sd(ctx, draft, target, prompts, batch, n, gamma, kv="dynamic", compile=False):
     from distillspec.evaluation import concat_results
     from distillspec.sd.engine import SpeculativeDecoder
 
-    dec = SpeculativeDecoder(draft, target, gamma=gamma, temperature=0.0, eos_token_id=None, pad_token_id=0)
+    dec = SpeculativeDecoder(draft, target, gamma=gamma, temperature=0.0, eos_token_id=None, pad_token_id=0,
+                             kv=kv, compile=compile)
     out, results = [], []
     for ids, mask in batches(ctx, prompts, batch):
         r = dec.generate(ids, mask, n)
@@ -80,27 +92,30 @@ def hf_generate(ctx, target, prompts, batch, n, assistant=None, gamma=5):
 
 
 @torch.no_grad()
-def call_costs(ctx, draft, target, prompts, batch, gamma, repeats):
+def call_costs(ctx, draft, target, prompts, batch, gamma, repeats, kv="dynamic", compile=False):
     """Median seconds of one draft forward, one target step and one target verify on a prefilled cache."""
-    from distillspec.sd.cache import RaggedKV
+    from distillspec.sd.static_cache import make_kv
 
     ids, mask = next(batches(ctx, prompts[:batch], batch))
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = {}
+    warm = 3 if compile else 1  # CUDA graph trees: a warm-up run, the recording, then replays
     for name, model, width in (("draft forward", draft, 1), ("target step", target, 1),
                                (f"target verify ({gamma + 1} pos.)", target, gamma + 1)):
-        kv = RaggedKV(model, ids.shape[0], ctx.device)
-        kv.forward(ids, mask, pos, logits_to_keep=1)
-        base, nxt = kv.width, pos[:, -1:] + 1
+        cache = make_kv(model, ids.shape[0], ctx.device, kv=kv, compile=compile, capacity=ids.shape[1] + width + 8,
+                        role=f"cost{width}")
+        cache.forward(ids, mask, pos, logits_to_keep=1)
+        base, nxt = cache.width, pos[:, -1:] + 1
         toks = ids[:, -width:]
         times = []
-        for _ in range(repeats + 1):  # the first call warms up this shape
-            before = kv.forward_time
-            kv.forward(toks, torch.ones_like(toks), nxt + torch.arange(width, device=ctx.device), logits_to_keep=width)
-            times.append(kv.forward_time - before)
-            kv.crop(base)
-        out[name] = statistics.median(times[1:])
-        del kv
+        for _ in range(repeats + warm):
+            before = cache.forward_time
+            cache.forward(toks, torch.ones_like(toks), nxt + torch.arange(width, device=ctx.device),
+                          logits_to_keep=width)
+            times.append(cache.forward_time - before)
+            cache.crop(base)
+        out[name] = statistics.median(times[warm:])
+        del cache
     return out
 
 
@@ -118,14 +133,27 @@ def run(ctx: Ctx, guard: TimeGuard, *, pair: str = "qwen3", batch_sizes=(1, 16),
     n, rows, skipped, tps = new_tokens, [], [], {}
     warm = min(8, n)
 
+    def ours(sfx, name, kv, comp):  # our three rows on one cache path
+        sd = f"SD ours, {name}," if name else "SD ours,"
+        return [(f"target-only, ours ({name or 'KV cache'})", "target" + sfx,
+                 lambda ps, b, k: ours_target(ctx, target, ps, b, k, kv, comp)),
+                (f"{sd} all accepted (draft = target)", "sd_all" + sfx,
+                 lambda ps, b, k: ours_sd(ctx, target, target, ps, b, k, gamma, kv, comp)),
+                (f"{sd} none accepted (draft = small)", "sd_none" + sfx,
+                 lambda ps, b, k: ours_sd(ctx, small, target, ps, b, k, gamma, kv, comp))]
+
+    dyn = ours(*PATHS[0])
     methods = [
-        ("target-only, ours (KV cache)", "target", lambda ps, b, k: ours_target(ctx, target, ps, b, k)),
+        dyn[0],
         ("target-only, HF generate", "hf_target", lambda ps, b, k: hf_generate(ctx, target, ps, b, k)),
-        ("SD ours, all accepted (draft = target)", "sd_all", lambda ps, b, k: ours_sd(ctx, target, target, ps, b, k, gamma)),
-        ("SD ours, none accepted (draft = small)", "sd_none", lambda ps, b, k: ours_sd(ctx, small, target, ps, b, k, gamma)),
+        *dyn[1:],
         ("HF assisted, all accepted (B=1 only)", "hf_all", lambda ps, b, k: hf_generate(ctx, target, ps, 1, k, target, gamma)),
         ("HF assisted, none accepted (B=1 only)", "hf_none", lambda ps, b, k: hf_generate(ctx, target, ps, 1, k, small, gamma)),
     ]
+    for path in PATHS[1:]:
+        if path[3] and ctx.device.type != "cuda":  # compile=True needs CUDA: no such rows on CPU
+            continue
+        methods += ours(*path)
     for b in batch_sizes:
         ps = prompts[:b1_prompts] if b == 1 else prompts[:b]
         ref = None
@@ -135,7 +163,9 @@ def run(ctx: Ctx, guard: TimeGuard, *, pair: str = "qwen3", batch_sizes=(1, 16),
             if guard.left() <= 0:
                 skipped.append(f"{key} B={b}")
                 continue
-            fn(ps, b, warm)  # warm-up: a short generation through the same code path and batch shapes
+            # warm-up through the same code path and batch shapes: short, or (CUDA graphs) the full length so
+            # that the timed run reuses the compiled graphs and the preallocated cache of the same capacity
+            fn(ps, b, n if key.endswith("_graph") else warm)
             (outs, sd), secs = timed(ctx, fn, ps, b, n)
             tokens = sum(len(o) for o in outs)
             row = {"method": label, "key": key, "B": b, "prompts": len(ps), "tokens": tokens, "seconds": secs,
@@ -156,21 +186,32 @@ def run(ctx: Ctx, guard: TimeGuard, *, pair: str = "qwen3", batch_sizes=(1, 16),
             tps[(key, b)] = row["tokens_per_s"]
     costs = []
     for b in batch_sizes:
-        if guard.left() <= 0:
-            skipped.append(f"call costs B={b}")
-            continue
-        c = call_costs(ctx, small, target, prompts, b, gamma, repeats)
-        step = c["target step"]
-        costs.append({"B": b, **{k + " ms": v * 1e3 for k, v in c.items()},
-                      "c": c["draft forward"] / step, "verify ratio": c[f"target verify ({gamma + 1} pos.)"] / step})
+        for sfx, name, kv, comp in PATHS:
+            if comp and ctx.device.type != "cuda":
+                continue
+            if guard.left() <= 0:
+                skipped.append(f"call costs{sfx} B={b}")
+                continue
+            c = call_costs(ctx, small, target, prompts, b, gamma, repeats, kv, comp)
+            step = c["target step"]
+            costs.append({"B": b, "cache": kv + (" + CUDA graphs" if comp else ""),
+                          **{k + " ms": v * 1e3 for k, v in c.items()},
+                          "c": c["draft forward"] / step, "verify ratio": c[f"target verify ({gamma + 1} pos.)"] / step})
+    from distillspec.sd.static_cache import release_static_caches
+
     del target, small
+    release_static_caches()  # pooled static caches and compiled graphs hold the models' memory
     release()
     big_b = max(batch_sizes)
     measured = {
         "b1_sd_vs_target": _ratio(tps, ("sd_all", 1), ("target", 1)),
         "b1_sd_vs_hf": _ratio(tps, ("sd_all", 1), ("hf_all", 1)),
         "bN_sd_vs_target": _ratio(tps, ("sd_all", big_b), ("target", big_b)),
-        "c_b1": next((c["c"] for c in costs if c["B"] == 1), None),
+        "c_b1": next((c["c"] for c in costs if c["B"] == 1 and c["cache"] == "dynamic"), None),
+        "b1_static": _ratio(tps, ("sd_all_static", 1), ("target_static", 1)),
+        "b1_graph": _ratio(tps, ("sd_all_graph", 1), ("target_graph", 1)),
+        "b1_graph_vs_target": _ratio(tps, ("sd_all_graph", 1), ("target", 1)),
+        "c_b1_graph": next((c["c"] for c in costs if c["B"] == 1 and c["cache"].endswith("graphs")), None),
     }
     goals = []
     for label, key, op, thr in GOALS:

@@ -12,11 +12,11 @@ finished rows so they stop costing compute.
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 
 from distillspec.errors import ConfigError
+from distillspec.sd.clock import ForwardTimer
 
 
 def _cache_kwarg(model) -> str:
@@ -56,7 +56,8 @@ class RaggedKV:
         model: HF causal LM (full-attention layers with a dynamic cache, e.g. Llama, Qwen, SmolLM).
         batch_size: rows. device: the model's device.
     Attributes:
-        mask: (B, S) long, column validity. forward_time: seconds spent in forward calls. calls: count.
+        mask: (B, S) long, column validity. timer: ForwardTimer of the forward calls; forward_time (seconds,
+        reading it waits for the device on CUDA) and calls (count) are its totals.
     """
 
     def __init__(self, model, batch_size: int, device: torch.device) -> None:
@@ -65,12 +66,19 @@ class RaggedKV:
         self.kwarg = _cache_kwarg(model)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.device = device
-        self.forward_time = 0.0
-        self.calls = 0
+        self.timer = ForwardTimer(device)
 
     @property
     def width(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def forward_time(self) -> float:
+        return self.timer.seconds
+
+    @property
+    def calls(self) -> int:
+        return self.timer.calls
 
     def _layers(self):
         layers = getattr(self.cache, "layers", None)
@@ -91,17 +99,21 @@ class RaggedKV:
         Returns logits (B, k, V) for the last k = logits_to_keep columns (all w when 0), in model dtype.
         """
         self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
-        _sync(self.device)
-        t0 = time.perf_counter()
+        self.timer.start()
         out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                          use_cache=True, logits_to_keep=logits_to_keep, **{self.kwarg: self.cache})
-        _sync(self.device)
-        self.forward_time += time.perf_counter() - t0
-        self.calls += 1
+        self.timer.stop()
         returned = getattr(out, self.kwarg, None)
         if returned is not None:
             self.cache = returned
         return out.logits
+
+    def set_valid(self, start: int, values: torch.Tensor) -> None:
+        """Set the mask at columns [start, start + k) to values (B, k)."""
+        self.mask[:, start:start + values.shape[1]] = values
+
+    def reserve(self, n: int) -> None:
+        """Room for n more columns: always there (the cache grows); StaticKV compacts here."""
 
     def crop(self, width: int) -> None:
         """Keep the first `width` columns."""

@@ -7,7 +7,9 @@ One block per step for every active row:
   3. `verify_block` decides per row how many drafted tokens survive (n_i) and the token after them.
 Each row keeps its own accepted length: rejected cache columns become holes in that row's attention
 mask (see `RaggedKV`), the tail invalid for every row is cropped, nothing accepted is recomputed.
-Finished rows (EOS or max_new_tokens) are removed from the batch and both caches.
+Finished rows (EOS or max_new_tokens) are removed from the batch and both caches (kv="dynamic"), or stay
+in the fixed-shape static caches with their results ignored (kv="static", see `static_cache.StaticKV`).
+Forward calls are timed without a device synchronisation per call (`clock.ForwardTimer`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Sequence
 import torch
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
-from distillspec.sd.cache import RaggedKV, _sync
+from distillspec.sd.cache import _sync
+from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
+from distillspec.sd.static_cache import check_kv_options, make_kv
 
 ACCEPTANCE_MODES = ("rejection", "topk")
 
@@ -104,12 +108,15 @@ class SpeculativeDecoder:
             first one outside by a target sample; no target token after a fully kept block; at T = 0
             greedy proposals and greedy replacements). eos_token_id: int or list. pad_token_id: padding.
         compact_at: hole fraction of a cache above which it is compacted.
+        kv: "dynamic" (RaggedKV: growing DynamicCache, finished rows removed) or "static" (StaticKV:
+            preallocated, fixed shapes per call width). compile: kv="static" only, CUDA only: the decoding
+            calls run through torch.compile(mode="reduce-overhead") (CUDA graphs); ConfigError elsewhere.
     """
 
     def __init__(self, draft, target, *, gamma: int = 5, temperature: float = 1.0, top_p: float = 1.0,
                  lenience: str = "none", epsilon: float = 1.0, acceptance: str = "rejection", top_k: int = 25,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = 0,
-                 compact_at: float = 0.3) -> None:
+                 compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False) -> None:
         if not isinstance(gamma, int) or gamma < 1:
             raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
         check_temperature("temperature", temperature)
@@ -125,6 +132,8 @@ class SpeculativeDecoder:
         if vd != vt:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
+        check_kv_options(kv, compile, (draft, target))
+        self.kv, self.compile = kv, compile
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
         self.lenience, self.epsilon = lenience, float(epsilon)
@@ -145,18 +154,21 @@ class SpeculativeDecoder:
                  generator: torch.Generator | None = None) -> SDResult:
         """input_ids, attention_mask: (B, L) left-padded prompts on the models' device."""
         check_prompts(input_ids, attention_mask, max_new_tokens, (self.draft, self.target), self.gamma + 1)
+        check_kv_options(self.kv, self.compile, (self.draft, self.target), input_ids.device)
         t_start = time.perf_counter()
         dev, G, B = input_ids.device, self.gamma, input_ids.shape[0]
         mask = attention_mask.long()
-        tgt, drf = RaggedKV(self.target, B, dev), RaggedKV(self.draft, B, dev)
+        # static capacity: prompt columns + every committed token + one block of each model, + slack
+        opts = dict(kv=self.kv, compile=self.compile, capacity=input_ids.shape[1] + max_new_tokens + 2 * (G + 1) + 8)
+        tgt = make_kv(self.target, B, dev, role="target", **opts)
+        drf = make_kv(self.draft, B, dev, role="draft", **opts)
         pos = mask.sum(1)  # valid tokens per row, including the pending (last committed) one
         if input_ids.shape[1] > 1:
             posids = (mask.cumsum(1) - 1).clamp(min=0)
             for kv in (tgt, drf):
                 kv.forward(input_ids[:, :-1], mask[:, :-1], posids[:, :-1], logits_to_keep=1)
-        prefill = tgt.forward_time + drf.forward_time
-        tgt.forward_time = drf.forward_time = 0.0
-        tgt.calls = drf.calls = 0
+        prefill_timers = (tgt.timer, drf.timer)  # read at the end: no device wait here
+        tgt.timer, drf.timer = ForwardTimer(dev), ForwardTimer(dev)
         last = input_ids[:, -1].clone()
         dprev = torch.full_like(last, self.pad_id)  # d_gamma of a fully accepted block (unseen by the draft)
         dprev_valid = torch.zeros_like(last)
@@ -173,6 +185,8 @@ class SpeculativeDecoder:
         while active.numel() > 0:
             b = active.numel()
             # ---- 1. draft gamma tokens ----
+            for kv in (tgt, drf):
+                kv.reserve(G + 2)  # static caches compact here when full, never inside a block
             d_start = drf.width
             if bool(dprev_valid.any()):
                 toks = torch.stack([dprev, last], 1)
@@ -223,12 +237,13 @@ class SpeculativeDecoder:
             # ---- 4. roll caches back per row ----
             max_n = int(n.max())
             keep_t = n + 1 - full.long()  # target columns kept per row: [last, d_1..d_n], minus d_G if pending
-            tgt.crop(t_start_w + int(keep_t.max()))
-            tgt.mask[:, t_start_w:] = (ar[None, : int(keep_t.max())] < keep_t[:, None]).long()
+            max_t = int(keep_t.max())
+            tgt.crop(t_start_w + max_t)
+            tgt.set_valid(t_start_w, (ar[None, :max_t] < keep_t[:, None]).long())
             keep_d = min(max_n, G - 1)
             drf.crop(d_start + lead + keep_d)
             if keep_d > 0:
-                drf.mask[:, d_start + lead:] = (ar[None, 1: keep_d + 1] <= n[:, None]).long()
+                drf.set_valid(d_start + lead, (ar[None, 1: keep_d + 1] <= n[:, None]).long())
             bonus = (n == G) & ~full  # d_G was committed but not fed to the draft; the bonus token follows it
             dprev = torch.where(bonus, d[:, -1], torch.full_like(last, self.pad_id))
             dprev_valid = bonus.long()
@@ -262,5 +277,5 @@ class SpeculativeDecoder:
                         trace_first_rejected=fields[4], trace_p=fields[5], trace_q=fields[6],
                         trace_entropy=fields[7], trace_accept_prob=fields[8],
                         time_total=time.perf_counter() - t_start, time_draft=drf.forward_time,
-                        time_target=tgt.forward_time, time_prefill=prefill, num_draft_calls=drf.calls,
-                        num_target_calls=tgt.calls, pad_token_id=self.pad_id)
+                        time_target=tgt.forward_time, time_prefill=sum(t.seconds for t in prefill_timers),
+                        num_draft_calls=drf.calls, num_target_calls=tgt.calls, pad_token_id=self.pad_id)

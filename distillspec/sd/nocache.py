@@ -12,6 +12,7 @@ import time
 import torch
 
 from distillspec.sd.cache import _sync
+from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.engine import SDResult, SpeculativeDecoder, check_prompts
 from distillspec.sd.sampling import process_logits, verify_block
 
@@ -28,16 +29,21 @@ def _left_pad(seqs: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.T
 
 class _Timed:
     def __init__(self, model, device):
-        self.model, self.device, self.time, self.calls = model, device, 0.0, 0
+        self.model, self.timer = model, ForwardTimer(device)
+
+    @property
+    def time(self) -> float:
+        return self.timer.seconds
+
+    @property
+    def calls(self) -> int:
+        return self.timer.calls
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-        _sync(self.device)
-        t0 = time.perf_counter()
+        self.timer.start()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                          use_cache=False, logits_to_keep=keep).logits
-        _sync(self.device)
-        self.time += time.perf_counter() - t0
-        self.calls += 1
+        self.timer.stop()
         return out
 
 
@@ -84,6 +90,7 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
                     done[i] = True
                     break
             seqs[i] = torch.cat([seqs[i], torch.tensor(new, dtype=torch.long, device=dev)])
+    _sync(dev)
     lengths = torch.tensor([len(o) for o in outs], dtype=torch.long)
     tokens = torch.full((B, max(int(lengths.max()), 1)), dec.pad_id, dtype=torch.long)
     for i, o in enumerate(outs):
