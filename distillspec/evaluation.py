@@ -103,9 +103,11 @@ class SDEvaluator:
 
     def __init__(self, draft, target, tokenizer, spec: SDSpec, task, items: Sequence[Any],
                  max_new_tokens: int, seed: int = 0, speed_repeats: int | None = None,
-                 baseline_first: bool = False, kv: str = "dynamic") -> None:
+                 baseline_first: bool = False, kv: str | None = None) -> None:
         self.draft, self.target, self.tokenizer = draft, target, tokenizer
-        self.kv = kv  # KV cache of SD and target-only decoding ("dynamic" or "static"; sd.engine)
+        # KV cache of SD and target-only decoding ("dynamic" or "static"; sd.engine): spec.kv unless given
+        self.kv = spec.kv if kv is None else kv
+        self.compile = spec.compile
         self.spec, self.task, self.items = spec, task, items
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.speed_repeats = spec.speed_repeats if speed_repeats is None else int(speed_repeats)
@@ -118,7 +120,7 @@ class SDEvaluator:
             draft, target, gamma=AUTO_GAMMA_PILOT if self.auto_gamma else spec.gamma,
             temperature=spec.temperature, top_p=spec.top_p,
             lenience=spec.lenience, epsilon=spec.epsilon, eos_token_id=self.eos_ids,
-            pad_token_id=tokenizer.pad_token_id, kv=kv)
+            pad_token_id=tokenizer.pad_token_id, kv=self.kv, compile=self.compile)
 
     def _generator(self, device: torch.device, batch_idx: int, salt: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + batch_idx * 7 + salt)
@@ -126,7 +128,8 @@ class SDEvaluator:
     def _baseline(self, model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, generator):
         return autoregressive_generate(model, ids, mask, new_tokens, temperature=self.spec.temperature,
                                        top_p=self.spec.top_p, generator=generator, eos_token_id=self.eos_ids,
-                                       pad_token_id=self.tokenizer.pad_token_id, kv=self.kv)
+                                       pad_token_id=self.tokenizer.pad_token_id, kv=self.kv,
+                                       compile=self.compile)
 
     def _warm_up(self, ids: torch.Tensor, mask: torch.Tensor, batch_idx: int) -> None:
         """Short untimed generations of both paths: one-time costs (allocator, first kernels) land here."""

@@ -85,11 +85,17 @@ class SDSpec:
     num_examples_logged: int = 8
     speed_repeats: int = 2
     speed_warmup: bool = True
+    kv: str = "dynamic"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from distillspec.sd.sampling import LENIENCES
+        from distillspec.sd.static_cache import KV_MODES
 
         check_field_types(self, "sd")
+        check_choice("sd.kv", self.kv, KV_MODES)
+        if self.compile and self.kv != "static":
+            raise ConfigError(f"sd.compile=true needs sd.kv=static (fixed call shapes); got sd.kv={self.kv!r}")
         if self.gamma != AUTO_GAMMA and (not isinstance(self.gamma, int) or self.gamma < 1):
             raise ConfigError(f"sd.gamma={self.gamma!r} is invalid; valid: an integer >= 1 or {AUTO_GAMMA!r}")
         _check_sampling("sd", self.temperature, self.top_p)

@@ -145,3 +145,17 @@ def test_freeze_embeddings_trains_layers_only(tmp_path):
     assert torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
     changed = [k for k in trained if k.startswith("model.layers.") and not torch.equal(trained[k], initial[k])]
     assert changed
+
+
+def test_static_kv_evaluation_equals_the_dynamic_one(tmp_path):
+    """sd.kv=static through the real config: the same SD outputs and acceptance as the default dynamic cache."""
+    over = TINY + ["stage=eval", "sd.measure_speedup=false", "sd.draft_quality=false"]
+    dyn = run_cfg(over, tmp_path / "dynamic")
+    sta = run_cfg(over + ["sd.kv=static"], tmp_path / "static")
+    for key in (C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY):  # counts of the same accept/reject decisions
+        assert sta["metrics"][key] == dyn["metrics"][key], key
+    # mean of min(1, p/q): the same positions, float32 probabilities from differently shaped attention calls
+    assert sta["metrics"][C.ALPHA_EXPECTED] == pytest.approx(dyn["metrics"][C.ALPHA_EXPECTED], abs=1e-6)
+    outputs = [json.loads((tmp_path / d / "per_example.json").read_text()) for d in ("dynamic", "static")]
+    fields = ("uid", "num_accepted", "num_drafted", "num_output_tokens", "num_blocks")
+    assert [[e[f] for f in fields] for e in outputs[0]] == [[e[f] for f in fields] for e in outputs[1]]

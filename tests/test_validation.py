@@ -110,3 +110,12 @@ def test_save_refuses_non_finite_draft(tmp_path, tiny_pair_dirs):
     with pytest.raises(NonFiniteError, match="non-finite"):
         save_hf_atomic(m, AutoTokenizer.from_pretrained(tiny_pair_dirs[0]), tmp_path / "draft")
     assert not (tmp_path / "draft").exists()
+
+
+@pytest.mark.parametrize("over, match", [
+    (["sd.kv=paged"], r"sd.kv 'paged'; valid choices: dynamic, static"),
+    (["sd.compile=true"], r"sd.compile=true needs sd.kv=static"),
+])
+def test_bad_kv_options_are_named(over, match):
+    with pytest.raises(ConfigError, match=match):
+        build(compose_cfg(over).sd, "sd")
