@@ -16,7 +16,7 @@ import inspect
 import torch
 
 from distillspec.errors import ConfigError
-from distillspec.sd.clock import ForwardTimer
+from distillspec.sd.clock import ForwardTimer, TimedCalls
 
 
 def _cache_kwarg(model) -> str:
@@ -49,7 +49,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class RaggedKV:
+class RaggedKV(TimedCalls):
     """A causal LM with a DynamicCache whose rows may hold holes.
 
     Args:
@@ -71,14 +71,6 @@ class RaggedKV:
     @property
     def width(self) -> int:
         return self.mask.shape[1]
-
-    @property
-    def forward_time(self) -> float:
-        return self.timer.seconds
-
-    @property
-    def calls(self) -> int:
-        return self.timer.calls
 
     def _layers(self):
         layers = getattr(self.cache, "layers", None)

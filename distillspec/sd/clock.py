@@ -57,3 +57,17 @@ class ForwardTimer:
             self._seconds += sum(a.elapsed_time(b) for a, b in self._pending) / 1e3
             self._pending.clear()
         return self._seconds
+
+
+class TimedCalls:
+    """Mixin for a model wrapper holding a `timer` (ForwardTimer): its forward seconds and call count."""
+
+    timer: ForwardTimer
+
+    @property
+    def forward_time(self) -> float:
+        return self.timer.seconds
+
+    @property
+    def calls(self) -> int:
+        return self.timer.calls

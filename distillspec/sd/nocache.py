@@ -12,7 +12,7 @@ import time
 import torch
 
 from distillspec.sd.cache import _sync
-from distillspec.sd.clock import ForwardTimer
+from distillspec.sd.clock import ForwardTimer, TimedCalls
 from distillspec.sd.engine import SDResult, SpeculativeDecoder, check_prompts
 from distillspec.sd.sampling import process_logits, verify_block
 
@@ -27,17 +27,9 @@ def _left_pad(seqs: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-class _Timed:
+class _Timed(TimedCalls):
     def __init__(self, model, device):
         self.model, self.timer = model, ForwardTimer(device)
-
-    @property
-    def time(self) -> float:
-        return self.timer.seconds
-
-    @property
-    def calls(self) -> int:
-        return self.timer.calls
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         self.timer.start()
@@ -100,5 +92,5 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
                     trace_row=empty_l, trace_block=empty_l, trace_pos=empty_l,
                     trace_accepted=empty_l.bool(), trace_first_rejected=empty_l.bool(), trace_p=empty_f,
                     trace_q=empty_f, trace_entropy=empty_f, trace_accept_prob=empty_f,
-                    time_total=time.perf_counter() - t_start, time_draft=draft.time, time_target=target.time,
+                    time_total=time.perf_counter() - t_start, time_draft=draft.forward_time, time_target=target.forward_time,
                     num_draft_calls=draft.calls, num_target_calls=target.calls, pad_token_id=dec.pad_id)

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from distillspec.errors import ConfigError, check_choice
 from distillspec.sd.cache import RaggedKV, _cache_kwarg
-from distillspec.sd.clock import ForwardTimer
+from distillspec.sd.clock import ForwardTimer, TimedCalls
 
 KV_MODES = ("dynamic", "static")
 # torch.compile settings of compile=True; tests swap in {"backend": "eager"} to trace on CPU.
@@ -177,7 +177,7 @@ def make_kv(model, batch_size: int, device: torch.device, *, kv: str = "dynamic"
     return StaticKV(model, batch_size, device, capacity, cache=cache, compiled=compiled_step() if compile else None)
 
 
-class StaticKV:
+class StaticKV(TimedCalls):
     """A causal LM with a preallocated cache whose rows may hold holes; RaggedKV's interface.
 
     Args:
@@ -213,14 +213,6 @@ class StaticKV:
     @property
     def width(self) -> int:
         return self.ptr
-
-    @property
-    def forward_time(self) -> float:
-        return self.timer.seconds
-
-    @property
-    def calls(self) -> int:
-        return self.timer.calls
 
     def _full(self, x: torch.Tensor) -> torch.Tensor:
         """(b, w) rows of the active rows -> (B, w), zeros in finished rows."""
