@@ -84,8 +84,7 @@ def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torc
             if active.numel() == 0:
                 break
             cache.keep_rows(keep)
-            if cache.hole_fraction() > 0.3:
-                cache.compact()
+            cache.maybe_compact(0.3)
         cache.reserve(1)
         logits = cache.forward(tok[:, None], torch.ones_like(tok)[:, None], pos[:, None], logits_to_keep=1)[:, -1]
         pos = pos + 1

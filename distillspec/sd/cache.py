@@ -126,6 +126,11 @@ class RaggedKV(TimedCalls):
     def hole_fraction(self) -> float:
         return 0.0 if self.mask.numel() == 0 else 1.0 - float(self.mask.float().mean())
 
+    def maybe_compact(self, threshold: float) -> None:
+        """Compact when more than `threshold` of the cache's entries are holes (they cost attention work)."""
+        if self.hole_fraction() > threshold:
+            self.compact()
+
     def compact(self) -> None:
         """Move every row's holes to its left (order of valid columns kept) and drop all-hole columns."""
         if self.width == 0:

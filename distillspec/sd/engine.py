@@ -264,8 +264,7 @@ class SpeculativeDecoder:
                 buf, n_out, pos, last = buf[keep], n_out[keep], pos[keep], last[keep]
                 dprev, dprev_valid = dprev[keep], dprev_valid[keep]
             for kv in (tgt, drf):
-                if kv.hole_fraction() > self.compact_at:
-                    kv.compact()
+                kv.maybe_compact(self.compact_at)
         _sync(dev)
         col = torch.arange(max_new_tokens, device=dev)[None, :]
         out_tokens = torch.where(col < out_len[:, None], out_tokens, torch.full_like(out_tokens, self.pad_id))
