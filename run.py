@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> None:
         if draft_dir:
             cmd = eval_command(list(hc.overrides.task), Path(draft_dir), launch_dir)
             log.info("trained draft saved; evaluate it again with:\n  %s", cmd)
+            log_serving(out, run_dir, Path(draft_dir), launch_dir, cfg.sd.gamma)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
@@ -60,6 +61,27 @@ def main(cfg: DictConfig) -> None:
         log.error("training stopped: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
+
+
+def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gamma) -> None:
+    """The commands that serve the trained draft in vLLM and compare vLLM's counters with ours."""
+    from distillspec import constants as C
+    from distillspec.models.loading import resolve_model_path
+    from distillspec.vllm_check import serve_command, vllm_command
+
+    def rel(p: Path) -> Path:
+        try:
+            return p.resolve().relative_to(launch_dir.resolve())
+        except ValueError:
+            return p
+
+    gamma = int((out.get("metrics") or {}).get(C.GAMMA, 0)) or (gamma if isinstance(gamma, int) else None)
+    if out.get("metrics"):
+        log.info("compare vLLM's acceptance counters with ours (needs `make vllm`):\n  %s",
+                 vllm_command(rel(run_dir)))
+    if gamma:
+        log.info("serve it with vLLM:\n  %s", serve_command(resolve_model_path(out["target"]), str(rel(draft_dir)),
+                                                           gamma))
 
 
 def check_cli(argv: list[str]) -> None:

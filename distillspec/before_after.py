@@ -36,8 +36,11 @@ def _cell(metrics: dict[str, float], per_example: Sequence[dict[str, Any]], key:
 
 def table_keys(metrics: dict[str, float]) -> list[str]:
     """Rows of the table: the acceptance metrics, then every speedup the evaluation measured or predicted."""
-    return [C.ALPHA_EXPECTED, C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.SPEEDUP, C.SPEEDUP_PREDICTED,
-            C.SPEEDUP_PREDICTED_V, C.COST_RATIO, C.VERIFY_COST_RATIO, C.GAMMA]
+    positions = sorted((k for k in metrics if k.startswith(C.ACCEPT_POS_PREFIX)),
+                       key=lambda k: int(k[len(C.ACCEPT_POS_PREFIX):]))
+    return [C.ALPHA_EXPECTED, C.ALPHA_TOK, C.ALPHA_SEQ, C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTANCE_LENGTH, *positions,
+            C.ALPHA_GREEDY_DRAFT, C.SPEEDUP, C.SPEEDUP_PREDICTED, C.SPEEDUP_PREDICTED_V, C.COST_RATIO,
+            C.VERIFY_COST_RATIO, C.GAMMA]
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -48,7 +51,7 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     for key in keys:
         if key not in after["metrics"] and key not in before["metrics"]:
             continue
-        lines.append(f"| {LABELS.get(key, key)} | {_cell(before['metrics'], before.get('per_example'), key)} | "
+        lines.append(f"| {C.label(key)} | {_cell(before['metrics'], before.get('per_example'), key)} | "
                      f"{_cell(after['metrics'], after.get('per_example'), key)} |")
     return "\n".join(lines) + "\n"
 

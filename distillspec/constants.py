@@ -6,6 +6,12 @@ ALPHA_SEQ = "sd/alpha_seq"              # accepted draft tokens / output tokens 
 ALPHA_EXPECTED = "sd/alpha_expected"    # mean over drafted positions of sum_v min(p, q) = 1 - TV(p, q)
 BLOCK_EFFICIENCY = "sd/tau"             # tokens emitted per target forward
 MEAN_ACCEPTED_LEN = "sd/mean_accepted_len"  # accepted draft tokens per block
+# vLLM's convention: 1 + accepted draft tokens / drafts (each verification emits one target token on top);
+# it equals tau except where EOS or the token cap cut the last block (tau counts emitted tokens only).
+MEAN_ACCEPTANCE_LENGTH = "sd/mean_acceptance_length"
+ACCEPT_POS_PREFIX = "sd/accept_pos/"    # + k (1..gamma): fraction of blocks whose k-th drafted token was accepted
+ALPHA_GREEDY_DRAFT = "sd/alpha_greedy_draft"  # mean p(argmax q): what a draft proposing its argmax with q
+#                                         treated as one-hot would be accepted (vLLM's default draft_model scheme)
 TAU_PREDICTED = "sd/tau_predicted"      # (1 - a^(g+1)) / (1 - a), a = ALPHA_EXPECTED (per-position acceptance)
 COST_RATIO = "sd/cost_ratio"            # c = draft forward time / target forward time (measured)
 SPEEDUP = "sd/speedup"                  # wall-clock: target-only time / SD time, same prompts, same batch size
@@ -42,7 +48,21 @@ LABELS = {
     BLOCK_EFFICIENCY: "τ (block efficiency)", SPEEDUP: "speedup, measured",
     SPEEDUP_PREDICTED: "speedup, predicted τ/(cγ+1)", SPEEDUP_PREDICTED_V: "speedup, predicted τ/(c·vγ+v)",
     VERIFY_COST_RATIO: "verify-cost ratio v", COST_RATIO: "draft/target cost ratio c", GAMMA: "γ",
+    MEAN_ACCEPTANCE_LENGTH: "mean acceptance length (vLLM: 1 + accepted/drafts)",
+    ALPHA_GREEDY_DRAFT: "E[p(argmax q)] (argmax drafts, one-hot q)",
 }
+
+
+def label(key: str) -> str:
+    """Display name of a metric (per-position acceptance rows get theirs from the position)."""
+    if key.startswith(ACCEPT_POS_PREFIX):
+        return f"accepted at drafted position {key[len(ACCEPT_POS_PREFIX):]} (per block)"
+    return LABELS.get(key, key)
+
+
+def accept_pos_key(k: int) -> str:
+    """Metric name of the per-position acceptance rate at drafted position k (1-based)."""
+    return f"{ACCEPT_POS_PREFIX}{k}"
 
 # --- distillation training ---
 TRAIN_LOSS = "train/loss"

@@ -120,7 +120,7 @@ class SDEvaluator:
             draft, target, gamma=AUTO_GAMMA_PILOT if self.auto_gamma else spec.gamma,
             temperature=spec.temperature, top_p=spec.top_p,
             lenience=spec.lenience, epsilon=spec.epsilon, eos_token_id=self.eos_ids,
-            pad_token_id=tokenizer.pad_token_id, kv=self.kv, compile=self.compile)
+            pad_token_id=tokenizer.pad_token_id, kv=self.kv, compile=self.compile, first_token=spec.first_token)
 
     def _generator(self, device: torch.device, batch_idx: int, salt: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + batch_idx * 7 + salt)

@@ -162,6 +162,21 @@ def entropy_table(df: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
+def position_table(df: pd.DataFrame) -> str:
+    """Markdown: one row per job, the per-position acceptance rates (%) k = 1..gamma; '' when none recorded."""
+    keys = sorted((c for c in df.columns if c.startswith(C.ACCEPT_POS_PREFIX)),
+                  key=lambda c: int(c[len(C.ACCEPT_POS_PREFIX):]))
+    if not keys:
+        return ""
+    lines = ["| method | task | γ | " + " | ".join(f"k={c[len(C.ACCEPT_POS_PREFIX):]}" for c in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for _, row in df.iterrows():
+        cells = ["–" if pd.isna(row[c]) else f"{100 * row[c]:.1f}" for c in keys]
+        lines.append(f"| {row.get('method', '')} | {row.get('task', '')} | {row.get('gamma', '')} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) -> dict[str, Path]:
     """Aggregate `sweep_dir`; write summary.csv, report.md and PNGs into `out` (default: sweep_dir)."""
     out = out or sweep_dir
@@ -171,16 +186,20 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     public.to_csv(out / SUMMARY_CSV, index=False)
     figs = plots(df, out)
     cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
-            C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.SPEEDUP, C.SPEEDUP_PREDICTED, C.COST_RATIO]
+            C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.MEAN_ACCEPTANCE_LENGTH, C.ALPHA_GREEDY_DRAFT, C.SPEEDUP,
+            C.SPEEDUP_PREDICTED, C.COST_RATIO]
     cols += [c for c in df.columns if c.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))]
     cols = [c for c in cols if c in df.columns]
     recipe = recipe_table(df)
     by_entropy = entropy_table(df)
+    by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
           *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]
             if by_entropy else []),
+          *(["## Acceptance per drafted position (% of blocks whose k-th drafted token was accepted)", "",
+             by_position, ""] if by_position else []),
           "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figs]
     (out / REPORT_MD).write_text("\n".join(md) + "\n")

@@ -87,13 +87,16 @@ class SDSpec:
     speed_warmup: bool = True
     kv: str = "dynamic"
     compile: bool = False
+    first_token: str = "draft"
 
     def __post_init__(self) -> None:
+        from distillspec.sd.engine import FIRST_TOKEN_MODES
         from distillspec.sd.sampling import LENIENCES
         from distillspec.sd.static_cache import KV_MODES
 
         check_field_types(self, "sd")
         check_choice("sd.kv", self.kv, KV_MODES)
+        check_choice("sd.first_token", self.first_token, FIRST_TOKEN_MODES)
         if self.compile and self.kv != "static":
             raise ConfigError(f"sd.compile=true needs sd.kv=static (fixed call shapes); got sd.kv={self.kv!r}")
         if self.gamma != AUTO_GAMMA and (not isinstance(self.gamma, int) or self.gamma < 1):

@@ -34,13 +34,14 @@ def pair():
     return perturbed_pair(noise=0.01)
 
 
-@pytest.mark.parametrize("gamma", [1, 3, 5, 8])
-def test_greedy_equals_target_greedy_on_ragged_batch(pair, gamma):
+@pytest.mark.parametrize("gamma,first_token", [(1, "draft"), (3, "draft"), (5, "draft"), (8, "draft"),
+                                               (1, "prefill"), (5, "prefill")])
+def test_greedy_equals_target_greedy_on_ragged_batch(pair, gamma, first_token):
     draft, target = pair
     ids, mask = ragged_prompts(LENGTHS)
     ref = _hf_greedy(target, ids, mask, 48)
-    res = SpeculativeDecoder(draft, target, gamma=gamma, temperature=0, eos_token_id=1, pad_token_id=0) \
-        .generate(ids, mask, 48)
+    res = SpeculativeDecoder(draft, target, gamma=gamma, temperature=0, eos_token_id=1, pad_token_id=0,
+                             first_token=first_token).generate(ids, mask, 48)
     assert _rows(res) == ref
     alpha = float(res.num_accepted.sum() / res.num_drafted.sum())
     assert 0.05 < alpha < 0.999  # partial acceptance: holes and roll-backs were exercised
@@ -76,13 +77,14 @@ def test_baseline_greedy_equals_hf(pair):
     assert _rows(res) == _hf_greedy(target, ids, mask, 32)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_cached_engine_equals_nocache_reference(pair, temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,first_token", [(0.0, 1.0, "draft"), (1.0, 1.0, "draft"),
+                                                         (0.8, 0.9, "draft"), (0.8, 0.9, "prefill")])
+def test_cached_engine_equals_nocache_reference(pair, temperature, top_p, first_token):
     """Same seed, same verification math: the cache bookkeeping must not change a single token."""
     draft, target = pair
     ids, mask = ragged_prompts(LENGTHS, seed=7)
     dec = SpeculativeDecoder(draft, target, gamma=4, temperature=temperature, top_p=top_p, eos_token_id=1,
-                             pad_token_id=0)
+                             pad_token_id=0, first_token=first_token)
     a = dec.generate(ids, mask, 32, generator=torch.Generator().manual_seed(11))
     b = generate_nocache(dec, ids, mask, 32, generator=torch.Generator().manual_seed(11))
     assert _rows(a) == _rows(b)
@@ -98,6 +100,10 @@ def test_draft_equal_target_accepts_everything(pair):
     m = sd_metrics(res, gamma)
     assert m["sd/alpha_tok"] == 1.0
     assert m["sd/tau"] == gamma + 1
+    assert all(m[f"sd/accept_pos/{k}"] == 1.0 for k in range(1, gamma + 1))
+    # argmax drafts with q taken as one-hot would be accepted only at the target's own argmax probability
+    top = float(res.trace_p_draft_argmax.mean())
+    assert m["sd/alpha_greedy_draft"] == pytest.approx(top) and 0.0 < top < 0.99
     assert abs(m["sd/alpha_expected"] - 1.0) < 1e-5
 
 
@@ -126,9 +132,51 @@ def test_stub_partial_acceptance_greedy():
     res = dec.generate(ids, torch.ones_like(ids), 10)
     assert res.tokens[0].tolist() == [1, 2, 3, 4, 0, 1, 2, 3, 4, 0]
     # block 1 from 0: drafts 1,2,0 -> accept 2 (1,2), emit 3; block 2 from 3: 4,0,1 all accepted + bonus 2;
-    # block 3 from 2: drafts 0 -> reject, emit 3; block 4 from 3: 4,0,1 accepted, bonus 2 (10 tokens).
-    assert res.num_accepted.tolist() == [2 + 3 + 0 + 3]
+    # block 3 from 2: drafts 0 -> reject, emit 3; block 4 from 3: 4,0,1 accepted, but the cap of 10 tokens
+    # emits only 4,0: accepted counts emitted drafted tokens (2), so accepted <= output tokens.
+    assert res.num_accepted.tolist() == [2 + 3 + 0 + 2]
     assert res.num_blocks.tolist() == [4]
+    assert int(res.trace_accepted.sum()) == 8  # the trace keeps every verification outcome (vLLM's counting)
+
+
+def test_stub_prefill_first_token_shifts_blocks():
+    """first_token='prefill' (vLLM's alignment): the target's prefill emits the first token, blocks follow."""
+    from distillspec import constants as C
+    from distillspec.sd.metrics import sd_metrics
+
+    V = 5
+    nxt_t = torch.tensor([1, 2, 3, 4, 0])
+    nxt_d = torch.tensor([1, 2, 0, 4, 0])
+    t_tab = torch.full((V, V), -5.0).scatter(1, nxt_t[:, None], 5.0)
+    d_tab = torch.full((V, V), -5.0).scatter(1, nxt_d[:, None], 5.0)
+    dec = SpeculativeDecoder(BigramLM(d_tab), BigramLM(t_tab), gamma=3, temperature=0, eos_token_id=None,
+                             first_token="prefill")
+    ids = torch.tensor([[0]])
+    res = dec.generate(ids, torch.ones_like(ids), 10)
+    assert res.tokens[0].tolist() == [1, 2, 3, 4, 0, 1, 2, 3, 4, 0]
+    # prefill emits 1; block 1 from 1: drafts 2,0,1 -> accept 2, emit 3; block 2 from 3: 4,0,1 + bonus 2;
+    # block 3 from 2: drafts 0 -> reject, emit 3; block 4 from 3: 4,0,1, the cap emits 4,0.
+    assert res.num_accepted.tolist() == [1 + 3 + 0 + 2] and res.num_blocks.tolist() == [4]
+    m = sd_metrics(res, 3)
+    # per position and mean acceptance length count verification outcomes, as vLLM does: block 4's third
+    # drafted token passed verification although the cap then dropped it
+    assert [m[C.accept_pos_key(k)] for k in (1, 2, 3)] == [3 / 4, 2 / 4, 2 / 4]
+    assert m[C.MEAN_ACCEPTANCE_LENGTH] == 1 + 7 / 4
+    assert m[C.ALPHA_SEQ] <= 1.0
+
+
+def test_prefill_first_token_can_finish_a_row():
+    """A row whose prefill token is EOS (or max_new_tokens=1) ends without a block; others go on."""
+    V = 5
+    t_tab = torch.full((V, V), -5.0).scatter(1, torch.tensor([[1], [2], [3], [4], [0]]), 5.0)
+    dec = SpeculativeDecoder(BigramLM(t_tab), BigramLM(t_tab), gamma=2, temperature=0, eos_token_id=4,
+                             first_token="prefill")
+    ids = torch.tensor([[3], [0]])
+    res = dec.generate(ids, torch.ones_like(ids), 6)
+    assert res.tokens[0, :1].tolist() == [4] and res.lengths.tolist() == [1, 4]
+    assert res.num_blocks.tolist() == [0, 1] and res.tokens[1, :4].tolist() == [1, 2, 3, 4]  # 2,3 + bonus EOS
+    one = dec.generate(ids, torch.ones_like(ids), 1)
+    assert one.lengths.tolist() == [1, 1] and one.num_blocks.tolist() == [0, 0] and one.trace_pos.numel() == 0
 
 
 def test_tau_matches_iid_formula():

@@ -43,7 +43,8 @@ def _result(accepted_per_block: list[list[int]], lengths: list[int], accept_prob
         trace_row=torch.tensor(row, dtype=torch.long), trace_block=torch.tensor(block, dtype=torch.long),
         trace_pos=torch.tensor(pos, dtype=torch.long), trace_accepted=torch.tensor(acc, dtype=torch.bool),
         trace_first_rejected=torch.tensor(first_rej, dtype=torch.bool), trace_p=torch.full((n_trace,), 0.5),
-        trace_q=torch.full((n_trace,), 0.5), trace_entropy=torch.zeros(n_trace), trace_accept_prob=ap, **timing)
+        trace_q=torch.full((n_trace,), 0.5), trace_entropy=torch.zeros(n_trace), trace_accept_prob=ap,
+        trace_p_draft_argmax=torch.full((n_trace,), 0.25), **timing)
 
 
 # Row 0: blocks accepting 3 (all, + bonus) and 1 -> 4 + 2 = 6 output tokens.

@@ -10,6 +10,13 @@ mask (see `RaggedKV`), the tail invalid for every row is cropped, nothing accept
 Finished rows (EOS or max_new_tokens) are removed from the batch and both caches (kv="dynamic"), or stay
 in the fixed-shape static caches with their results ignored (kv="static", see `static_cache.StaticKV`).
 Forward calls are timed without a device synchronisation per call (`clock.ForwardTimer`).
+
+first_token="draft" (default) starts drafting right after the prompt: the first block drafts the first new
+token. first_token="prefill" is the block alignment of serving engines such as vLLM: the target's prefill
+samples the first new token, and blocks start after it (same distribution, blocks shifted by one token).
+num_accepted counts only drafted tokens that are emitted (a block cut by EOS or max_new_tokens counts the
+accepted tokens before the cut), so accepted <= output tokens per row; the trace keeps every verification
+outcome (vLLM's counters count accepted tokens that the cut then drops).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logi
 from distillspec.sd.static_cache import check_kv_options, make_kv
 
 ACCEPTANCE_MODES = ("rejection", "topk")
+FIRST_TOKEN_MODES = ("draft", "prefill")
 
 
 @dataclass
@@ -35,11 +43,13 @@ class SDResult:
 
     tokens: (B, T) long generated tokens, right-padded with pad_token_id; lengths: (B,) valid counts
         (the EOS, when produced, is included). num_blocks / num_drafted / num_accepted: (B,) long per row
-        (target verification calls, drafted tokens, accepted drafted tokens).
+        (target verification calls, drafted tokens, accepted drafted tokens that were emitted).
     trace_*: (N,) one entry per drafted position of every block: row index, block index, position in
-        block, accepted (and all earlier in the block), first rejected in its block, p and q of the drafted
-        token, target entropy (softmax of logits / T; T = 1 when greedy), exact acceptance probability
-        sum_v min(p, q).
+        block, accepted by the verification rule (and all earlier in the block; also where EOS or the token
+        cap then cut the block, as vLLM's counters count them), first rejected in its block, p and q of the
+        drafted token, target entropy (softmax of logits / T; T = 1 when greedy), exact acceptance probability
+        sum_v min(p, q), and p(argmax q): the acceptance probability of a draft that proposes its argmax
+        and is verified as if q were one-hot (vLLM's default draft_model scheme, PR #16899).
     time_*: seconds (total wall clock, draft forwards, target forwards, prefill forwards of both);
         num_draft_calls / num_target_calls: forward calls after prefill.
     """
@@ -58,6 +68,7 @@ class SDResult:
     trace_q: torch.Tensor
     trace_entropy: torch.Tensor
     trace_accept_prob: torch.Tensor
+    trace_p_draft_argmax: torch.Tensor
     time_total: float = 0.0
     time_draft: float = 0.0
     time_target: float = 0.0
@@ -111,12 +122,15 @@ class SpeculativeDecoder:
         kv: "dynamic" (RaggedKV: growing DynamicCache, finished rows removed) or "static" (StaticKV:
             preallocated, fixed shapes per call width). compile: kv="static" only, CUDA only: the decoding
             calls run through torch.compile(mode="reduce-overhead") (CUDA graphs); ConfigError elsewhere.
+        first_token: "draft" (blocks start after the prompt) or "prefill" (the target's prefill samples the
+            first new token, as in vLLM; blocks start after it). Same output distribution either way.
     """
 
     def __init__(self, draft, target, *, gamma: int = 5, temperature: float = 1.0, top_p: float = 1.0,
                  lenience: str = "none", epsilon: float = 1.0, acceptance: str = "rejection", top_k: int = 25,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = 0,
-                 compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False) -> None:
+                 compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False,
+                 first_token: str = "draft") -> None:
         if not isinstance(gamma, int) or gamma < 1:
             raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
         check_temperature("temperature", temperature)
@@ -125,6 +139,7 @@ class SpeculativeDecoder:
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"top_p={top_p} is invalid; valid: 0 < top_p <= 1")
         check_choice("acceptance", acceptance, ACCEPTANCE_MODES)
+        check_choice("first_token", first_token, FIRST_TOKEN_MODES)
         check_choice("lenience", lenience, LENIENCES)
         if not 0.0 < epsilon <= 1.0:
             raise ConfigError(f"epsilon={epsilon} is invalid; valid: 0 < epsilon <= 1")
@@ -133,7 +148,7 @@ class SpeculativeDecoder:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
         check_kv_options(kv, compile, (draft, target))
-        self.kv, self.compile = kv, compile
+        self.kv, self.compile, self.first_token = kv, compile, first_token
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
         self.lenience, self.epsilon = lenience, float(epsilon)
@@ -163,8 +178,12 @@ class SpeculativeDecoder:
         tgt = make_kv(self.target, B, dev, role="target", **opts)
         drf = make_kv(self.draft, B, dev, role="draft", **opts)
         pos = mask.sum(1)  # valid tokens per row, including the pending (last committed) one
-        if input_ids.shape[1] > 1:
-            posids = (mask.cumsum(1) - 1).clamp(min=0)
+        posids = (mask.cumsum(1) - 1).clamp(min=0)
+        prefill = self.first_token == "prefill"
+        if prefill:  # both models read the whole prompt; the target's last logits give the first new token
+            first_logits = tgt.forward(input_ids, mask, posids, logits_to_keep=1)[:, -1]
+            drf.forward(input_ids, mask, posids, logits_to_keep=1)
+        elif input_ids.shape[1] > 1:
             for kv in (tgt, drf):
                 kv.forward(input_ids[:, :-1], mask[:, :-1], posids[:, :-1], logits_to_keep=1)
         prefill_timers = (tgt.timer, drf.timer)  # read at the end: no device wait here
@@ -182,6 +201,29 @@ class SpeculativeDecoder:
         accepted_total = torch.zeros(B, dtype=torch.long, device=dev)
         trace: list[tuple[torch.Tensor, ...]] = []
         ar = torch.arange(G + 1, device=dev)
+
+        def retire(done: torch.Tensor) -> bool:
+            """Move finished rows' outputs out of the batch; False when no row is left."""
+            nonlocal active, buf, n_out, pos, last, dprev, dprev_valid
+            rows = active[done]
+            out_len[rows] = n_out[done].clamp(max=max_new_tokens)
+            out_tokens[rows] = buf[done, :max_new_tokens]
+            keep = (~done).nonzero().squeeze(1)
+            active = active[keep]
+            if active.numel() == 0:
+                return False
+            for kv in (tgt, drf):
+                kv.keep_rows(keep)
+            buf, n_out, pos, last = buf[keep], n_out[keep], pos[keep], last[keep]
+            dprev, dprev_valid = dprev[keep], dprev_valid[keep]
+            return True
+
+        if prefill:
+            last = self._pick(process_logits(first_logits, self.temperature, self.top_p), generator)
+            buf[:, 0], n_out, pos = last, n_out + 1, pos + 1
+            done = torch.isin(last, eos) | (n_out >= max_new_tokens)
+            if bool(done.any()):
+                retire(done)
         while active.numel() > 0:
             b = active.numel()
             # ---- 1. draft gamma tokens ----
@@ -215,11 +257,6 @@ class SpeculativeDecoder:
                              epsilon=self.epsilon, top_k=self.top_k,
                              rank_scores=t_logits if self.rule == "topk" else None)
             n = v.num_accepted
-            trace.append((active[:, None].expand(b, G), blocks[active][:, None].expand(b, G), ar[None, :G].expand(b, G),
-                          v.accepted, v.first_rejected, v.p_tok, v.q_tok,
-                          entropy_from_logits(t_logits[:, :G], self.temperature), v.accept_prob))
-            blocks[active] += 1
-            accepted_total[active] += n
             # ---- 3. emit n accepted tokens + 1 (SKD: + 0 after a fully accepted block) ----
             # SKD: the student proposes every token; the teacher only replaces a rejected one, so a fully
             # accepted block adds no teacher token and d_G becomes the pending token both models see next.
@@ -231,6 +268,14 @@ class SpeculativeDecoder:
             is_eos = torch.isin(emitted, eos) & in_blk if eos.numel() else torch.zeros_like(in_blk)
             hit = is_eos.any(1)
             count = torch.where(hit, is_eos.float().argmax(1) + 1, count)
+            emit = torch.minimum(count, max_new_tokens - n_out)  # tokens of this block that are output
+            kept = torch.minimum(n, emit)  # accepted drafted tokens among them
+            p_arg = p[:, :G].gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
+            trace.append((active[:, None].expand(b, G), blocks[active][:, None].expand(b, G), ar[None, :G].expand(b, G),
+                          v.accepted, v.first_rejected, v.p_tok, v.q_tok,
+                          entropy_from_logits(t_logits[:, :G], self.temperature), v.accept_prob, p_arg))
+            blocks[active] += 1
+            accepted_total[active] += kept
             buf.scatter_(1, n_out[:, None] + ar[None, :], emitted)
             n_out = n_out + count
             done = hit | (n_out >= max_new_tokens)
@@ -250,31 +295,26 @@ class SpeculativeDecoder:
             pos = pos + n + 1 - full.long()
             last = torch.where(full, d[:, -1], v.next_token)
             # ---- 5. retire finished rows ----
-            if bool(done.any()):
-                rows = active[done]
-                lens = n_out[done].clamp(max=max_new_tokens)
-                out_len[rows] = lens
-                out_tokens[rows] = buf[done, :max_new_tokens]
-                keep = (~done).nonzero().squeeze(1)
-                active = active[keep]
-                if active.numel() == 0:
-                    break
-                for kv in (tgt, drf):
-                    kv.keep_rows(keep)
-                buf, n_out, pos, last = buf[keep], n_out[keep], pos[keep], last[keep]
-                dprev, dprev_valid = dprev[keep], dprev_valid[keep]
+            if bool(done.any()) and not retire(done):
+                break
             for kv in (tgt, drf):
                 kv.maybe_compact(self.compact_at)
         _sync(dev)
         col = torch.arange(max_new_tokens, device=dev)[None, :]
         out_tokens = torch.where(col < out_len[:, None], out_tokens, torch.full_like(out_tokens, self.pad_id))
         width = max(int(out_len.max()), 1)
-        fields = [torch.cat([t[i].reshape(-1) for t in trace]) for i in range(9)]
+        fields = [torch.cat([t[i].reshape(-1) for t in trace]) if trace else _empty_trace(i, dev) for i in range(10)]
         return SDResult(tokens=out_tokens[:, :width], lengths=out_len, num_blocks=blocks,
                         num_drafted=blocks * G, num_accepted=accepted_total,
                         trace_row=fields[0], trace_block=fields[1], trace_pos=fields[2], trace_accepted=fields[3],
                         trace_first_rejected=fields[4], trace_p=fields[5], trace_q=fields[6],
-                        trace_entropy=fields[7], trace_accept_prob=fields[8],
+                        trace_entropy=fields[7], trace_accept_prob=fields[8], trace_p_draft_argmax=fields[9],
                         time_total=time.perf_counter() - t_start, time_draft=drf.forward_time,
                         time_target=tgt.forward_time, time_prefill=sum(t.seconds for t in prefill_timers),
                         num_draft_calls=drf.calls, num_target_calls=tgt.calls, pad_token_id=self.pad_id)
+
+
+def _empty_trace(i: int, device) -> torch.Tensor:
+    """An empty trace field (no block ran: every row finished on its prefill token)."""
+    dtype = torch.long if i < 3 else (torch.bool if i in (3, 4) else torch.float32)
+    return torch.zeros(0, dtype=dtype, device=device)

@@ -8,6 +8,12 @@ Pure torch/Python. Names are the constants in `distillspec.constants`.
                sum_v min(p, q) = 1 - TV(p, q): a low-variance estimate of alpha
   tau        = output tokens / target verification calls (block efficiency)
   mean accepted length = accepted drafted tokens / blocks
+  mean acceptance length (vLLM) = 1 + verified-accepted drafted tokens / blocks, counting, as vLLM does,
+               accepted tokens that EOS or the token cap then cut (alpha_tok / alpha_seq count emitted ones)
+  accept_pos/k = blocks whose k-th drafted token passed verification (with all earlier ones) / blocks,
+               k = 1..gamma (vLLM's num_accepted_tokens_per_pos / num_drafts; same counting)
+  alpha_greedy_draft = mean over verified positions of p(argmax q): the acceptance rate of vLLM's default
+               draft_model scheme (argmax drafts verified as if q were one-hot) at the same positions
   tau_predicted = (1 - a^(g+1)) / (1 - a), a = alpha_expected (i.i.d. acceptance, Leviathan et al. 2023)
   cost ratio c = time per draft forward / time per target forward (measured, prefill excluded)
   speedup    = target-only wall time / SD wall time;  predicted speedup = tau / (c * gamma + 1)
@@ -58,11 +64,28 @@ def sd_metrics(result, gamma: int) -> dict[str, float]:
         C.ALPHA_EXPECTED: a_exp,
         C.BLOCK_EFFICIENCY: _ratio(out, blocks),
         C.MEAN_ACCEPTED_LEN: _ratio(acc, blocks),
+        C.MEAN_ACCEPTANCE_LENGTH: 1.0 + _ratio(float(result.trace_accepted.sum()), blocks),
+        C.ALPHA_GREEDY_DRAFT: float(result.trace_p_draft_argmax[verified].mean()) if ap.numel() else math.nan,
         C.TAU_PREDICTED: expected_tau(a_exp, gamma) if not math.isnan(a_exp) else math.nan,
         C.COST_RATIO: cost,
         C.NUM_DRAFTED: drafted,
         C.NUM_OUTPUT_TOKENS: out,
+        **per_position_acceptance(result, gamma),
     }
+
+
+def per_position_acceptance(result, gamma: int) -> dict[str, float]:
+    """{accept_pos_key(k): fraction of blocks whose k-th drafted token was accepted}, k = 1..gamma.
+
+    From the trace: (N,) trace_pos in 0..gamma-1 and trace_accepted (accepted with every earlier position
+    of its block, and emitted). Blocks = sum of num_blocks (every block drafts gamma tokens).
+    """
+    blocks = float(result.num_blocks.sum())
+    acc = torch.zeros(gamma, dtype=torch.float64)
+    if result.trace_pos.numel():
+        acc.index_add_(0, result.trace_pos[result.trace_accepted].long(),
+                       torch.ones(int(result.trace_accepted.sum()), dtype=torch.float64))
+    return {C.accept_pos_key(k + 1): _ratio(float(acc[k]), blocks) for k in range(gamma)}
 
 
 def per_example_metrics(result, gamma: int) -> list[dict[str, Any]]:

@@ -53,6 +53,13 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
     blocks = torch.zeros(B, dtype=torch.long)
     accepted = torch.zeros(B, dtype=torch.long)
     eos = set(dec.eos_ids)
+    if dec.first_token == "prefill":  # the target's prefill samples the first new token (vLLM's alignment)
+        ids, mask = _left_pad(seqs, dec.pad_id)
+        first = dec._pick(process_logits(target(ids, mask, 1)[:, -1].float(), dec.temperature, dec.top_p), generator)
+        for i in range(B):
+            outs[i].append(int(first[i]))
+            seqs[i] = torch.cat([seqs[i], first[i : i + 1]])
+            done[i] = int(first[i]) in eos or max_new_tokens <= 1
     while not all(done):
         act = [i for i in range(B) if not done[i]]
         cur = [seqs[i] for i in act]
@@ -73,11 +80,11 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
         for r, i in enumerate(act):
             n = int(v.num_accepted[r])
             blocks[i] += 1
-            accepted[i] += n
             skd_full = dec.rule == "topk" and n == G  # SKD: no target token after a fully kept block
             new = d[r, :n].tolist() + ([] if skd_full else [int(v.next_token[r])])
-            for t in new:
+            for k, t in enumerate(new):
                 outs[i].append(t)
+                accepted[i] += int(k < n)  # only accepted drafted tokens that are emitted count
                 if t in eos or len(outs[i]) >= max_new_tokens:
                     done[i] = True
                     break
@@ -91,6 +98,6 @@ def generate_nocache(dec: SpeculativeDecoder, input_ids: torch.Tensor, attention
     return SDResult(tokens=tokens, lengths=lengths, num_blocks=blocks, num_drafted=blocks * G, num_accepted=accepted,
                     trace_row=empty_l, trace_block=empty_l, trace_pos=empty_l,
                     trace_accepted=empty_l.bool(), trace_first_rejected=empty_l.bool(), trace_p=empty_f,
-                    trace_q=empty_f, trace_entropy=empty_f, trace_accept_prob=empty_f,
+                    trace_q=empty_f, trace_entropy=empty_f, trace_accept_prob=empty_f, trace_p_draft_argmax=empty_f,
                     time_total=time.perf_counter() - t_start, time_draft=draft.forward_time, time_target=target.forward_time,
                     num_draft_calls=draft.calls, num_target_calls=target.calls, pad_token_id=dec.pad_id)
