@@ -5,7 +5,7 @@ of chosen target layers, trained with a sparse top-k teacher on teacher samples 
 
 Plain torch (no Lightning): the library's decoding loop, rollout assembly, completion logits and sparse loss.
 Teacher data is saved under /tmp/probe_data_* and reused by later runs with the same sizes and temperature.
-The README's "Recipe probe" numbers come from this script.
+The "Recipe probe" numbers in docs/benchmarks.md come from this script.
 """
 import argparse, math, os, time
 

@@ -35,7 +35,7 @@ def test_submitit_local_sweep_runs_two_jobs(tmp_path):
 
 
 def test_multinode_slurm_commands_compose():
-    """The README's multi-node DDP commands compose to what Lightning needs under SLURM."""
+    """docs/gpu.md's multi-node DDP commands compose to what Lightning needs under SLURM."""
     from conftest import compose_cfg
 
     cfg = compose_cfg(["experiment=reference_qwen_gsm8k", "method=rkl", "trainer=ddp", "trainer.num_nodes=2",

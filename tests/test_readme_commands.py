@@ -1,10 +1,11 @@
-"""The README's commands, run verbatim as a user types them, in a temp copy of the repo.
+"""The documented commands, run verbatim as a user types them, in a temp copy of the repo.
 
 Every `python run.py ...` / `python -m distillspec.report ...` line of the README's "Running" and
-"Experiments and reports" sections is either run here (shrunk only by *appended* overrides: the tiny pair,
-a few prompts and steps, one point of an experiment's grid) with the default output directories
-(`outputs/`, `multirun/` under the copy), or listed in NOT_RUN_OFFLINE with the reason. A README command
-that is neither fails the test, so the README cannot drift from what works.
+"Experiments and reports" sections and of every bash block in docs/*.md is either run here (shrunk only by
+*appended* overrides: the tiny pair, a few prompts and steps, one point of an experiment's grid; `stage=plan`
+loads no model and runs as typed) with the default output directories (`outputs/`, `multirun/` under the
+copy), or listed in NOT_RUN_OFFLINE with the reason. A documented command that is neither fails the test, so
+the README and docs/ cannot drift from what works.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from conftest import REPO, SHARED_DATA, TINY
 from distillspec import constants as C
 
 SECTIONS = ("## Running", "## Experiments and reports")
-# Commands that need the Hugging Face Hub or a GPU (checked by substring), with the reason.
+COMMAND_PREFIXES = ("python run.py", "python -m distillspec")
+LAUNCHERS = ("srun ",)  # `srun python run.py ...` (docs/gpu.md) is collected as its python command
+# Commands that need the Hugging Face Hub, a GPU or a cluster (checked by substring), with the reason.
+# `stage=plan` commands are run whatever they name: they load no model and need no Hub.
 NOT_RUN_OFFLINE = {
     "task=gsm8k div=jsd": "loads GSM8K from the Hub",
     "pair=qwen3": "loads Qwen3 from the Hub",
@@ -33,21 +37,37 @@ NOT_RUN_OFFLINE = {
     "experiment=recipe_grid": "full-size pairs from the Hub, GPU",
     "experiment=skd_speckd": "full-size pairs from the Hub, GPU",
     "experiment=adaptive_reference": "full-size pairs from the Hub, GPU",
+    "pair.target=": "your own models: a local directory and a Hub id (docs/configuration.md)",
 }
 
 
+def _bash_commands(text: str) -> list[str]:
+    """The command lines (comments and a LAUNCHERS prefix stripped) of the bash blocks in text, in order."""
+    out: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            cmd = line.split("#", 1)[0].strip()
+            for launcher in LAUNCHERS:
+                cmd = cmd.removeprefix(launcher)
+            if cmd.startswith(COMMAND_PREFIXES):
+                out.append(cmd)
+    return out
+
+
 def readme_commands() -> list[str]:
-    """The command lines (comments stripped) of the bash blocks in SECTIONS, in README order."""
+    """The commands of the README's SECTIONS, then of every docs/*.md (by name), each once, in that order:
+    later ones may use what earlier ones wrote (the report reads the README's offline_reference sweep)."""
     text = (REPO / "README.md").read_text()
     out: list[str] = []
     for section in SECTIONS:
-        body = text.split(section, 1)[1].split("\n## ", 1)[0]
-        for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S):
-            for line in block.splitlines():
-                cmd = line.split("#", 1)[0].strip()
-                if cmd.startswith(("python run.py", "python -m distillspec")):
-                    out.append(cmd)
-    return out
+        out += _bash_commands(text.split(section, 1)[1].split("\n## ", 1)[0])
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        out += _bash_commands(doc.read_text())
+    return list(dict.fromkeys(out))
+
+
+def _excused(cmd: str) -> bool:
+    return "stage=plan" not in cmd.split() and any(s in cmd for s in NOT_RUN_OFFLINE)
 
 
 def _key(override: str) -> str:
@@ -66,6 +86,8 @@ def shrink(cmd: str) -> list[str]:
             exp = yaml.safe_load((REPO / "conf" / "experiment" / f"{a.split('=', 1)[1]}.yaml").read_text())
             params = (exp.get("hydra") or {}).get("sweeper", {}).get("params", {})
             grid.update({k: str(v).split(",")[-1] for k, v in params.items() if k not in own})
+    if "stage=plan" in argv:  # loads no model: runs as typed, in seconds
+        return argv
     groups = {k for k in own | set(grid) if "." not in k}  # a group the command or grid selects keeps its options
     extra = [o for o in TINY if _key(o) not in own | set(grid) and _key(o).split(".")[0] not in groups]
     # The tiny pair's tokenizer splits text into more tokens than the real pairs' do: an experiment's prompt-length
@@ -99,16 +121,17 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_every_readme_command_is_run_or_excused():
     cmds = readme_commands()
     assert any(c.startswith("python run.py -m div=") for c in cmds), cmds  # the parser found the sections
+    assert any("stage=plan" in c for c in cmds) and any("experiment=recipe_grid" in c for c in cmds), cmds  # docs/
     for cmd in cmds:
-        shrink(cmd)  # every experiment named in the README exists
+        shrink(cmd)  # every experiment named in the README or docs/ exists
 
 
-RUNNABLE = [c for c in readme_commands() if not any(s in c for s in NOT_RUN_OFFLINE)]
+RUNNABLE = [c for c in readme_commands() if not _excused(c)]
 
 
 @pytest.mark.parametrize("cmd", RUNNABLE)
 def test_readme_command_runs_verbatim(user_repo, cmd):
-    """One README command (in README order: later ones use what earlier ones wrote)."""
+    """One documented command (in readme_commands() order: later ones use what earlier ones wrote)."""
     if ("gsm8k_local" in cmd or "experiment=offline_adaptive" in cmd) and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not beside the repo")
     if "<run>" in cmd:  # the README's placeholder: a run dir the first command wrote
