@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(PIP_C) -e ".[dev,lora]"
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev,lora,quant]"
 	touch $(STAMP)
 
 # The installed environment now matches constraints.txt: the stamp stays newer than it.
@@ -42,7 +42,7 @@ lock: install
 
 # Newest versions pyproject.toml allows for every dependency (torch stays at TORCH_SPEC), then a new lock.
 upgrade: install
-	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,lora,bench]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,lora,quant,bench]" "$(TORCH_SPEC)"
 	$(MAKE) lock
 	@echo "constraints.txt rewritten: run 'make test', then commit it"
 

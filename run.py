@@ -39,6 +39,12 @@ def eval_command(overrides: list[str], draft_dir: Path, launch_dir: Path) -> str
     return " ".join(shlex.quote(a) for a in ["python", "run.py", "stage=eval", *keep, f"draft_checkpoint={path}"])
 
 
+def full_precision_overrides(overrides: list[str]) -> list[str]:
+    """`overrides` with any pair.target_quantization setting replaced by pair.target_quantization=null."""
+    key = "pair.target_quantization"
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != key] + [f"{key}=null"]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from distillspec.runner import run
@@ -52,6 +58,11 @@ def main(cfg: DictConfig) -> None:
         if draft_dir:
             cmd = eval_command(list(hc.overrides.task), Path(draft_dir), launch_dir)
             log.info("trained draft saved; evaluate it again with:\n  %s", cmd)
+            if quant := cfg.pair.get("target_quantization"):
+                full = eval_command(full_precision_overrides(list(hc.overrides.task)), Path(draft_dir), launch_dir)
+                log.info("pair.target_quantization=%s: this run distilled against (and SD-evaluated with) the "
+                         "%s target; serving verifies with the full-precision one. Measure the draft against "
+                         "it with:\n  %s", quant, quant, full)
             log_serving(out, run_dir, Path(draft_dir), launch_dir, cfg.sd.gamma)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)

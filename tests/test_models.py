@@ -125,16 +125,35 @@ def test_dtype_resolution():
         resolve_dtype("auto", "gpu:7")
 
 
-def test_quantization_on_cpu_fails_before_loading(tiny_pair_dirs, no_loading):
+def test_quantization_errors_come_before_loading(tiny_pair_dirs, no_loading, monkeypatch):
+    """Where bitsandbytes cannot run the quantized target, a ConfigError naming the setting, the device and
+    the fix comes before any loading. (Where it can - CPU, CUDA - tests/test_quantization.py loads it.)"""
+    from distillspec.models import loading
+
     _, target_dir = tiny_pair_dirs
-    with pytest.raises(ConfigError, match="needs CUDA and bitsandbytes.*device=cpu"):
+    spec = PairSpec(draft=str(target_dir), target=str(target_dir), target_quantization="4bit")
+    monkeypatch.setattr(loading, "_bnb_version", lambda: None)
+    with pytest.raises(ConfigError, match=r"target_quantization=8bit needs bitsandbytes, which is not installed "
+                                          r"\(pip install 'distillspec\[quant\]'.*device=cpu"):
         load_model(str(target_dir), quantization="8bit", device="cpu")
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        PairSpec(draft=str(target_dir), target=str(target_dir), target_quantization="4bit").validate("cpu")
+    with pytest.raises(ConfigError, match="target_quantization=4bit needs bitsandbytes"):
+        spec.validate("cpu")
+    monkeypatch.setattr(loading, "_bnb_version", lambda: "0.45.5")
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes>=0.46.1 .*installed: 0.45.5.*--upgrade"):
+        spec.validate("cpu")
+    monkeypatch.setattr(loading, "_bnb_version", lambda: "0.50.2")
+    with pytest.raises(ConfigError, match=r"supported here on cpu and cuda only; got device=mps"):
+        spec.validate("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"target_quantization=4bit on device=cuda, but CUDA is not available"):
+            spec.validate("cuda")
+    spec.validate("cpu")  # bitsandbytes (>= 0.46.1) runs both on the CPU
     with pytest.raises(ConfigError, match="unknown quantization '3bit'"):
         load_model(str(target_dir), quantization="3bit")
     with pytest.raises(ConfigError, match="needs trainable=True"):
         load_model(str(target_dir), gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="cannot be trained"):
+        load_model(str(target_dir), quantization="8bit", trainable=True)
 
 
 def test_hub_id_offline_error_is_wrapped():

@@ -1,5 +1,5 @@
 """Memory planning before loading (`stage=plan`, `+dry_run=true`), repo model shapes, and the
-clear error for an 8-bit teacher on a CPU-only machine."""
+clear error for an 8-bit teacher where bitsandbytes is not installed."""
 
 from __future__ import annotations
 
@@ -98,10 +98,15 @@ def test_dry_run_flag_on_the_command_line(tmp_path):
     assert plan["estimate_gib"]["peak"] * GIB > plan["params"]["teacher"] * 2
 
 
-def test_8bit_teacher_on_cpu_is_a_clear_error(tmp_path, no_loading):
-    """Fails before any loading, naming CUDA and bitsandbytes (run.py turns a ConfigError into exit code 2
-    with this message and no traceback: test_config.test_run_py_reports_config_errors_without_traceback)."""
-    with pytest.raises(ConfigError, match=r"needs CUDA and bitsandbytes.*device=cpu.*quantization='8bit'"):
+def test_8bit_teacher_without_bitsandbytes_is_a_clear_error(tmp_path, no_loading, monkeypatch):
+    """Fails before any loading, naming the setting, bitsandbytes and the fix (run.py turns a ConfigError into
+    exit code 2 with this message and no traceback: test_config.test_run_py_reports_config_errors_without_traceback).
+    With bitsandbytes installed the 8-bit teacher runs on the CPU too (tests/test_quantization.py)."""
+    from distillspec.models import loading
+
+    monkeypatch.setattr(loading, "_bnb_version", lambda: None)
+    with pytest.raises(ConfigError, match=r"target_quantization=8bit needs bitsandbytes.*distillspec\[quant\].*"
+                                          r"device=cpu"):
         run_cfg(TINY + ["pair.target_quantization=8bit"], tmp_path)
     assert not (tmp_path / C.METRICS_FILE).exists()
 

@@ -124,17 +124,77 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     return torch.float32
 
 
+# bitsandbytes runs LLM.int8() and 4-bit (NF4/FP4) on these device types (its `supported_torch_devices`;
+# CPU through its PyTorch/C++ CPU backend, needing AVX2 on x86-64). 0.46.1 is transformers 5's floor and the
+# wheel already has that CPU backend (not run here); tested: 0.50.2, on CPU.
+BNB_MIN_VERSION = "0.46.1"
+BNB_DEVICE_TYPES = ("cpu", "cuda")
+QUANT_EXTRA = "pip install 'distillspec[quant]'"
+
+
+def _bnb_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+class _DropBnbNoise(logging.Filter):
+    """Drops two expected bitsandbytes log lines; every other record passes.
+
+    - "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization": logged on every
+      8-bit matmul call (hundreds per forward). LLM.int8() always quantizes activations through float16; that
+      is the method, not a fault, and load_model logs it once instead.
+    - "Failed to load CPU gemm_4bit_forward from kernels-community ...": on AVX512-BF16 CPUs bitsandbytes tries
+      to fetch an optional 4-bit kernel from the Hub at import (package `kernels`); its own kernel is used.
+    """
+
+    PREFIXES = ("MatMul8bitLt: inputs will be cast from",
+                "Failed to load CPU gemm_4bit_forward from kernels-community")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIXES))
+
+
+_BNB_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
+
+
+def quiet_bitsandbytes() -> None:
+    """Install _DropBnbNoise on the two bitsandbytes loggers (idempotent; before or after their import)."""
+    for name in _BNB_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropBnbNoise) for f in lg.filters):
+            lg.addFilter(_DropBnbNoise())
+
+
 def check_quantization(quantization: str | None, device: str | torch.device) -> None:
-    """ConfigError unless `quantization` is None, or "8bit"/"4bit" on CUDA with bitsandbytes installed."""
+    """ConfigError unless `quantization` is None, or "8bit"/"4bit" with bitsandbytes >= BNB_MIN_VERSION
+    installed and a device it runs on: CPU, or CUDA when CUDA is available. Imports nothing heavy."""
+    from packaging.version import Version
+
     check_choice("quantization", quantization, QUANTIZATIONS)
     if quantization is None:
         return
     dev = _as_device(device)
-    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if dev.type != "cuda" or not torch.cuda.is_available() or not has_bnb:
-        raise ConfigError(f"8-bit/4-bit teacher needs CUDA and bitsandbytes (pip install "
-                          f"'distillspec[cuda]'); got device={dev}, quantization={quantization!r}, "
-                          f"cuda available={torch.cuda.is_available()}, bitsandbytes installed={has_bnb}")
+    setting = f"pair.target_quantization={quantization}"
+    have = _bnb_version()
+    if have is None:
+        raise ConfigError(f"{setting} needs bitsandbytes, which is not installed ({QUANT_EXTRA}, or "
+                          f"`make install`; or set pair.target_quantization=null); device={dev}")
+    if Version(have) < Version(BNB_MIN_VERSION):
+        raise ConfigError(f"{setting} needs bitsandbytes>={BNB_MIN_VERSION} (its CPU and current CUDA "
+                          f"backends); installed: {have}. Upgrade: {QUANT_EXTRA} --upgrade; device={dev}")
+    if dev.type not in BNB_DEVICE_TYPES:
+        raise ConfigError(f"{setting}: bitsandbytes quantization is supported here on "
+                          f"{' and '.join(BNB_DEVICE_TYPES)} only; got device={dev} (set trainer.accelerator "
+                          "to cpu or gpu, or pair.target_quantization=null)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting} on device={dev}, but CUDA is not available (cuda available=False); "
+                          "run on a GPU machine, or on the CPU with trainer=cpu")
 
 
 def _hub_error(name: str, what: str, err: Exception) -> ConfigError:
@@ -186,6 +246,7 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
         check_local_model_dir(Path(path), name, need_config=True)
     kwargs: dict = {"dtype": torch_dtype}
     if quantization is not None:
+        quiet_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
             bnb_4bit_compute_dtype=torch_dtype)
@@ -205,6 +266,10 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
         model.config.use_cache = False  # checkpointing recomputes activations; a KV cache is moot
     log.info("loaded %s (%s, %s%s) on %s", name, path, torch_dtype,
              f", {quantization}" if quantization else "", dev)
+    if quantization == "8bit" and torch_dtype != torch.float16:
+        log.info("8-bit %s: LLM.int8() casts each matmul's %s inputs to float16 to quantize them; outputs and "
+                 "logits stay %s (bitsandbytes' per-call notice of that cast is silenced)", name,
+                 str(torch_dtype).removeprefix("torch."), str(torch_dtype).removeprefix("torch."))
     return model
 
 
