@@ -49,7 +49,8 @@ def _serving_env() -> None:
         pytest.skip(why)
 
 
-pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
+# Each vLLM process loads for about a minute on 2 cores; the T > 0 check starts seven of them.
+pytestmark = [pytest.mark.real_model, pytest.mark.vllm, pytest.mark.timeout(3600)]
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
