@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
+from distillspec.jsonio import dumps, to_strict
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
                           "(continue although the config changed)")
     saved_cfg, metrics = run_dir / C.RUN_CONFIG_FILE, run_dir / C.METRICS_FILE
     started = has_checkpoint or metrics.exists()
-    config = json.loads(json.dumps(config, default=str))
+    config = to_strict(json.loads(json.dumps(config, default=str)))  # NaN -> null: compares equal on reruns
     if started and saved_cfg.exists():
         changes = config_changes(json.loads(saved_cfg.read_text()), config)
         if changes and resume != C.RESUME_FORCE:
@@ -98,7 +99,7 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
         log.warning("%s has no %s (started by an older version); its config cannot be compared",
                     run_dir, C.RUN_CONFIG_FILE)
     tmp = saved_cfg.with_name(f".{saved_cfg.name}.tmp-{os.getpid()}")  # unique: DDP ranks may race
-    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    tmp.write_text(dumps(config, indent=1, sort_keys=True))
     tmp.replace(saved_cfg)
     if metrics.exists() and resume != C.RESUME_FORCE:
         log.info("%s already finished; reporting its saved result (%s). Pass name=<new name> to run again, "

@@ -7,7 +7,6 @@ typed specs and plain values.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
+from distillspec.jsonio import write_json_atomic  # noqa: F401 - results are strict JSON (NaN -> null)
 
 log = logging.getLogger("distillspec")
 
@@ -70,13 +70,6 @@ def resolve_device(accelerator: str) -> torch.device:
             raise ConfigError(f"trainer.accelerator={accelerator!r} but CUDA is not available; use cpu or auto")
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file and rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
 
 
 def absolutize(path: str | None, base: Path) -> str | None:
