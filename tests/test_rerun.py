@@ -86,6 +86,9 @@ def test_truncated_checkpoint_falls_back_to_previous_then_starts_over(tmp_path, 
     out = run_cfg(args, tmp_path)
     assert out["train"]["resumed_from"] is None and out["train"]["steps"] == 2
     assert "starts over" in caplog.text
+    # issue 19, item 2: starting over resets the CSV log (the earlier attempt's rows were kept: steps twice)
+    assert _train_steps(tmp_path) == [0, 1]
+    assert "dropped 2 row(s) of" in caplog.text
 
 
 def test_failed_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
