@@ -148,3 +148,21 @@ def test_finite_update_check_names_a_non_finite_parameter():
     model.bias.data.zero_()
     with pytest.raises(NonFiniteError, match=r"update of training step 4 .*outputs"):
         check_finite_update(model, lambda: torch.tensor([float("nan")]), 4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.mix.student=1.5"], r"rollout.mix=\{'fixed': 0.0, 'student': 1.5, 'teacher': 0.5\}.*sum 2"),
+    (["rollout.mix.student=0.3"], r"'student': 0.3.*sum 0.8"),
+    (["rollout.mix.fixed=-0.5", "rollout.mix.student=1.0"], r"'fixed': -0.5"),
+])
+def test_mixed_rollout_weights_must_be_fractions_summing_to_one(overrides, match):
+    """Issue 19, item 5: rollout.mix.student=1.5 silently ran as 0.75 / 0.25."""
+    cfg = compose_cfg(["rollout=mixed", *overrides])
+    with pytest.raises(ConfigError, match=match) as exc:
+        build(cfg.rollout, "rollout")
+    assert "within 1e-06 of 1" in str(exc.value)
+
+
+def test_mixed_rollout_fractions_pass_unchanged():
+    cfg = compose_cfg(["rollout=mixed", "rollout.mix.student=0.75", "rollout.mix.teacher=0.25"])
+    assert build(cfg.rollout, "rollout").mix == {"fixed": 0.0, "student": 0.75, "teacher": 0.25}
