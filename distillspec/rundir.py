@@ -54,6 +54,28 @@ def check_writable(path: Path, what: str = "output dir") -> None:
                           "permissions or free space, or run elsewhere (hydra.run.dir=<dir>)") from None
 
 
+# What Hydra writes into an existing run dir before the run starts (its log file and saved config).
+HYDRA_FILES = ("run.log", ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def check_run_dir_writable(path: Path, what: str = "run dir") -> None:
+    """ConfigError naming the directory (or file) that stops a run in `path`: the nearest existing directory at or
+    above it must be writable, and so must the files Hydra writes into an existing run dir. Creates nothing
+    (os.access: for root only a read-only filesystem fails)."""
+    path = Path(os.path.abspath(path))
+    culprit = None
+    if path.is_dir():
+        culprit = next((p for p in (path, *(path / f for f in HYDRA_FILES))
+                        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))), None)
+    else:
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            culprit = parent
+    if culprit is not None:
+        raise ConfigError(f"{what} {path} cannot be written: {culprit} is not writable; fix its permissions, or run "
+                          "elsewhere (name=<new name>, or hydra.run.dir= / hydra.sweep.dir=<dir>)")
+
+
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a.b.c": leaf}."""
     out: dict[str, Any] = {}
