@@ -178,7 +178,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     # 6. Evaluate with batched SD.
     if cfg.stage != C.STAGE_TRAIN:
         report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
-                          trainer_factory)
+                          trainer_factory, step=(out.get("train") or {}).get("steps"))
         out["metrics"] = report.metrics
         history = (out.get("train") or {}).get("eval_history")
         if history is not None and train.eval_every and covers_eval and train.max_steps % train.eval_every == 0:
@@ -239,8 +239,10 @@ def evaluate_plain(models, tokenizer, task, items, sd, max_new_tokens: int, seed
     return report
 
 
-def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory):
-    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport."""
+def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory,
+             step: int | None = None):
+    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport. `step`: the logged
+    rows' step (after training: its final step)."""
     from distillspec.evaluation import SDEvaluator
     from distillspec.lit.data import prompt_loader
     from distillspec.lit.eval_module import SDEvalModule
@@ -248,7 +250,7 @@ def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int,
 
     quiet_lightning()
     evaluator = SDEvaluator(models.draft, models.target, tokenizer, sd, task, items, max_new_tokens, seed)
-    module = SDEvalModule(evaluator)
+    module = SDEvalModule(evaluator, step=step)
     trainer = trainer_factory(logger=loggers, devices=1, strategy="auto", num_nodes=1,
                               enable_checkpointing=False, enable_model_summary=False,
                               callbacks=progress_callbacks(trainer_factory))
