@@ -71,6 +71,12 @@ def main(cfg: DictConfig) -> None:
         if code is None:
             raise
         log.error("%s: %s", what, exc)
+        if isinstance(exc, ConfigError):  # refused: leave no empty run dir behind
+            from distillspec.hydra_callbacks import NEW_RUN_DIRS
+            from distillspec.rundir import remove_new_run_dir
+
+            logging.shutdown()  # close run.log
+            remove_new_run_dir(NEW_RUN_DIRS)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(code)
 

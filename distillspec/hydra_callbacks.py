@@ -35,14 +35,22 @@ def _refuse(exc: ConfigError) -> None:
     sys.exit(C.EXIT_CONFIG_ERROR)
 
 
+# The directories a single run's launch is about to create (its run dir and missing parents): a refused run
+# removes them again (run.py, distillspec.rundir.remove_new_run_dir).
+NEW_RUN_DIRS: list[Path] = []
+
+
 class RunDirCheck(Callback):
-    """Before a run: its run dir must be writable. Before a sweep: the sweep dir and its existing job dirs."""
+    """Before a run: its run dir must be writable (and the directories about to be created are noted in
+    NEW_RUN_DIRS). Before a sweep: the sweep dir and its existing job dirs."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = _resolve_dir(config, "hydra.run.dir")
         try:
             if run_dir is not None:
                 check_run_dir_writable(run_dir)
+                run_dir = run_dir.absolute()
+                NEW_RUN_DIRS[:] = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         except ConfigError as exc:
             _refuse(exc)
 

@@ -66,3 +66,20 @@ def test_check_run_dir_writable_names_the_nearest_existing_directory(tmp_path, m
     monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if str(p) == str(tmp_path) else real(p, m))
     with pytest.raises(ConfigError, match=f"{tmp_path} is not writable"):
         check_run_dir_writable(tmp_path / "a" / "b")
+
+
+def test_refused_run_leaves_no_run_dir(tmp_path):
+    """Issue 19, item 6: a run refused by validation left outputs/<name>/<overrides>/ behind (.hydra, run.log)."""
+    run_dir = tmp_path / "outputs" / "exp" / "job"
+    (tmp_path / "outputs").mkdir()
+    out = subprocess.run([sys.executable, "run.py", "pair=tiny", "sd.gamma=0", f"hydra.run.dir={run_dir}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "sd.gamma=0" in out.stderr
+    assert not (tmp_path / "outputs" / "exp").exists()
+    assert (tmp_path / "outputs").is_dir()  # it existed before: kept
+    # an existing run dir (a real earlier run's files) is never removed by a refused launch
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "run.py", "pair=tiny", "sd.gamma=0", f"hydra.run.dir={run_dir}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and (run_dir / "run_config.json").exists()
