@@ -130,8 +130,8 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
     if started and saved_cfg.exists():
         changes = config_changes(json.loads(saved_cfg.read_text()), config)
         if changes and resume != C.RESUME_FORCE:
-            what = "finished" if metrics.exists() else "interrupted"
-            raise ConfigError(f"{run_dir} holds a {what} run started with a different config; changed: "
+            what = "a finished" if metrics.exists() else "an interrupted"
+            raise ConfigError(f"{run_dir} holds {what} run started with a different config; changed: "
                               f"{'; '.join(changes)}. Pass name=<new name> for a fresh run, or resume="
                               f"{C.RESUME_FORCE} to continue this one with the new config")
         if changes:

@@ -150,3 +150,11 @@ def test_run_py_refuses_bad_name_before_hydra_makes_dirs(capsys):
     cfg = compose_cfg(["name=../x"])  # a name from a yaml file: the run-dir resolver refuses it too
     with pytest.raises(Exception, match=r"name='\.\./x'"):
         OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+
+
+def test_changed_config_of_an_interrupted_run_reads_well(tmp_path):
+    from distillspec.rundir import check_rerun
+
+    check_rerun(tmp_path, {"train": {"lr": 0.1}}, True, has_checkpoint=False)
+    with pytest.raises(ConfigError, match=r"holds an interrupted run .*train\.lr: 0\.1 -> 0\.2"):
+        check_rerun(tmp_path, {"train": {"lr": 0.2}}, True, has_checkpoint=True)
