@@ -27,6 +27,7 @@ It is an estimate for choosing a set-up, accurate to roughly +-20 %; measure wit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 from distillspec.errors import ConfigError, check_choice
@@ -235,4 +236,5 @@ def plan_run(pair, task, train, sd, objective, rollout, trainer, run_dir, cards:
            "options_gib": {label: peak / GIB for label, peak in options(student, teacher, s)}}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / C.PLAN_FILE, out)
+    logging.getLogger("distillspec").info("wrote the memory plan to %s", run_dir / C.PLAN_FILE)
     return out
