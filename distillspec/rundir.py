@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Keys that may differ between launches of one run dir (they are also left out of its directory name).
 IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
+# Keys added to conf/ after runs existed, with the value those runs used (the spec's default then): a run dir
+# whose run_config.json lacks one is not "changed" when the key holds that value.
+ADDED_KEYS = {"rollout.cache_top_k": 64}
 _NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
 RESUME_CHOICES = (True, False, C.RESUME_FORCE)
 
@@ -114,6 +117,9 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     ignored = lambda k: any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)  # noqa: E731
     missing = object()
+    for k, default in ADDED_KEYS.items():  # a run dir started before the key was in conf/ ran with its default
+        if k not in a and k in b:
+            a[k] = default
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
             if not ignored(k) and a.get(k, missing) != b.get(k, missing)]
 

@@ -158,3 +158,12 @@ def test_changed_config_of_an_interrupted_run_reads_well(tmp_path):
     check_rerun(tmp_path, {"train": {"lr": 0.1}}, True, has_checkpoint=False)
     with pytest.raises(ConfigError, match=r"holds an interrupted run .*train\.lr: 0\.1 -> 0\.2"):
         check_rerun(tmp_path, {"train": {"lr": 0.2}}, True, has_checkpoint=True)
+
+
+def test_a_key_added_to_conf_with_its_old_default_is_no_change():
+    from distillspec.rundir import config_changes
+
+    old = {"rollout": {"source": "teacher"}}  # a run dir from before rollout.cache_top_k was in conf/rollout/
+    assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 64}}) == []
+    assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 8}}) == [
+        "rollout.cache_top_k: 64 -> 8"]
