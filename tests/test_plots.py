@@ -185,3 +185,17 @@ def test_entropy_figure_draws_one_line_per_gamma():
     lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]
     assert len(lines) == 2
     assert {"γ = 3", "γ = 5"} <= set(_legend_texts(fig))
+
+
+def test_before_after_figure_without_a_curve_warns_nothing(tmp_path, monkeypatch):
+    """Issue 19, item 6: train.eval_every=0 (no periodic evaluation) gave matplotlib's 'No artists with labels'."""
+    import warnings
+
+    from distillspec.before_after import before_after_plot
+
+    made = []
+    monkeypatch.setattr(rp, "save", lambda fig, path, dpi=120: made.append(fig) or path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before_after_plot([], _bins(-0.5, 0.5, [6, 9], 0), _bins(-0.5, 0.5, [6, 9], 1), tmp_path / "ba.png")
+    assert "train.eval_every" in " ".join(t.get_text() for t in made[0].axes[0].texts)
