@@ -58,6 +58,9 @@ TRAIN_DIV_BY_ENTROPY = "train/div_by_entropy/"        # + "<lo>-<hi>" nats: mean
 TRAIN_TOKENS_BY_ENTROPY = "train/tokens_by_entropy/"  # + "<lo>-<hi>": share of tokens in that bin
 VAL_PREFIX = "val/"                     # periodic SD evaluation during training: val/ + the sd/ names
 
+# --- SD KV cache (sd.kv) ---
+KV_MODES = ("dynamic", "static")        # dynamic: transformers' DynamicCache; static: preallocated (static_cache.py)
+
 # --- run bookkeeping ---
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"     # the resolved config a run dir was started with (rerun check)

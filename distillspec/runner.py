@@ -81,10 +81,11 @@ def absolutize(path: str | None, base: Path) -> str | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
-    """Run the configured stage; returns what was written to run_dir/metrics.json."""
-    import lightning as L
+    """Run the configured stage; returns what was written to run_dir/metrics.json.
 
-    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+    Every setting is checked before the heavy imports (Lightning, transformers' models: seconds), so a typo
+    fails at once.
+    """
     from distillspec.rundir import check_name, check_rerun, check_writable
 
     check_choice("stage", cfg.stage, C.STAGES)
@@ -101,9 +102,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     objective = build(cfg.div, "div")
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
-    trainer_factory = build(cfg.trainer, "trainer")
-    check_trainer_settings(cfg.trainer)
     check_writable(run_dir)
+    check_trainer_settings(cfg.trainer)  # the first Lightning import
+    trainer_factory = build(cfg.trainer, "trainer")
     if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
         from distillspec.planning import plan_run
 
@@ -116,6 +117,10 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                               f"got stage={cfg.stage!r}")
         pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
             os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+    import lightning as L
+
+    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+
     # A rerun of a finished command reports its result; a changed config is refused (distillspec.rundir).
     finished = check_rerun(run_dir, snapshot, cfg.resume,
                            has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))

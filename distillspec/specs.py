@@ -91,7 +91,7 @@ class SDSpec:
 
     def __post_init__(self) -> None:
         from distillspec.sd.sampling import LENIENCES
-        from distillspec.sd.static_cache import KV_MODES
+        from distillspec.constants import KV_MODES
 
         check_field_types(self, "sd")
         check_choice("sd.kv", self.kv, KV_MODES)
