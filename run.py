@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, NonFiniteError
 from distillspec.resolvers import register
 
@@ -47,11 +48,17 @@ def full_precision_overrides(overrides: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.types import RunMode
+
     from distillspec.runner import run
+    from distillspec.sweep import clear_failure, exit_code, record_failure
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     launch_dir = Path(hydra.utils.get_original_cwd())
+    sweep = hc.mode == RunMode.MULTIRUN
+    if sweep:
+        clear_failure(run_dir)  # a rerun of the sweep runs a failed job again
     try:
         out = run(cfg, run_dir, launch_dir)
         draft_dir = (out.get("train") or {}).get("draft_dir")
@@ -64,14 +71,26 @@ def main(cfg: DictConfig) -> None:
                          "%s target; serving verifies with the full-precision one. Measure the draft against "
                          "it with:\n  %s", quant, quant, full)
             log_serving(out, run_dir, Path(draft_dir), launch_dir, cfg.sd.gamma)
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - a sweep records any job's failure and goes on
+        code = exit_code(exc)
+        what = "configuration error" if isinstance(exc, ConfigError) else "stopped on non-finite values" if isinstance(
+            exc, NonFiniteError) else "failed"
+        if sweep:
+            record_failure(run_dir, Path(hc.sweep.dir), exc, list(hc.overrides.task))
+            log.error("%s: %s (job %s; the sweep goes on, see %s)", what, exc, run_dir.name, run_dir / C.ERROR_FILE,
+                      exc_info=code is None)
+            return
+        if code is None:
+            raise
+        log.error("%s: %s", what, exc)
+        if isinstance(exc, ConfigError):  # refused: leave no empty run dir behind
+            from distillspec.hydra_callbacks import NEW_RUN_DIRS
+            from distillspec.rundir import remove_new_run_dir
+
+            logging.shutdown()  # close run.log
+            remove_new_run_dir(NEW_RUN_DIRS)
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as exc:
-        log.error("training stopped: %s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(code)
 
 
 def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gamma) -> None:

@@ -186,9 +186,11 @@ def child(args) -> None:
     out = run_ours(args) if args.impl == "ours" else run_trl(args)
     import torch
 
+    from distillspec.jsonio import dumps
+
     out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.json).write_text(json.dumps(out))
+    Path(args.json).write_text(dumps(out))  # strict: NaN -> null
 
 
 def main() -> None:

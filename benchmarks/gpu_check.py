@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     text = report(results)
     print(text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    from distillspec.jsonio import dumps
+
+    Path(args.json).write_text(dumps(json.loads(json.dumps(results, default=str)), indent=2))  # strict: NaN -> null
     print(f"\n[gpu_check] wrote {args.json}; {len(failed)} section(s) failed{': ' + ', '.join(failed) if failed else ''}",
           file=sys.stderr)
     return 1 if failed else 0

@@ -74,7 +74,11 @@ def before_after_plot(history: Sequence[dict[str, float]], before_bins: Sequence
     ax1.set(xlabel="training step", ylabel="acceptance", title="Acceptance over training (periodic SD eval)",
             ylim=(0, 1))
     integer_axis(ax1, [h["step"] for h in history] if len(history) <= 12 else None)
-    ax1.legend(loc="upper left")
+    if ax1.get_lines():
+        ax1.legend(loc="upper left")
+    else:  # nothing to draw (and no empty legend: matplotlib warns about one)
+        ax1.text(0.5, 0.5, "no periodic SD evaluation\n(train.eval_every=0)", ha="center", va="center",
+                 transform=ax1.transAxes, color="0.4")
     all_mids = []
     for bins, label, style in ((before_bins, "untrained draft", "o--"), (after_bins, "distilled draft", "o-")):
         if bins:
@@ -84,6 +88,7 @@ def before_after_plot(history: Sequence[dict[str, float]], before_bins: Sequence
     ax2.set(xlabel="teacher entropy at the position (nats, log bins)", ylabel="acceptance rate",
             title="Acceptance by teacher entropy", ylim=(0, 1))
     log_entropy_axis(ax2, all_mids)
-    ax2.legend(loc="upper right")
+    if ax2.get_lines():
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     return save(fig, path, dpi=110)

@@ -78,6 +78,9 @@ TRAIN_DIV_BY_ENTROPY = "train/div_by_entropy/"        # + "<lo>-<hi>" nats: mean
 TRAIN_TOKENS_BY_ENTROPY = "train/tokens_by_entropy/"  # + "<lo>-<hi>": share of tokens in that bin
 VAL_PREFIX = "val/"                     # periodic SD evaluation during training: val/ + the sd/ names
 
+# --- SD KV cache (sd.kv) ---
+KV_MODES = ("dynamic", "static")        # dynamic: transformers' DynamicCache; static: preallocated (static_cache.py)
+
 # --- run bookkeeping ---
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"     # the resolved config a run dir was started with (rerun check)
@@ -89,6 +92,12 @@ STAGE_TRAIN_EVAL = "train_eval"
 STAGE_PLAN = "plan"                     # memory plan only: nothing is loaded (also `+dry_run=true`)
 STAGES = (STAGE_TRAIN_EVAL, STAGE_TRAIN, STAGE_EVAL, STAGE_PLAN)
 PLAN_FILE = "plan.json"
+ERROR_FILE = "error.json"               # a failed sweep job: {job, error_type, message, exit_code} in its run dir
+ERROR_TRACEBACK_FILE = "error.txt"      # ... and its traceback
+FAILURES_FILE = "failures.jsonl"        # the sweep dir: one line per failed job of the latest launch
+EXIT_CONFIG_ERROR = 2                   # run.py exit codes: a refused setting (ConfigError)
+EXIT_NON_FINITE = 3                     # training or SD hit NaN/inf (NonFiniteError)
+EXIT_OTHER_ERROR = 1                    # any other failure (a sweep whose failed jobs differ in kind)
 
 # --- task quality metrics (logged as QUALITY_PREFIX + name; all are fractions in [0, 1]) ---
 ACCURACY = "accuracy"                   # extracted final number == reference number

@@ -18,6 +18,11 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; nothing non-finite is applied or saved."""
 
 
+class InvariantError(RuntimeError):
+    """Numbers that cannot happen (e.g. more accepted drafted tokens than output tokens): a bug or broken input
+    upstream, reported as an error instead of a silently impossible metric."""
+
+
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     """Raise ConfigError unless `value` is one of `choices`."""
     choices = list(choices)

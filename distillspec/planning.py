@@ -27,6 +27,7 @@ It is an estimate for choosing a set-up, accurate to roughly +-20 %; measure wit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 from distillspec.errors import ConfigError, check_choice
@@ -212,9 +213,8 @@ def plan_run(pair, task, train, sd, objective, rollout, trainer, run_dir, cards:
     trainer: the `trainer` config node (precision, strategy, devices, num_nodes are read). Writes
     run_dir/plan.json; returns it.
     """
-    import json
-
     from distillspec import constants as C
+    from distillspec.jsonio import write_json_atomic
     from distillspec.models.shapes import config_for, count_parameters
 
     check_choice("pair.target_quantization", pair.target_quantization, [None, *QUANT_BYTES])
@@ -235,5 +235,6 @@ def plan_run(pair, task, train, sd, objective, rollout, trainer, run_dir, cards:
            "fits": {str(gb): ok for gb, ok in fits(est["peak"], tuple(sorted(set(CARDS_GB) | set(cards)))).items()},
            "options_gib": {label: peak / GIB for label, peak in options(student, teacher, s)}}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / C.PLAN_FILE).write_text(json.dumps(out, indent=2))
+    write_json_atomic(run_dir / C.PLAN_FILE, out)
+    logging.getLogger("distillspec").info("wrote the memory plan to %s", run_dir / C.PLAN_FILE)
     return out

@@ -77,11 +77,40 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
     return row
 
 
-def collect(sweep_dir: Path) -> pd.DataFrame:
+def collect(sweep_dir: Path, allow_empty: bool = False) -> pd.DataFrame:
     rows = [r for p in sorted(sweep_dir.rglob(C.METRICS_FILE)) if (r := load_job(p)) is not None]
-    if not rows:
+    if not rows and not allow_empty:
         raise SystemExit(f"no {C.METRICS_FILE} with SD metrics under {sweep_dir}")
     return pd.DataFrame(rows)
+
+
+def collect_failures(sweep_dir: Path) -> pd.DataFrame:
+    """One row per failed job (its error.json, distillspec.sweep; none once a rerun finished it): job, method,
+    gamma, status "failed", error type, exit code and the first line of the message."""
+    import yaml
+
+    rows = []
+    for path in sorted(sweep_dir.rglob(C.ERROR_FILE)):
+        if (path.parent / C.METRICS_FILE).exists():
+            continue  # finished on a later attempt
+        err = json.loads(path.read_text())
+        cfg_file = path.parent / ".hydra" / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+        rows.append({"job": str(path.parent), "status": "failed", "method": method_label(cfg, cfg.get("stage", "")),
+                     "task": (cfg.get("task") or {}).get("_target_", "").rsplit(".", 1)[-1],
+                     "gamma": (cfg.get("sd") or {}).get("gamma"), "error_type": err.get("error_type"),
+                     "exit_code": err.get("exit_code"),
+                     "error": (err.get("message") or "").splitlines()[0][:200] if err.get("message") else ""})
+    return pd.DataFrame(rows)
+
+
+def failures_table(failed: pd.DataFrame) -> str:
+    """Markdown table of the failed jobs ("" when none)."""
+    if failed.empty:
+        return ""
+    cols = ["job", "status", "method", "gamma", "error_type", "exit_code", "error"]
+    shown = failed.assign(job=[Path(j).name for j in failed["job"]])[cols]
+    return shown.to_markdown(index=False)
 
 
 def _fmt_alpha(row: pd.Series, key: str, bold: bool) -> str:
@@ -181,9 +210,15 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     """Aggregate `sweep_dir`; write summary.csv, report.md and PNGs into `out` (default: sweep_dir)."""
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    df = collect(sweep_dir)
+    failed = collect_failures(sweep_dir)
+    df = collect(sweep_dir, allow_empty=not failed.empty)
     public = df[[c for c in df.columns if not c.startswith("_")]]
-    public.to_csv(out / SUMMARY_CSV, index=False)
+    pd.concat([public.assign(status="ok"), failed], ignore_index=True).to_csv(out / SUMMARY_CSV, index=False)
+    failures_md = ["## Failed jobs", "", failures_table(failed), ""] if not failed.empty else []
+    if df.empty:  # every job failed: the failures are the report
+        (out / REPORT_MD).write_text("\n".join([f"# Sweep report: {sweep_dir}", "", f"{len(failed)} failed jobs, "
+                                                "none with SD metrics.", "", *failures_md]) + "\n")
+        return {"summary": out / SUMMARY_CSV, "report": out / REPORT_MD}
     figs = plots(df, out)
     cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
             C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.MEAN_ACCEPTANCE_LENGTH, C.ALPHA_GREEDY_DRAFT, C.SPEEDUP,
@@ -193,7 +228,8 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     recipe = recipe_table(df)
     by_entropy = entropy_table(df)
     by_position = position_table(df)
-    md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics.", "",
+    md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
+          + (f", {len(failed)} failed (see Failed jobs)." if not failed.empty else "."), "", *failures_md,
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
           *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]

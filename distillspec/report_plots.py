@@ -139,25 +139,51 @@ def _rename_legend(ax, names: dict[str, str]) -> None:
         text.set_text(names.get(text.get_text(), text.get_text()))
 
 
+SETTING = "SD setting"  # entropy_figure's style column: γ (and sampling) when they vary between jobs
+
+
+def _setting_style(rows: pd.DataFrame) -> tuple[str | None, list[str] | None]:
+    """Adds a SETTING column ("γ = 5", with ", greedy" / ", T = 1" when temperatures vary too) when γ or the
+    temperature differ between rows, so each setting is its own line; returns (style column, order) or Nones."""
+    gammas = rows["gamma"].nunique(dropna=False) > 1
+    temps = "temperature" in rows and rows["temperature"].nunique(dropna=False) > 1
+    if not (gammas or temps):
+        return None, None
+    key = rows[["gamma", "temperature"]].apply(tuple, axis=1) if temps else rows["gamma"]
+    def whole(v: Any) -> str:
+        return str(int(v)) if isinstance(v, (int, float)) and not pd.isna(v) and float(v).is_integer() else str(v)
+
+    name = {k: ", ".join(([f"γ = {whole(k[0] if temps else k)}"] if gammas else []) + (
+        [sampling_label(k[1])] if temps else [])) for k in key.unique()}
+    rows[SETTING] = key.map(name)
+    def order(k) -> tuple:
+        return tuple(pd.to_numeric(pd.Series(list(k) if temps else [k]), errors="coerce").fillna(-1))
+
+    return SETTING, [name[k] for k in sorted(name, key=order)]
+
+
 def entropy_figure(df: pd.DataFrame):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"], task=r.get("task", ""))
+    bins = [dict(b, method=r["method"], gamma=r["gamma"], rollout=r["rollout"], task=r.get("task", ""),
+                 temperature=r.get("temperature"))
             for _, r in df.iterrows() for b in r["_entropy_bins"]]
     if not bins:
         return None
     b = pd.DataFrame(bins)
     b["entropy"] = np.sqrt(b["bin_lo"].clip(lower=1e-5) * b["bin_hi"].clip(upper=1e2))
     b["count"] = b["count"].round().astype(int)  # positions: the size legend reads 6, not 6.0
+    style, style_order = _setting_style(b)
     panels, hue, order = _panels(b)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4.5), sharey=True, squeeze=False)
     for ax, (title, data) in zip(axes[0], panels):
         last = ax is axes[0][-1]
-        sns.lineplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, ax=ax, legend=False,
-                     alpha=0.6)
+        sns.lineplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, style=style,
+                     style_order=style_order, ax=ax, legend=False, alpha=0.6)
         sns.scatterplot(data=data, x="entropy", y="acceptance", hue=hue, hue_order=order, size="count",
-                        sizes=(20, 300), ax=ax, legend="brief" if last else False)
+                        sizes=(20, 300), style=style, style_order=style_order, ax=ax,
+                        legend="brief" if last else False)
         ax.set(xlabel="teacher entropy (nats, log bins)", ylabel="acceptance rate",
                title=title or "Acceptance vs teacher entropy")
     for ax in axes[0]:

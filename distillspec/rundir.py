@@ -22,11 +22,15 @@ from typing import Any, Mapping
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
+from distillspec.jsonio import dumps, to_strict
 
 log = logging.getLogger(__name__)
 
 # Keys that may differ between launches of one run dir (they are also left out of its directory name).
 IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
+# Keys added to conf/ after runs existed, with the value those runs used (the spec's default then): a run dir
+# whose run_config.json lacks one is not "changed" when the key holds that value.
+ADDED_KEYS = {"rollout.cache_top_k": 64}
 _NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
 RESUME_CHOICES = (True, False, C.RESUME_FORCE)
 
@@ -53,6 +57,49 @@ def check_writable(path: Path, what: str = "output dir") -> None:
                           "permissions or free space, or run elsewhere (hydra.run.dir=<dir>)") from None
 
 
+# What Hydra writes into an existing run dir before the run starts (its log file and saved config).
+HYDRA_FILES = ("run.log", ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def check_run_dir_writable(path: Path, what: str = "run dir") -> None:
+    """ConfigError naming the directory (or file) that stops a run in `path`: the nearest existing directory at or
+    above it must be writable, and so must the files Hydra writes into an existing run dir. Creates nothing
+    (os.access: for root only a read-only filesystem fails)."""
+    path = Path(os.path.abspath(path))
+    culprit = None
+    if path.is_dir():
+        culprit = next((p for p in (path, *(path / f for f in HYDRA_FILES))
+                        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))), None)
+    else:
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            culprit = parent
+    if culprit is not None:
+        raise ConfigError(f"{what} {path} cannot be written: {culprit} is not writable; fix its permissions, or run "
+                          "elsewhere (name=<new name>, or hydra.run.dir= / hydra.sweep.dir=<dir>)")
+
+
+def remove_new_run_dir(new_dirs: list[Path]) -> list[Path]:
+    """After a refused launch: remove the directories it created (`new_dirs`, deepest first: the run dir and its
+    missing parents, recorded before Hydra made them) when they hold nothing but Hydra's own files. Returns the
+    removed ones; anything else in them keeps them."""
+    import shutil
+
+    removed = []
+    for d in sorted(new_dirs, key=lambda p: len(p.parts), reverse=True):
+        if not d.is_dir() or any(p.name not in ("run.log", ".hydra") for p in d.iterdir()):
+            break  # something else is there: keep it and everything above it
+        hydra = d / ".hydra"
+        if hydra.is_dir() and any(p.name not in HYDRA_FILES_IN_DOT_HYDRA for p in hydra.iterdir()):
+            break
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+HYDRA_FILES_IN_DOT_HYDRA = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a.b.c": leaf}."""
     out: dict[str, Any] = {}
@@ -70,6 +117,9 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     ignored = lambda k: any(k == i or k.startswith(i + ".") for i in IGNORED_KEYS)  # noqa: E731
     missing = object()
+    for k, default in ADDED_KEYS.items():  # a run dir started before the key was in conf/ ran with its default
+        if k not in a and k in b:
+            a[k] = default
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
             if not ignored(k) and a.get(k, missing) != b.get(k, missing)]
 
@@ -82,12 +132,12 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
                           "(continue although the config changed)")
     saved_cfg, metrics = run_dir / C.RUN_CONFIG_FILE, run_dir / C.METRICS_FILE
     started = has_checkpoint or metrics.exists()
-    config = json.loads(json.dumps(config, default=str))
+    config = to_strict(json.loads(json.dumps(config, default=str)))  # NaN -> null: compares equal on reruns
     if started and saved_cfg.exists():
         changes = config_changes(json.loads(saved_cfg.read_text()), config)
         if changes and resume != C.RESUME_FORCE:
-            what = "finished" if metrics.exists() else "interrupted"
-            raise ConfigError(f"{run_dir} holds a {what} run started with a different config; changed: "
+            what = "a finished" if metrics.exists() else "an interrupted"
+            raise ConfigError(f"{run_dir} holds {what} run started with a different config; changed: "
                               f"{'; '.join(changes)}. Pass name=<new name> for a fresh run, or resume="
                               f"{C.RESUME_FORCE} to continue this one with the new config")
         if changes:
@@ -98,7 +148,7 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
         log.warning("%s has no %s (started by an older version); its config cannot be compared",
                     run_dir, C.RUN_CONFIG_FILE)
     tmp = saved_cfg.with_name(f".{saved_cfg.name}.tmp-{os.getpid()}")  # unique: DDP ranks may race
-    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    tmp.write_text(dumps(config, indent=1, sort_keys=True))
     tmp.replace(saved_cfg)
     if metrics.exists() and resume != C.RESUME_FORCE:
         log.info("%s already finished; reporting its saved result (%s). Pass name=<new name> to run again, "

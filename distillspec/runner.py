@@ -7,7 +7,6 @@ typed specs and plain values.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
+from distillspec.jsonio import write_json_atomic  # noqa: F401 - results are strict JSON (NaN -> null)
 
 log = logging.getLogger("distillspec")
 
@@ -72,13 +72,6 @@ def resolve_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file and rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
-
-
 def absolutize(path: str | None, base: Path) -> str | None:
     """Relative data paths in the config are relative to the launch directory."""
     if path is None:
@@ -88,10 +81,11 @@ def absolutize(path: str | None, base: Path) -> str | None:
 
 
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
-    """Run the configured stage; returns what was written to run_dir/metrics.json."""
-    import lightning as L
+    """Run the configured stage; returns what was written to run_dir/metrics.json.
 
-    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+    Every setting is checked before the heavy imports (Lightning, transformers' models: seconds), so a typo
+    fails at once.
+    """
     from distillspec.rundir import check_name, check_rerun, check_writable
 
     check_choice("stage", cfg.stage, C.STAGES)
@@ -108,9 +102,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     objective = build(cfg.div, "div")
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
-    trainer_factory = build(cfg.trainer, "trainer")
-    check_trainer_settings(cfg.trainer)
     check_writable(run_dir)
+    check_trainer_settings(cfg.trainer)  # the first Lightning import
+    trainer_factory = build(cfg.trainer, "trainer")
     if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
         from distillspec.planning import plan_run
 
@@ -123,6 +117,10 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                               f"got stage={cfg.stage!r}")
         pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
             os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+    import lightning as L
+
+    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+
     # A rerun of a finished command reports its result; a changed config is refused (distillspec.rundir).
     finished = check_rerun(run_dir, snapshot, cfg.resume,
                            has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))
@@ -185,7 +183,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     # 6. Evaluate with batched SD.
     if cfg.stage != C.STAGE_TRAIN:
         report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
-                          trainer_factory)
+                          trainer_factory, step=(out.get("train") or {}).get("steps"))
         out["metrics"] = report.metrics
         history = (out.get("train") or {}).get("eval_history")
         if history is not None and train.eval_every and covers_eval and train.max_steps % train.eval_every == 0:
@@ -246,8 +244,10 @@ def evaluate_plain(models, tokenizer, task, items, sd, max_new_tokens: int, seed
     return report
 
 
-def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory):
-    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport."""
+def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory,
+             step: int | None = None):
+    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport. `step`: the logged
+    rows' step (after training: its final step)."""
     from distillspec.evaluation import SDEvaluator
     from distillspec.lit.data import prompt_loader
     from distillspec.lit.eval_module import SDEvalModule
@@ -255,7 +255,7 @@ def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int,
 
     quiet_lightning()
     evaluator = SDEvaluator(models.draft, models.target, tokenizer, sd, task, items, max_new_tokens, seed)
-    module = SDEvalModule(evaluator)
+    module = SDEvalModule(evaluator, step=step)
     trainer = trainer_factory(logger=loggers, devices=1, strategy="auto", num_nodes=1,
                               enable_checkpointing=False, enable_model_summary=False,
                               callbacks=progress_callbacks(trainer_factory))

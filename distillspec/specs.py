@@ -16,6 +16,7 @@ from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
+MIX_TOLERANCE = 1e-6  # rollout.mix fractions must sum to 1 within this
 GATE_MODES = ("greedy", "sampled", "ratio")
 TEACHER_LOGITS = ("sparse", "dense")
 AUTO_GAMMA = "auto"  # sd.gamma=auto: chosen from measured alpha, c and v (SDEvaluator)
@@ -92,7 +93,7 @@ class SDSpec:
     def __post_init__(self) -> None:
         from distillspec.sd.engine import FIRST_TOKEN_MODES
         from distillspec.sd.sampling import LENIENCES
-        from distillspec.sd.static_cache import KV_MODES
+        from distillspec.constants import KV_MODES
 
         check_field_types(self, "sd")
         check_choice("sd.kv", self.kv, KV_MODES)
@@ -230,10 +231,12 @@ class RolloutSpec:
             for key, value in mix.items():
                 check_choice("rollout.mix source", key, MIX_SOURCES)
                 check_number(f"rollout.mix.{key}", value)
-            if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-                raise ConfigError(f"rollout.mix={mix} needs non-negative fractions with a positive sum")
             total = sum(mix.values())
-            self.mix = {k: float(v) / total for k, v in mix.items()}
+            if any(not 0 <= v <= 1 for v in mix.values()) or abs(total - 1) > MIX_TOLERANCE:
+                raise ConfigError(f"rollout.mix={mix} is invalid (sum {total:g}); valid: fractions in [0, 1] of "
+                                  f"{', '.join(MIX_SOURCES)} summing to 1 (within {MIX_TOLERANCE:g} of 1), e.g. "
+                                  "rollout.mix.student=0.75 rollout.mix.teacher=0.25 rollout.mix.fixed=0")
+            self.mix = {k: float(v) for k, v in mix.items()}
         if self.skd_top_k < 1 or self.skd_gamma < 1:
             raise ConfigError(f"rollout.skd_top_k={self.skd_top_k} and skd_gamma={self.skd_gamma} must be >= 1")
 

@@ -133,3 +133,13 @@ def test_run_name_uses_model_names_when_the_pair_is_given_by_paths_or_ids():
     one = compose_cfg(["pair=tiny", "pair.draft=offline:smollm2-135m-L6"])  # the other model: the group's value
     assert OmegaConf.select(one, "name") == "arithmetic-target+smollm2-135m-L6"
     assert OmegaConf.select(compose_cfg(["pair=tiny"]), "name") == "arithmetic-tiny"
+
+
+@pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "mixed", "skd"])
+def test_cache_top_k_is_in_every_rollout_config(rollout):
+    """Issue 19, item 6: rollout.cache_top_k needed '+' although conf/config.yaml names it."""
+    from distillspec.specs import RolloutSpec
+
+    cfg = compose_cfg([f"rollout={rollout}"])
+    assert cfg.rollout.cache_top_k == RolloutSpec.cache_top_k  # the config states the default
+    assert build(compose_cfg([f"rollout={rollout}", "rollout.cache_top_k=32"]).rollout, "rollout").cache_top_k == 32

@@ -121,3 +121,29 @@ def test_interrupted_cache_builds_are_cleaned(tmp_path):
     orphans[0].mkdir()  # killed again later: cleaned on the next start, although the model is complete
     offline._build_cached(final, build)
     assert not orphans[0].exists()
+
+
+@pytest.mark.parametrize("bad", ["sd.gamma=0", "rollout.temperature=nan", "train.lr=abc", "sd.kv=paged"])
+def test_bad_settings_fail_before_the_heavy_imports(tmp_path, bad):
+    """Issue 19, item 7: `import lightning` (and transformers' model classes) ran before any setting was checked,
+    so a typo cost ~10 s instead of ~2."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = f"""
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from conftest import run_cfg
+from distillspec.errors import ConfigError
+try:
+    run_cfg([{bad!r}], Path({str(tmp_path)!r}))
+except ConfigError as exc:
+    print("refused:", exc)
+print("heavy:", sorted(m for m in ("lightning", "transformers.modeling_utils") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "refused:" in out.stdout and bad.split("=")[0] in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "heavy: []" in out.stdout, out.stdout

@@ -76,10 +76,12 @@ def test_estimate_responds_to_each_lever(qwen_counts):
         PlanSettings(batch=1, prompt_tokens=1, new_tokens=1, teacher_quantization="2bit")
 
 
-def test_stage_plan_loads_nothing(tmp_path, no_loading):
+def test_stage_plan_loads_nothing(tmp_path, no_loading, caplog):
     """The reference Qwen experiment planned on a CPU machine: no Hub, no weights, no CUDA (8-bit teacher)."""
-    out = run_cfg(TINY + ["experiment=reference_qwen_gsm8k", "pair=qwen3", "pair.target_quantization=8bit",
-                          "stage=plan", "+plan_cards=[48]"], tmp_path)
+    with caplog.at_level("INFO", logger="distillspec"):
+        out = run_cfg(TINY + ["experiment=reference_qwen_gsm8k", "pair=qwen3", "pair.target_quantization=8bit",
+                              "stage=plan", "+plan_cards=[48]"], tmp_path)
+    assert f"wrote the memory plan to {tmp_path / C.PLAN_FILE}" in caplog.text  # issue 19, item 6: say where
     saved = json.loads((tmp_path / C.PLAN_FILE).read_text())
     assert saved == json.loads(json.dumps(out))
     assert not (tmp_path / C.METRICS_FILE).exists()

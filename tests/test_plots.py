@@ -87,7 +87,8 @@ def test_entropy_figure_ticks_do_not_overlap_and_counts_are_integers(case):
             assert left.x1 < right.x0, [t.get_text() for t in labels]
         assert not any("×" in t.get_text() or "$" in t.get_text() for t in labels)
     legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
-    sizes = legend[legend.index(rp.COUNT_LABEL) + 1:]
+    end = legend.index(rp.SETTING) if rp.SETTING in legend else len(legend)  # a γ grid: the SD setting section
+    sizes = legend[legend.index(rp.COUNT_LABEL) + 1:end]
     assert sizes and all(s.isdigit() for s in sizes), legend
 
 
@@ -175,3 +176,26 @@ def test_lossless_sd_output_quality_is_not_plotted_as_the_drafts():
     lossy = pd.DataFrame(rows).assign(lenience=["none", "linear"])
     fig = rp.quality_figure(lossy)
     assert fig is not None and fig.axes[0].get_ylabel() == rp.label(C.QUALITY_PREFIX + C.ACCURACY)
+
+
+def test_entropy_figure_draws_one_line_per_gamma():
+    """Issue 19, item 6: points of jobs with different γ were joined into one line per method."""
+    df = pd.DataFrame([_row("rkl/teacher", gamma=g, i=0) for g in (3, 5)])  # the same bins' entropies
+    fig = rp.entropy_figure(df)
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]
+    assert len(lines) == 2
+    assert {"γ = 3", "γ = 5"} <= set(_legend_texts(fig))
+
+
+def test_before_after_figure_without_a_curve_warns_nothing(tmp_path, monkeypatch):
+    """Issue 19, item 6: train.eval_every=0 (no periodic evaluation) gave matplotlib's 'No artists with labels'."""
+    import warnings
+
+    from distillspec.before_after import before_after_plot
+
+    made = []
+    monkeypatch.setattr(rp, "save", lambda fig, path, dpi=120: made.append(fig) or path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before_after_plot([], _bins(-0.5, 0.5, [6, 9], 0), _bins(-0.5, 0.5, [6, 9], 1), tmp_path / "ba.png")
+    assert "train.eval_every" in " ".join(t.get_text() for t in made[0].axes[0].texts)

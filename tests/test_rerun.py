@@ -86,6 +86,9 @@ def test_truncated_checkpoint_falls_back_to_previous_then_starts_over(tmp_path, 
     out = run_cfg(args, tmp_path)
     assert out["train"]["resumed_from"] is None and out["train"]["steps"] == 2
     assert "starts over" in caplog.text
+    # issue 19, item 2: starting over resets the CSV log (the earlier attempt's rows were kept: steps twice)
+    assert _train_steps(tmp_path) == [0, 1]
+    assert "dropped 2 row(s) of" in caplog.text
 
 
 def test_failed_checkpoint_write_leaves_the_old_one(tmp_path, monkeypatch):
@@ -147,3 +150,20 @@ def test_run_py_refuses_bad_name_before_hydra_makes_dirs(capsys):
     cfg = compose_cfg(["name=../x"])  # a name from a yaml file: the run-dir resolver refuses it too
     with pytest.raises(Exception, match=r"name='\.\./x'"):
         OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+
+
+def test_changed_config_of_an_interrupted_run_reads_well(tmp_path):
+    from distillspec.rundir import check_rerun
+
+    check_rerun(tmp_path, {"train": {"lr": 0.1}}, True, has_checkpoint=False)
+    with pytest.raises(ConfigError, match=r"holds an interrupted run .*train\.lr: 0\.1 -> 0\.2"):
+        check_rerun(tmp_path, {"train": {"lr": 0.2}}, True, has_checkpoint=True)
+
+
+def test_a_key_added_to_conf_with_its_old_default_is_no_change():
+    from distillspec.rundir import config_changes
+
+    old = {"rollout": {"source": "teacher"}}  # a run dir from before rollout.cache_top_k was in conf/rollout/
+    assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 64}}) == []
+    assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 8}}) == [
+        "rollout.cache_top_k: 64 -> 8"]

@@ -3,6 +3,7 @@ rollout source, kill-and-resume, DDP on 2 CPU processes."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -31,6 +32,10 @@ def test_train_eval_writes_metrics(tmp_path):
     assert (tmp_path / "draft" / "config.json").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     assert out["metrics"] == m
+    # issue 19, item 6: the final SD evaluation's row is at the final training step (it was at step 0)
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        final_rows = [r for r in csv.DictReader(f) if r.get(C.ALPHA_TOK)]
+    assert [int(float(r["step"])) for r in final_rows] == [2]
     curve = saved["train"]["eval_history"]  # periodic SD eval: before training and after each step
     assert [p["step"] for p in curve] == [0, 1, 2]
     assert all(0.0 <= p[C.VAL_PREFIX + C.ALPHA_TOK] <= 1.0 for p in curve)

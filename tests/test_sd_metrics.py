@@ -168,3 +168,22 @@ def test_entropy_bins_counts_only_recorded_positions():
     rec = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
     (b,) = entropy_bins(ent, acc, rec, min_count=1, hi=1.0)
     assert b["count"] == 3 and b["acceptance"] == pytest.approx(2 / 3)
+
+
+# Issue 19, item 1: counts that cannot happen (more accepted drafted tokens than output or drafted tokens,
+# e.g. alpha_seq 1.25 from a NaN draft) are an error, never a reported value.
+@pytest.mark.parametrize("fn", [sd_metrics, per_example_metrics])
+def test_more_accepted_than_output_tokens_is_an_error(fn):
+    from distillspec.errors import InvariantError
+
+    with pytest.raises(InvariantError, match=r"accepted drafted tokens \(3\) exceed.*output tokens \(2\)"):
+        fn(_result([[3]], [2]), GAMMA)
+
+
+def test_more_accepted_than_drafted_is_an_error():
+    from distillspec.errors import InvariantError
+
+    res = _result([[3]], [4])
+    res.num_drafted = torch.tensor([2])
+    with pytest.raises(InvariantError, match=r"accepted drafted tokens \(3\) exceed.*drafted tokens \(2\)"):
+        sd_metrics(res, GAMMA)

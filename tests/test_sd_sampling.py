@@ -169,3 +169,24 @@ def test_lenience_rejects_bad_values():
         lenience_fn("p_cubed", torch.ones(1), 0.5)
     with pytest.raises(ConfigError, match="epsilon=0"):
         lenience_fn("p_over_eps", torch.ones(1), 0.0)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "greedy", "topk"])
+@pytest.mark.parametrize("bad", ["p", "q"])
+def test_verify_block_refuses_non_finite_probabilities(rule, bad):
+    """Issue 19, item 1: a NaN draft distribution made every drafted token 'accepted' (alpha_tok 1.0)."""
+    from distillspec.errors import NonFiniteError
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 4, 6, generator=g), -1)
+    q = torch.softmax(torch.randn(2, 3, 6, generator=g), -1)
+    (p if bad == "p" else q)[1, 1] = float("nan")
+    who = r"target \(p\)" if bad == "p" else r"draft \(q\)"
+    with pytest.raises(NonFiniteError, match=f"non-finite {who} probabilities"):
+        verify_block(p, q, torch.zeros(2, 3, dtype=torch.long), rule=rule, generator=g)
+
+
+def test_greedy_probabilities_of_nan_logits_are_nan():
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [float("nan"), 0.0, 1.0]])
+    probs = process_logits(logits, 0.0)
+    assert probs[0].tolist() == [0.0, 1.0, 0.0] and bool(probs[1].isnan().all())

@@ -119,3 +119,50 @@ def test_save_refuses_non_finite_draft(tmp_path, tiny_pair_dirs):
 def test_bad_kv_options_are_named(over, match):
     with pytest.raises(ConfigError, match=match):
         build(compose_cfg(over).sd, "sd")
+
+
+def test_divergence_on_the_last_update_stops_and_saves_no_draft(tmp_path):
+    """Issue 19, item 1: lr=1e10 leaves both logged losses finite, but the last update makes the draft's outputs
+    NaN; it was saved and scored alpha_tok 1.0, alpha_seq 1.25. Now: NonFiniteError (run.py: exit 3), no draft,
+    no metrics, and the last checkpoint keeps the step before."""
+    from distillspec import constants as C
+
+    over = ["train.lr=1e10", "train.max_steps=2", "train.batch_size=2", "train.num_train=4", "sd.num_eval=2",
+            "sd.max_new_tokens=4", "sd.measure_speedup=false", "sd.draft_quality=false"]
+    with pytest.raises(NonFiniteError, match="update of training step 1 made the draft non-finite"):
+        run_cfg(TINY + over, tmp_path)
+    assert not (tmp_path / "draft").exists() and not (tmp_path / C.METRICS_FILE).exists()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1
+
+
+def test_finite_update_check_names_a_non_finite_parameter():
+    from distillspec.lit.train_module import check_finite_update
+
+    model = torch.nn.Linear(3, 2)
+    check_finite_update(model, lambda: torch.ones(1), 4)
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"update of training step 4 .*parameter bias"):
+        check_finite_update(model, lambda: torch.ones(1), 4)
+    model.bias.data.zero_()
+    with pytest.raises(NonFiniteError, match=r"update of training step 4 .*outputs"):
+        check_finite_update(model, lambda: torch.tensor([float("nan")]), 4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.mix.student=1.5"], r"rollout.mix=\{'fixed': 0.0, 'student': 1.5, 'teacher': 0.5\}.*sum 2"),
+    (["rollout.mix.student=0.3"], r"'student': 0.3.*sum 0.8"),
+    (["rollout.mix.fixed=-0.5", "rollout.mix.student=1.0"], r"'fixed': -0.5"),
+])
+def test_mixed_rollout_weights_must_be_fractions_summing_to_one(overrides, match):
+    """Issue 19, item 5: rollout.mix.student=1.5 silently ran as 0.75 / 0.25."""
+    cfg = compose_cfg(["rollout=mixed", *overrides])
+    with pytest.raises(ConfigError, match=match) as exc:
+        build(cfg.rollout, "rollout")
+    assert "within 1e-06 of 1" in str(exc.value)
+
+
+def test_mixed_rollout_fractions_pass_unchanged():
+    cfg = compose_cfg(["rollout=mixed", "rollout.mix.student=0.75", "rollout.mix.teacher=0.25"])
+    assert build(cfg.rollout, "rollout").mix == {"fixed": 0.0, "student": 0.75, "teacher": 0.25}

@@ -13,13 +13,14 @@ from distillspec.evaluation import BatchOutcome, EvalReport, SDEvaluator
 class SDEvalModule(L.LightningModule):
     """Runs batched SD over the test dataloader; `report` holds the aggregated result after `trainer.test`.
 
-    Scalars go to every logger; with W&B also a table of example generations and the acceptance-vs-
+    Scalars go to every logger (at `step` when given); with W&B also a table of example generations and the acceptance-vs-
     teacher-entropy chart.
     """
 
-    def __init__(self, evaluator: SDEvaluator, prefix: str = "") -> None:
+    def __init__(self, evaluator: SDEvaluator, prefix: str = "", step: int | None = None) -> None:
         super().__init__()
         self.evaluator = evaluator
+        self.step = step  # log at this step (the final training step after training) instead of Lightning's 0
         # Registered so Lightning moves them to the device; frozen for evaluation.
         self.draft, self.target = evaluator.draft, evaluator.target
         self.prefix = prefix
@@ -37,8 +38,12 @@ class SDEvalModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.report = self.evaluator.finalize(self._outcomes)
         scalars = {self.prefix + k: float(v) for k, v in self.report.metrics.items()}
-        self.log_dict(scalars, on_epoch=True, batch_size=1)
-        log_report_to_wandb(self.loggers, self.report, prefix=self.prefix)
+        if self.step is None:
+            self.log_dict(scalars, on_epoch=True, batch_size=1)
+        else:  # a fresh test Trainer would log at step 0, before the training rows
+            for lg in self.loggers:
+                lg.log_metrics(scalars, step=self.step)
+        log_report_to_wandb(self.loggers, self.report, prefix=self.prefix, step=self.step)
 
 
 def log_report_to_wandb(loggers, report: EvalReport, prefix: str = "", step: int | None = None) -> None:

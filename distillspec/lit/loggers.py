@@ -67,6 +67,25 @@ def trim_csv_for_resume(path: Path, step: int) -> int:
     return len(rows) - len(keep)
 
 
+def reset_csv_for_start_over(path: Path) -> int:
+    """Drop every row of `path` (the header stays, so an open CSV writer keeps its columns); returns how many.
+
+    For training that starts from step 0 in a run dir whose earlier attempt logged rows (killed before its first
+    checkpoint, or every checkpoint damaged): its steps are all logged again.
+    """
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header, rows = next(reader, []), sum(1 for _ in reader)
+    if rows:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerow(header)
+        tmp.replace(path)
+    return rows
+
+
 def build_loggers(run_dir: Path, *, run_name: str, wandb: Mapping[str, Any] | None = None,
                   config: Mapping[str, Any] | None = None) -> list[Logger]:
     """CSV logger under run_dir/csv (appending: earlier rows are kept), plus a W&B logger when `wandb` settings are given.

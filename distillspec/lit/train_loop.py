@@ -52,7 +52,7 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     from distillspec.evaluation import SDEvaluator, eos_token_ids
     from distillspec.lit.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, previous_path
     from distillspec.lit.data import IndexDataset, prompt_loader
-    from distillspec.lit.loggers import trim_csv_for_resume
+    from distillspec.lit.loggers import reset_csv_for_start_over, trim_csv_for_resume
     from distillspec.lit.progress import progress_callbacks, quiet_lightning
     from distillspec.lit.train_module import DistillModule, save_hf_atomic
 
@@ -93,10 +93,14 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     # each rank checks for itself (no process group yet); only rank 0 moves damaged files aside
     found = find_resume_checkpoint(last, repair=trainer.is_global_zero)
     resume_from = str(found[0]) if found else None
+    csv_log = run_dir / "csv" / "metrics.csv"
     if found:
         log.info("resuming from %s (step %d)", found[0], found[1])
         if trainer.is_global_zero:
-            trim_csv_for_resume(run_dir / "csv" / "metrics.csv", found[1])  # steps from here on are redone
+            trim_csv_for_resume(csv_log, found[1])  # steps from here on are redone
+    elif trainer.is_global_zero and (dropped := reset_csv_for_start_over(csv_log)):
+        log.warning("training starts from step 0: dropped %d row(s) of %s logged by an earlier attempt", dropped,
+                    csv_log)
     # step ticks: each step picks its prompts from the step number (DistillModule.step_indices), not the loader
     loader = DataLoader(IndexDataset(train.max_steps), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)

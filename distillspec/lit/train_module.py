@@ -228,6 +228,10 @@ class DistillModule(L.LightningModule):
         self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", float(stats[C.TRAIN_LOSS]), prog_bar=True, on_step=True, batch_size=1, logger=False)
         done = self.global_step  # incremented by opt.step()
+        if done == self.train_spec.max_steps or done % self.train_spec.checkpoint_every == 0:
+            # before the checkpoint / draft save that follows: a diverging last update has no next loss to catch it
+            check_finite_update(self.student, lambda: completion_logits(self.student, rollouts[0]), step,
+                                self.trainer.strategy)
         if (self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0
                 and done != self.skip_eval_at):
             self.periodic_eval(done)
@@ -273,6 +277,38 @@ def check_finite_step(loss_sum: torch.Tensor, params, step: int, strategy=None) 
                              f"gradient norm {float(grad_norm):.4g}); stopped before the optimizer step, so "
                              "checkpoints keep the last finite weights and no draft was saved. Lower train.lr, "
                              "set train.grad_clip, or check the models' dtype (pair.dtype=float32)")
+
+
+def check_finite_update(model, outputs, step: int, strategy=None) -> None:
+    """Raise NonFiniteError (on every rank) if the update of training step `step` left a NaN/inf parameter or
+    non-finite outputs (huge finite weights, e.g. from lr=1e10, overflow in the forward pass).
+
+    Called after the optimizer step and before that step is checkpointed: the next step's loss check would catch
+    this, but the last step has no next one. outputs: a callable running `model` (in eval mode, no grad) on
+    some of this step's sequences.
+    """
+    from distillspec.errors import NonFiniteError
+
+    bad_param = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    bad_out = False
+    if bad_param is None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = outputs()
+        model.train(was_training)
+        bad_out = not bool(torch.isfinite(out).all())
+    bad = torch.tensor([float(bad_param is not None or bad_out)], device=next(model.parameters()).device)
+    if strategy is not None:
+        bad = strategy.reduce(bad, reduce_op="sum")  # every rank stops together
+    if bool(bad.any()):
+        what = (f"parameter {bad_param} holds NaN/inf" if bad_param else "its outputs on this step's sequences are "
+                "NaN/inf" if bad_out else "on another rank")
+        largest = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+        raise NonFiniteError(f"the update of training step {step} made the draft non-finite ({what}; largest "
+                             f"|weight| {largest:.3g}); stopped before it is checkpointed, so checkpoints keep the "
+                             "last finite weights and no draft was saved. Lower train.lr, set train.grad_clip, or "
+                             "check the models' dtype (pair.dtype=float32)")
 
 
 def assert_finite_weights(model) -> None:

@@ -17,8 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds to import, validation needs none
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillspec.errors import ConfigError, check_choice
 from distillspec.models import offline

@@ -31,7 +31,6 @@ from typing import Callable, Iterator
 import torch
 
 from distillspec.errors import ConfigError, check_range
-from distillspec.models.tiny import truncate_layers
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +197,8 @@ def ensure_truncated_draft(num_layers: int, cache_dir: Path | None = None) -> Pa
 
     def build(out_dir: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        from distillspec.models.tiny import truncate_layers
 
         log.info("building a %d-layer draft from %s...", num_layers, target_dir)
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32,

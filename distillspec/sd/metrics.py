@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from distillspec import constants as C
+from distillspec.errors import InvariantError
 
 
 def expected_tau(alpha: float, gamma: int) -> float:
@@ -46,11 +47,22 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
+def check_counts(accepted: float, drafted: float, output: float, where: str = "the evaluation") -> None:
+    """InvariantError unless accepted drafted tokens <= drafted tokens and <= output tokens (alpha_tok, alpha_seq
+    <= 1): every accepted drafted token is emitted, so anything else is a counting bug or a broken model."""
+    for what, bound in (("drafted tokens", drafted), ("output tokens", output)):
+        if accepted > bound:
+            raise InvariantError(f"{where}: accepted drafted tokens ({accepted:g}) exceed its {what} ({bound:g}), "
+                                 "which cannot happen (alpha would be > 1); the SD counts are wrong, refusing to "
+                                 "report them")
+
+
 def sd_metrics(result, gamma: int) -> dict[str, float]:
     """Run-level metrics of one (possibly concatenated) SDResult."""
     acc = float(result.num_accepted.sum())
     drafted = float(result.num_drafted.sum())
     out = float(result.lengths.sum())
+    check_counts(acc, drafted, out)
     blocks = float(result.num_blocks.sum())
     alpha = _ratio(acc, drafted)
     verified = result.trace_accepted | result.trace_first_rejected
@@ -100,6 +112,7 @@ def per_example_metrics(result, gamma: int) -> list[dict[str, Any]]:
     for i in range(n):
         acc, dr = int(result.num_accepted[i]), int(result.num_drafted[i])
         out, bl = int(result.lengths[i]), int(result.num_blocks[i])
+        check_counts(acc, dr, out, where=f"example {i}")
         rows.append({"num_accepted": acc, "num_drafted": dr, "num_output_tokens": out, "num_blocks": bl,
                      "num_verified": int(n_ver[i]), "expected_accepted": float(exp_sum[i]),
                      C.ALPHA_TOK: _ratio(acc, dr), C.ALPHA_SEQ: _ratio(acc, out),

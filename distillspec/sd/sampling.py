@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from distillspec.errors import ConfigError, check_choice
+from distillspec.errors import ConfigError, NonFiniteError, check_choice
 
 LENIENCES: tuple[str, ...] = ("none", "p_over_eps", "p_over_eps2", "p_pow_eps")
 ACCEPTANCE_RULES: tuple[str, ...] = ("rejection", "greedy", "topk")
@@ -49,7 +49,10 @@ def process_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     """
     logits = logits.float()
     if temperature == 0.0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        probs = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        # NaN / +inf logits (-inf is a masked token) give NaN rows, as softmax would: verify_block refuses them
+        broken = (logits.isnan() | (logits == float("inf"))).any(-1, keepdim=True)
+        return probs.masked_fill(broken, float("nan"))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         keep = nucleus_mask(probs, top_p)
@@ -130,6 +133,20 @@ def _topk_by_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores >= scores.topk(k, dim=-1).values[..., -1:]
 
 
+def check_finite_probs(p: torch.Tensor, q: torch.Tensor) -> None:
+    """Raise NonFiniteError if the target's (p) or the draft's (q) probabilities hold NaN/inf.
+
+    A NaN compares false everywhere, so without this a NaN draft distribution is 'accepted' at every position
+    (alpha_tok 1.0 for a broken draft). One host sync per block.
+    """
+    bad = torch.stack([~torch.isfinite(p).all(), ~torch.isfinite(q).all()]).tolist()
+    if any(bad):
+        who = " and ".join(w for w, b in zip(("target (p)", "draft (q)"), bad) if b)
+        raise NonFiniteError(f"non-finite {who} probabilities in SD verification: the model's logits hold NaN/inf, "
+                             "so no acceptance can be computed (a diverged or broken draft? check its weights and "
+                             "pair.dtype)")
+
+
 def verify_block(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor, *, rule: str = "rejection",
                  generator: torch.Generator | None = None, lenience: str = "none", epsilon: float = 1.0,
                  top_k: int = 25, rank_scores: torch.Tensor | None = None) -> BlockVerdict:
@@ -145,6 +162,7 @@ def verify_block(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor, *
     """
     check_choice("acceptance rule", rule, ACCEPTANCE_RULES)
     p, q = p.float(), q.float()
+    check_finite_probs(p, q)
     B, G = draft_tokens.shape
     p_blk = p[:, :G]
     idx = draft_tokens.unsqueeze(-1)

@@ -28,11 +28,12 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice
 from distillspec.sd.cache import RaggedKV, _cache_kwarg
 from distillspec.sd.clock import ForwardTimer, TimedCalls
 
-KV_MODES = ("dynamic", "static")
+KV_MODES = C.KV_MODES  # (named in distillspec.constants: validating sd.kv must not import transformers)
 # torch.compile settings of compile=True; tests swap in {"backend": "eager"} to trace on CPU.
 COMPILE_OPTIONS = {"mode": "reduce-overhead", "dynamic": False, "fullgraph": False}
 _COMPILED: dict = {}
