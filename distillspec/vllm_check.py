@@ -260,7 +260,7 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
     """Run the check on a finished run dir; returns (and writes) vllm_metrics.json's content."""
     from distillspec.evaluation import eos_token_ids
     from distillspec.models.loading import load_model, load_tokenizer, resolve_model_path
-    from distillspec.runner import write_json_atomic
+    from distillspec.jsonio import write_json_atomic
 
     if not python.is_file():
         raise ConfigError(f"no serving environment at {python}: run `make vllm` first (or set {VLLM_PY_ENV})")
