@@ -106,8 +106,9 @@ def test_engine_lossless_on_markov_stubs():
     assert 0.1 < float(res.num_accepted.sum() / res.num_drafted.sum()) < 0.9
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_engine_lossless_with_kv_cache(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,first_token", [(1.0, 1.0, "draft"), (0.7, 0.9, "draft"),
+                                                         (0.7, 0.9, "prefill")])
+def test_engine_lossless_with_kv_cache(temperature, top_p, first_token):
     """Tiny Llamas (vocab 6, real KV caches with holes), left-padded ragged prompts replicated N times:
     3-token outputs follow the target's processed sampling distribution."""
     draft, target = perturbed_pair(vocab=6, noise=0.15, seed=3)
@@ -117,7 +118,8 @@ def test_engine_lossless_with_kv_cache(temperature, top_p):
     mask = torch.zeros_like(ids)
     ids[:N], mask[:N] = prompts[0], 1
     ids[N:, -1], mask[N:, -1] = prompts[1], 1
-    dec = SpeculativeDecoder(draft, target, gamma=2, temperature=temperature, top_p=top_p, eos_token_id=None)
+    dec = SpeculativeDecoder(draft, target, gamma=2, temperature=temperature, top_p=top_p, eos_token_id=None,
+                             first_token=first_token)
     res = dec.generate(ids, mask, 3, generator=torch.Generator().manual_seed(0))
     assert 0.1 < float(res.num_accepted.sum() / res.num_drafted.sum()) < 0.95
     for k, prompt in enumerate(prompts):

@@ -81,7 +81,7 @@ def side_by_side(ours_run: dict, ours_aligned: dict, vllm: dict, gamma: int) -> 
              vllm["num_draft_tokens"]),
             ("accepted drafted tokens", ours_run["num_accepted_tokens"], ours_aligned["num_accepted_tokens"],
              vllm["num_accepted_tokens"]),
-            ("acceptance rate (= α_tok)", ours_run["acceptance_rate"], ours_aligned["acceptance_rate"],
+            ("acceptance rate (accepted / drafted)", ours_run["acceptance_rate"], ours_aligned["acceptance_rate"],
              vllm["acceptance_rate"]),
             ("mean acceptance length (1 + acc/drafts)", ours_run["mean_acceptance_length"],
              ours_aligned["mean_acceptance_length"], vllm["mean_acceptance_length"]),
