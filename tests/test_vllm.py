@@ -110,7 +110,8 @@ def test_greedy_counters_equal_ours_in_vllms_alignment(greedy_run):
 def test_sampled_disagreement_is_reported_with_self_draft_rows(sampled_run):
     res = _result(sampled_run)
     modes = {r["vllm_run"]: r for r in res["modes"]}
-    assert set(modes) == {"draft_default", "draft_probabilistic", "self_greedy", "self_probabilistic"}
+    assert set(modes) == {"draft_default", "draft_probabilistic", "self_greedy", "self_probabilistic",
+                          "draft_probabilistic_patched", "self_probabilistic_patched"}
     # our engine, draft = target: exact rejection sampling accepts every drafted token
     assert res["ours"]["self"]["acceptance_rate"] == 1.0
     for r in modes.values():  # every flag follows from the numbers next to it
