@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,14 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                             config=OmegaConf.to_container(cfg, resolve=True))
     out: dict[str, Any] = {"stage": cfg.stage, "draft": pair.draft, "target": pair.target,
                            "task": type(task).__name__}
+    phases: dict[str, float] = {}  # wall seconds per phase of this launch (logged at the end, in metrics.json)
+    clock = time.perf_counter()
+
+    def phase_done(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = round(now - clock, 1)
+        clock = now
 
     # 4. The untrained draft on the same prompts, for the before/after comparison (train_eval only).
     before = None
@@ -163,6 +172,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                          "per_example": before.per_example}
         log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
                  C.ALPHA_TOK, before.metrics.get(C.ALPHA_TOK, 0.0))
+        phase_done("untrained_eval")
 
     # 5. Train.
     if training:
@@ -177,6 +187,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                               initial_eval=before.metrics if before is not None and covers_eval else None,
                               final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval)
         out["train"] = summary
+        phase_done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
         if not summary.get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
 
@@ -196,11 +207,15 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         write_json_atomic(run_dir / "per_example.json", report.per_example)
         if before is not None:
             write_before_after(out, report, run_dir)
+        phase_done("final_eval")
+    out["phase_seconds"] = phases
     write_json_atomic(run_dir / C.METRICS_FILE, out)
     for lg in loggers:
         lg.finalize("success")
     log.info("wrote %s", run_dir / C.METRICS_FILE)
     log_summary(out)
+    if phases:
+        log.info("phase times: %s", ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in phases.items()))
     return out
 
 

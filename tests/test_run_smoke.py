@@ -32,6 +32,9 @@ def test_train_eval_writes_metrics(tmp_path):
     assert (tmp_path / "draft" / "config.json").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     assert out["metrics"] == m
+    # wall time per phase of the launch, in order (issue 19: the demo prints them at the end)
+    assert list(saved["phase_seconds"]) == ["untrained_eval", "training", "final_eval"]
+    assert all(v >= 0 for v in saved["phase_seconds"].values())
     # issue 19, item 6: the final SD evaluation's row is at the final training step (it was at step 0)
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         final_rows = [r for r in csv.DictReader(f) if r.get(C.ALPHA_TOK)]
