@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from sd_table import cpu_name  # noqa: E402 - the same machine line as bench_sd's tables
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 # A fallback text (written for this benchmark): plain English prose and a little arithmetic.
@@ -107,16 +108,6 @@ def timed_forward(model, ids: torch.Tensor, repeats: int) -> tuple[torch.Tensor,
         model(input_ids=ids, attention_mask=mask)
         times.append(time.perf_counter() - t0)
     return logits, statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> dict:
