@@ -95,7 +95,6 @@ def main(cfg: DictConfig) -> None:
 
 def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gamma) -> None:
     """The commands that serve the trained draft in vLLM and compare vLLM's counters with ours."""
-    from distillspec import constants as C
     from distillspec.models.loading import resolve_model_path
     from distillspec.vllm_check import serve_command, vllm_command
 
