@@ -65,11 +65,11 @@ def main(cfg: DictConfig) -> None:
         if draft_dir:
             cmd = eval_command(list(hc.overrides.task), Path(draft_dir), launch_dir)
             log.info("trained draft saved; evaluate it again with:\n  %s", cmd)
-            if quant := cfg.pair.get("target_quantization"):
+            if (quant := cfg.pair.get("target_quantization")) and not cfg.pair.get("verify_full_precision"):
                 full = eval_command(full_precision_overrides(list(hc.overrides.task)), Path(draft_dir), launch_dir)
                 log.info("pair.target_quantization=%s: this run distilled against (and SD-evaluated with) the "
                          "%s target; serving verifies with the full-precision one. Measure the draft against "
-                         "it with:\n  %s", quant, quant, full)
+                         "it with (or set pair.verify_full_precision=true):\n  %s", quant, quant, full)
             log_serving(out, run_dir, Path(draft_dir), launch_dir, cfg.sd.gamma)
     except Exception as exc:  # noqa: BLE001 - a sweep records any job's failure and goes on
         code = exit_code(exc)

@@ -44,6 +44,9 @@ LORA_OPTION_RANK = 16
 FSDP_OPTION_GPUS = 8
 
 
+VERIFIER_ROW = "verifier weights (full-precision target)"
+
+
 @dataclass(frozen=True)
 class PlanSettings:
     """Everything the estimate depends on besides the two models' shapes."""
@@ -54,6 +57,7 @@ class PlanSettings:
     student_dtype: str = "bfloat16"
     teacher_dtype: str = "bfloat16"
     teacher_quantization: str | None = None
+    full_precision_verifier: bool = False  # pair.verify_full_precision with a quantized teacher: a second target
     act_bytes: float = 2.0
     lora_rank: int = 0
     gradient_checkpointing: bool = False
@@ -127,7 +131,11 @@ def estimate(student, teacher, s: PlanSettings) -> dict[str, float]:
         "rollout KV caches": rollout,
         "SD eval (KV + logits)": sd_eval,
     }
-    persistent = sum(out[k] for k in ("teacher weights", "student weights", "gradients", "optimizer (AdamW)"))
+    if s.full_precision_verifier and s.teacher_quantization:
+        out = {"teacher weights": out.pop("teacher weights"), VERIFIER_ROW: weight_bytes(teacher, s.teacher_dtype),
+               **out}
+    persistent = sum(out.get(k, 0.0) for k in ("teacher weights", VERIFIER_ROW, "student weights", "gradients",
+                                               "optimizer (AdamW)"))
     transient = max(acts + logits, rollout, sd_eval)
     out["overhead"] = OVERHEAD_BYTES + SLACK * (persistent + transient)
     out["peak"] = persistent + transient + out["overhead"]
@@ -201,7 +209,8 @@ def settings_from_specs(pair, task, train, sd, objective, rollout, precision: st
     return PlanSettings(
         batch=train.batch_size, prompt_tokens=task.max_prompt_tokens,
         new_tokens=train.max_new_tokens or task.max_new_tokens, student_dtype=dtype, teacher_dtype=tdtype,
-        teacher_quantization=pair.target_quantization, act_bytes=2.0 if half else 4.0,
+        teacher_quantization=pair.target_quantization,
+        full_precision_verifier=bool(getattr(pair, "verify_full_precision", False)), act_bytes=2.0 if half else 4.0,
         lora_rank=train.lora_rank, gradient_checkpointing=pair.gradient_checkpointing,
         chunk_size=objective.chunk_size, shards=shards if strategy == "fsdp" else 1, rollout_models=models,
         sd_batch=sd.batch_size, sd_new_tokens=sd.max_new_tokens or task.max_new_tokens, gamma=sd.gamma)

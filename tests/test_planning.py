@@ -69,6 +69,13 @@ def test_estimate_responds_to_each_lever(qwen_counts):
     q8 = estimate(small, big, PlanSettings(batch=8, prompt_tokens=512, new_tokens=312, teacher_quantization="8bit"))
     # 8-bit: linear weights 1 byte, the 389M-entry embedding stays bf16
     assert q8["teacher weights"] == pytest.approx((big.total - big.embedding) + 2 * big.embedding)
+    from distillspec.planning import VERIFIER_ROW
+
+    assert VERIFIER_ROW not in q8
+    both = estimate(small, big, PlanSettings(batch=8, prompt_tokens=512, new_tokens=312, teacher_quantization="8bit",
+                                             full_precision_verifier=True))  # pair.verify_full_precision
+    assert both[VERIFIER_ROW] == pytest.approx(big.total * 2)
+    assert both["peak"] > q8["peak"] + both[VERIFIER_ROW]  # persistent, plus its share of the slack
     peaks = dict(options(small, big, base))
     assert all(p < peaks["as configured"] for label, p in peaks.items() if label != "as configured")
     assert not fits(e["peak"], (24,))[24] and fits(e["peak"], (80,))[80]

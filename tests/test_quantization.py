@@ -137,6 +137,25 @@ def test_tiny_run_trains_and_evaluates_with_8bit_target(tmp_path):
     assert json.loads((tmp_path / "run_config.json").read_text())["pair"]["target_quantization"] == "8bit"
 
 
+def test_verify_full_precision_distils_against_8bit_and_verifies_with_float32(tmp_path):
+    """pair.verify_full_precision=true (the study's setting): the 8-bit target is the teacher, the float32 target
+    verifies. The run's SD metrics equal a separate stage=eval of its draft against the float32 target (same
+    prompts and seeds), and differ from the 8-bit-verified run's."""
+    over = TINY + ["train.max_steps=3", "train.lr=1e-2", "sd.temperature=1.0", "compare_untrained=false",
+                   "sd.measure_speedup=false", "pair.target_quantization=8bit"]
+    full = run_cfg(over + ["pair.verify_full_precision=true"], tmp_path / "full")
+    again = run_cfg(TINY + ["stage=eval", "sd.temperature=1.0", "sd.measure_speedup=false",
+                            f"draft_checkpoint={tmp_path / 'full' / 'draft'}"], tmp_path / "eval")
+    for key in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY):
+        assert full["metrics"][key] == pytest.approx(again["metrics"][key], abs=1e-6), key
+    q8 = run_cfg(over, tmp_path / "q8")  # the same training, verified by the 8-bit target
+    assert q8["metrics"][C.ALPHA_EXPECTED] != pytest.approx(full["metrics"][C.ALPHA_EXPECTED], abs=1e-6)
+    from distillspec.models.loading import PairSpec
+
+    plain = PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True).load("cpu")
+    assert plain.verifier is None and plain.sd_target is plain.target  # unquantized: the target is full precision
+
+
 def test_full_precision_eval_command():
     """After a quantized-teacher run, run.py also prints the eval command against the full-precision target."""
     import run

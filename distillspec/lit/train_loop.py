@@ -75,7 +75,7 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
         sub = list(eval_items[: train.eval_num])
         # The acceptance curve needs acceptance only: no target-only timing, no draft-only decoding.
         curve_sd = dataclasses.replace(sd, measure_speedup=False, draft_quality=False)
-        evaluator = SDEvaluator(student, models.target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed,
+        evaluator = SDEvaluator(student, models.sd_target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed,
                                 speed_repeats=1)
         eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
     module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
