@@ -28,6 +28,7 @@ WARMUP_TOKENS = 8       # warm-up generation (both paths, first batch of each pa
 AUTO_GAMMA_PILOT = 4    # sd.gamma=auto: gamma of the pilot SD run that measures alpha, c and v
 AUTO_GAMMA_MAX = 10     # ... and the largest gamma it may choose
 PILOT_TOKENS = 32       # new tokens of the pilot runs (capped at max_new_tokens)
+QUALITY_CUT_LIMIT = 0.5  # above this fraction of outputs cut before their final answer, quality is not a result
 
 
 def concat_results(results: Sequence[SDResult]) -> SDResult:
@@ -161,7 +162,7 @@ class SDEvaluator:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         device = ids.device
         if batch_idx == 0:  # a new pass (the draft may have changed since the last one)
-            if self.spec.speed_warmup:
+            if self.spec.speed_warmup and (self.spec.measure_speedup or self.auto_gamma):  # only timing needs it
                 self._warm_up(ids, mask, batch_idx)
             if self.auto_gamma:
                 self._choose_gamma(ids, mask, batch_idx)
@@ -235,7 +236,9 @@ class SDEvaluator:
                 own = [t for o in outcomes for t in o.draft_texts]
                 for name, value in self.task.score(own, refs).items():
                     metrics[C.DRAFT_QUALITY_PREFIX + name] = float(value)
-        self._warn_if_cut(texts, result)
+        cut = self._answer_cut(texts, result)
+        if cut is not None:
+            metrics[C.ANSWER_CUT_FRACTION] = cut
         record = _record_mask(result)
         bins = entropy_bins(result.trace_entropy, result.trace_accepted, record,
                             min_count=self.spec.entropy_min_count, hi=self.spec.entropy_bin_max)
@@ -251,17 +254,20 @@ class SDEvaluator:
         last = result.tokens.gather(1, (result.lengths - 1).clamp(min=0)[:, None])[:, 0]
         return (result.lengths >= self.max_new_tokens) & ~torch.isin(last, torch.tensor(self.eos_ids))
 
-    def _warn_if_cut(self, texts: Sequence[str], result: SDResult) -> None:
-        """Warn when most outputs were cut at max_new_tokens before the task's final answer (quality ~ 0)."""
+    def _answer_cut(self, texts: Sequence[str], result: SDResult) -> float | None:
+        """Fraction of outputs cut at max_new_tokens before the task's final answer (None: the task has no
+        final answer). Above QUALITY_CUT_LIMIT the quality metric measures truncation: a warning says so and
+        the run's summary does not show it as a result."""
         has_answer = getattr(self.task, "has_final_answer", None)
         if has_answer is None or not texts:
-            return
+            return None
         cut = self._truncated(result).tolist()
         missing = sum(1 for t, c in zip(texts, cut) if c and not has_answer(t))
-        if missing > len(texts) / 2:
+        if missing > len(texts) * QUALITY_CUT_LIMIT:
             log.warning("%d of %d outputs end at max_new_tokens=%d without a final answer, so the task's quality "
                         "metric mostly measures truncation; raise sd.max_new_tokens (or task.max_new_tokens)",
                         missing, len(texts), self.max_new_tokens)
+        return missing / len(texts)
 
 
 def _record_mask(result: SDResult) -> torch.Tensor:

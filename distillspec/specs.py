@@ -80,7 +80,7 @@ class SDSpec:
     max_new_tokens: int | None = None
     measure_speedup: bool = True
     compute_quality: bool = True
-    draft_quality: bool = True
+    draft_quality: bool = False
     entropy_min_count: int = 5
     entropy_bin_max: float = ENTROPY_BIN_HI
     num_examples_logged: int = 8

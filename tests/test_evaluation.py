@@ -46,7 +46,7 @@ PROMPTS = ["12+7=", "hello there, ", "x"]
 
 def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
     draft, target, tok = tiny
-    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False)
+    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False, draft_quality=True)
     report, ids, mask = _evaluate(draft, target, tok, spec, PROMPTS)
     own = autoregressive_generate(draft, ids, mask, 10, temperature=0.0, eos_token_id=eos_token_ids(tok, target),
                                   pad_token_id=tok.pad_token_id)
@@ -61,3 +61,49 @@ def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
     off, _, _ = _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, measure_speedup=False,
                                                      draft_quality=False), PROMPTS)
     assert C.DRAFT_QUALITY_PREFIX + "chars" not in off.metrics
+
+
+def test_untimed_evaluation_decodes_once_per_batch(tiny, one_thread, monkeypatch):
+    """Issue 19: acceptance-only passes (the untrained draft's, the training curve's) skip the timing warm-up
+    and the target-only pass: one SD generation per batch. Timed passes keep the warm-up and both paths."""
+    from distillspec.sd.engine import SpeculativeDecoder
+
+    calls = []
+    real = SpeculativeDecoder.generate
+    monkeypatch.setattr(SpeculativeDecoder, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    draft, target, tok = tiny
+    _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, measure_speedup=False), PROMPTS)
+    assert len(calls) == 1
+    calls.clear()
+    report, _, _ = _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, speed_repeats=1), PROMPTS)
+    assert len(calls) == 2 and C.SPEEDUP in report.metrics  # warm-up + the timed round
+
+
+class AnswerTask(LengthTask):
+    """LengthTask whose outputs never contain the final answer (as the demo's 96-token cap cuts most)."""
+
+    @staticmethod
+    def has_final_answer(text):
+        return False
+
+
+def test_answers_cut_by_the_token_cap_are_recorded_and_quality_is_not_summarised(tiny, one_thread, caplog):
+    from distillspec.runner import log_summary
+
+    draft, target, tok = tiny
+    items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
+             for i, p in enumerate(PROMPTS)]
+    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False)
+    ev = SDEvaluator(draft, target, tok, spec, AnswerTask(), items, max_new_tokens=10, seed=3)
+    ids, mask = left_pad([it.input_ids for it in items], tok.pad_token_id)
+    report = ev.finalize([ev.evaluate_batch({"input_ids": ids, "attention_mask": mask,
+                                             "index": torch.arange(len(items))}, 0)])
+    cut = report.metrics[C.ANSWER_CUT_FRACTION]
+    assert cut == report.metrics[C.TRUNCATED_FRACTION] > 0.5  # every output that hit the cap lacks the answer
+    with caplog.at_level("INFO", logger="distillspec"):
+        log_summary({"stage": "eval", "draft": "d", "metrics": report.metrics})
+    assert "task quality not shown" in caplog.text and "'quality/chars'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distillspec"):
+        log_summary({"stage": "eval", "draft": "d", "metrics": {**report.metrics, C.ANSWER_CUT_FRACTION: 0.25}})
+    assert "task quality not shown" not in caplog.text and "'quality/chars'" in caplog.text

@@ -46,6 +46,7 @@ def test_train_eval_writes_metrics(tmp_path):
     before = saved["before"]
     assert len(before["per_example"]) == len(json.loads((tmp_path / "per_example.json").read_text()))
     assert 0.0 <= before["metrics"][C.ALPHA_EXPECTED] <= 1.0
+    assert C.SPEEDUP not in before["metrics"] and C.SPEEDUP in m  # issue 19: the untrained draft is not timed
     table = (tmp_path / "before_after.md").read_text()
     assert "untrained draft" in table and "α_expected" in table and table.count("[") >= 8
     assert (tmp_path / "before_after.png").stat().st_size > 10_000
