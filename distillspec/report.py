@@ -31,6 +31,9 @@ SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 
 
+SEED_MARK = "@seed"  # in a sweep with several seeds, labels of jobs not at its first seed: "fkl/teacher@seed2"
+
+
 def method_label(cfg: dict[str, Any], stage: str) -> str:
     """baseline for eval-only runs, else the divergence (+speckd gate) and non-default rollout source."""
     if stage == C.STAGE_EVAL:
@@ -62,6 +65,7 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         "job": str(job_dir), "method": method_label(cfg, saved.get("stage", "")),
         "task": saved.get("task", ""), "draft": saved.get("draft", ""), "target": saved.get("target", ""),
         "divergence": cfg.get("div", {}).get("divergence"), "rollout": cfg.get("rollout", {}).get("source"),
+        "seed": cfg.get("seed", 0),
         "gamma": int(metrics[C.GAMMA]) if C.GAMMA in metrics else sd.get("gamma"),  # the used one (sd.gamma=auto)
         "temperature": sd.get("temperature"), "top_p": sd.get("top_p"),
         "lenience": sd.get("lenience"), "epsilon": sd.get("epsilon"), **metrics,
@@ -81,7 +85,16 @@ def collect(sweep_dir: Path, allow_empty: bool = False) -> pd.DataFrame:
     rows = [r for p in sorted(sweep_dir.rglob(C.METRICS_FILE)) if (r := load_job(p)) is not None]
     if not rows and not allow_empty:
         raise SystemExit(f"no {C.METRICS_FILE} with SD metrics under {sweep_dir}")
-    return pd.DataFrame(rows)
+    return mark_seeds(pd.DataFrame(rows))
+
+
+def mark_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Jobs repeated with another seed keep their own rows: where a sweep has several seeds, the label of each
+    job not at the sweep's first seed gets SEED_MARK + seed (so tables do not merge or pick between repeats)."""
+    if df.empty or "seed" not in df or df["seed"].nunique() < 2:
+        return df
+    first = df["seed"].min()
+    return df.assign(method=[m if s == first else f"{m}{SEED_MARK}{s}" for m, s in zip(df["method"], df["seed"])])
 
 
 def collect_failures(sweep_dir: Path) -> pd.DataFrame:
@@ -147,7 +160,7 @@ def table1(df: pd.DataFrame) -> str:
 def recipe_table(df: pd.DataFrame) -> str:
     """DistillSpec's recipe view: α_tok (%) of trained drafts, rows = data source, columns = loss, one block per
     (γ, T), best bold; the untrained baseline of the same (γ, T) in the caption. "" unless rollouts vary."""
-    trained = df[df["method"] != "baseline"]
+    trained = df[(df["method"] != "baseline") & ~df["method"].str.contains(SEED_MARK, regex=False)]
     if trained.empty or trained["rollout"].nunique() < 2:
         return ""
     trained = trained.assign(loss=_loss(trained["method"]))
@@ -168,6 +181,20 @@ def recipe_table(df: pd.DataFrame) -> str:
             lines.append(f"| {source} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def seed_table(df: pd.DataFrame) -> str:
+    """Cells run with more than one seed: α_seq, α_tok and α_expected (%) per seed; "" when no cell was."""
+    base = df["method"].str.split(SEED_MARK, regex=False).str[0]
+    repeated = sorted(m for m in base.unique() if (base == m).sum() > 1)
+    if not repeated:
+        return ""
+    lines = ["| cell | seed | α_seq | α_tok | α_expected |", "|---|---|---|---|---|"]
+    for m in repeated:
+        for _, r in df[base == m].sort_values("seed").iterrows():
+            lines.append(f"| {m} | {r['seed']} | {_fmt_alpha(r, C.ALPHA_SEQ, False)} | "
+                         f"{_fmt_alpha(r, C.ALPHA_TOK, False)} | {100 * r[C.ALPHA_EXPECTED]:.2f} |")
+    return "\n".join(lines)
 
 
 def entropy_table(df: pd.DataFrame) -> str:
@@ -227,11 +254,13 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     cols = [c for c in cols if c in df.columns]
     recipe = recipe_table(df)
     by_entropy = entropy_table(df)
+    seeds = seed_table(df)
     by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
           + (f", {len(failed)} failed (see Failed jobs)." if not failed.empty else "."), "", *failures_md,
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
+          *(["## Cells run with more than one seed (%, 95% CI)", "", seeds, ""] if seeds else []),
           *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]
             if by_entropy else []),
           *(["## Acceptance per drafted position (% of blocks whose k-th drafted token was accepted)", "",

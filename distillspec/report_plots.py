@@ -116,8 +116,8 @@ def _panels(rows: pd.DataFrame) -> tuple[list[tuple[str, pd.DataFrame]], str, li
 
 
 def loss_of(methods: pd.Series) -> pd.Series:
-    """The loss part of method labels (report.method_label: "<div>[+speckd][/<source>]")."""
-    return methods.str.split("/").str[0]
+    """The loss part of method labels (report.method_label: "<div>[+speckd][/<source>][@seed<n>]")."""
+    return methods.str.split("@").str[0].str.split("/").str[0]
 
 
 def baseline_first(method: str) -> tuple[bool, str]:

@@ -10,7 +10,8 @@ import pandas as pd
 from conftest import REPO, TINY
 
 from distillspec import constants as C
-from distillspec.report import FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main, plots, recipe_table
+from distillspec.report import (FIG_ENTROPY, REPORT_MD, SUMMARY_CSV, bootstrap_ci, main, mark_seeds, plots,
+                                recipe_table, seed_table)
 
 
 def test_bootstrap_ci_brackets_the_ratio():
@@ -33,6 +34,24 @@ def test_recipe_table_places_each_job_in_its_cell():
     assert lines[4] == "| fixed | 2.00 | **4.00** |"
     assert lines[5] == "| student | 3.00 | 1.50 |"
     assert recipe_table(df[df["rollout"] != "fixed"]) == ""  # one data source: no recipe grid
+
+
+def test_a_second_seed_is_its_own_row_and_stays_out_of_the_recipe_grid():
+    """offline_warm reruns its leading cells with another seed: they must not overwrite (or be picked over) the
+    sweep's first seed."""
+    rows = [("fkl/teacher", "teacher", 1, 0.30), ("fkl/teacher", "teacher", 2, 0.50), ("fkl", "student", 1, 0.2),
+            ("rkl/teacher", "teacher", 1, 0.25)]
+    df = pd.DataFrame([{"method": m, "rollout": r, "seed": s, "gamma": 5, "temperature": 1.0, C.ALPHA_TOK: a,
+                        C.ALPHA_SEQ: a, C.ALPHA_EXPECTED: a} for m, r, s, a in rows])
+    assert mark_seeds(df[df["seed"] == 1]).equals(df[df["seed"] == 1])  # one seed: labels unchanged
+    df = mark_seeds(df)
+    assert list(df["method"]) == ["fkl/teacher", "fkl/teacher@seed2", "fkl", "rkl/teacher"]
+    grid = recipe_table(df).splitlines()
+    assert grid[2] == "| data source | fkl | rkl |"
+    assert grid[5] == "| teacher | **30.00** | 25.00 |"  # seed 0's value, not seed 1's 50.00
+    seeds = seed_table(df).splitlines()
+    assert seeds[2:] == ["| fkl/teacher | 1 | 30.00 | 30.00 | 30.00 |", "| fkl/teacher | 2 | 50.00 | 50.00 | 50.00 |"]
+    assert seed_table(df[df["seed"] == 1]) == ""
 
 
 def test_recipe_entropy_figure_has_one_panel_per_data_source(tmp_path):
