@@ -106,3 +106,11 @@ ROUGE1 = "rouge1"                       # ROUGE F-measure (rouge-score, stemming
 ROUGE2 = "rouge2"
 ROUGEL = "rougeL"
 QUALITY_LABELS = {ACCURACY: "accuracy", ROUGE1: "ROUGE-1", ROUGE2: "ROUGE-2", ROUGEL: "ROUGE-L"}
+
+# --- setting values checked before any heavy import (specs.py validates with these; the engine uses them) ---
+LENIENCES: tuple[str, ...] = ("none", "p_over_eps", "p_over_eps2", "p_pow_eps")  # sd.lenience: f(p, eps)
+FIRST_TOKEN_MODES: tuple[str, ...] = ("draft", "prefill")  # sd.first_token
+ENTROPY_BIN_LO = 1e-4  # nats; entropies below fall in [0, lo)
+ENTROPY_BIN_HI = 10.0  # nats; a 49k-152k vocabulary reaches ~11, so the top bin [hi, inf) stays small
+DIVERGENCES: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "adaptive")  # div.divergence
+BLOCK_WEIGHTINGS: tuple[str, ...] = ("none", "block", "block_avg")  # div.block_weighting

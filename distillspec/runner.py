@@ -11,9 +11,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
 from distillspec.jsonio import write_json_atomic  # noqa: F401 - results are strict JSON (NaN -> null)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("distillspec")
 
@@ -66,6 +68,8 @@ def check_trainer_settings(trainer_cfg: DictConfig) -> None:
 
 def resolve_device(accelerator: str) -> torch.device:
     """The device models load on for this process (Lightning's accelerator setting decides)."""
+    import torch  # here, not at the top: settings are checked before torch's ~2 s import
+
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator!r} but CUDA is not available; use cpu or auto")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
-from distillspec.sd.metrics import ENTROPY_BIN_HI, ENTROPY_BIN_LO
+from distillspec.constants import ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
@@ -91,8 +91,6 @@ class SDSpec:
     first_token: str = "draft"
 
     def __post_init__(self) -> None:
-        from distillspec.sd.engine import FIRST_TOKEN_MODES
-        from distillspec.sd.sampling import LENIENCES
         from distillspec.constants import KV_MODES
 
         check_field_types(self, "sd")
@@ -156,7 +154,7 @@ class ObjectiveSpec:
     block_gamma: int = 5
 
     def __post_init__(self) -> None:
-        from distillspec.losses.divergences import DIVERGENCES
+        from distillspec.constants import DIVERGENCES
 
         check_field_types(self, "div")
         check_choice("div.divergence", self.divergence, DIVERGENCES)
@@ -178,7 +176,7 @@ class ObjectiveSpec:
         return self.gate is not None or self.divergence == "adaptive" or self.block_weighting != "none"
 
     def _post_init_adaptive(self) -> None:
-        from distillspec.losses.adaptive import BLOCK_WEIGHTINGS, BetaSchedule
+        from distillspec.constants import BLOCK_WEIGHTINGS
 
         check_choice("div.block_weighting", self.block_weighting, BLOCK_WEIGHTINGS)
         if isinstance(self.block_gamma, bool) or not isinstance(self.block_gamma, int) or self.block_gamma < 1:
@@ -188,6 +186,8 @@ class ObjectiveSpec:
             raise ConfigError(f"div.adaptive is set but div.divergence={self.divergence!r}; the beta schedule "
                               "applies only to divergence 'adaptive' (div=adaptive)")
         if self.divergence == "adaptive":
+            from distillspec.losses.adaptive import BetaSchedule  # torch: only adaptive runs pay its import here
+
             if adaptive is None:
                 adaptive = BetaSchedule()
             elif isinstance(adaptive, Mapping):

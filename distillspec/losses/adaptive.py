@@ -38,11 +38,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_range
 from distillspec.losses.divergences import ADAPTIVE_FORMS, _compute_dtype, _log_probs
 
 SCHEDULES = ("logistic", "table")
-BLOCK_WEIGHTINGS = ("none", "block", "block_avg")
+BLOCK_WEIGHTINGS = C.BLOCK_WEIGHTINGS
 ROW_CHUNK = 1024
 
 __all__ = ["BLOCK_WEIGHTINGS", "BetaSchedule", "SCHEDULES", "entropy_bin_metrics", "entropy_bin_sums",

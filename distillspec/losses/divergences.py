@@ -44,9 +44,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_range
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "adaptive")
+DIVERGENCES = C.DIVERGENCES
 ADAPTIVE_FORMS = ("njsd", "jsd", "mix")
 
 BETA_EPS = 1e-6

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-import torch
-
-if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds to import, validation needs none
+if TYPE_CHECKING:  # annotations only: torch and transformers take seconds to import, validation needs neither
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distillspec.errors import ConfigError, check_choice
@@ -31,8 +30,7 @@ from distillspec.models.warm import WARM_DRAFT, ensure_warm_draft
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtype names
 DTYPE_CHOICES = ["auto", *DTYPES]
 QUANTIZATIONS = [None, "8bit", "4bit"]
 OFFLINE_TARGET = "offline:smollm2-135m"
@@ -115,6 +113,8 @@ def _ensure_tiny_pair() -> tuple[Path, Path]:
 
 
 def _as_device(device: str | torch.device) -> torch.device:
+    import torch
+
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -123,9 +123,11 @@ def _as_device(device: str | torch.device) -> torch.device:
 
 def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     """Torch dtype for a dtype name; "auto" is bfloat16 on a bf16-capable CUDA device, else float32."""
+    import torch
+
     check_choice("dtype", dtype, DTYPE_CHOICES)
     if dtype != "auto":
-        return DTYPES[dtype]
+        return getattr(torch, dtype)
     dev = _as_device(device)
     if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -203,6 +205,8 @@ def check_quantization(quantization: str | None, device: str | torch.device) -> 
         raise ConfigError(f"{setting}: bitsandbytes quantization is supported here on "
                           f"{' and '.join(BNB_DEVICE_TYPES)} only; got device={dev} (set trainer.accelerator "
                           "to cpu or gpu, or pair.target_quantization=null)")
+    import torch
+
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting} on device={dev}, but CUDA is not available (cuda available=False); "
                           "run on a GPU machine, or on the CPU with trainer=cpu")
@@ -241,6 +245,7 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
 
     All arguments are validated before anything is loaded or downloaded.
     """
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_name(name)

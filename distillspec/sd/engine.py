@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
 from distillspec.sd.cache import _sync
 from distillspec.sd.clock import ForwardTimer
@@ -34,7 +35,7 @@ from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logi
 from distillspec.sd.static_cache import check_kv_options, make_kv
 
 ACCEPTANCE_MODES = ("rejection", "topk")
-FIRST_TOKEN_MODES = ("draft", "prefill")
+FIRST_TOKEN_MODES = C.FIRST_TOKEN_MODES
 
 
 @dataclass

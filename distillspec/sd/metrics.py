@@ -185,8 +185,8 @@ def choose_gamma(alpha: float, cost_step: float, verify_pilot: float, gamma_pilo
     return min(g for g, s in curve.items() if s >= best * (1 - 1e-12))
 
 
-ENTROPY_BIN_LO = 1e-4  # nats; entropies below fall in [0, lo)
-ENTROPY_BIN_HI = 10.0  # nats; a 49k-152k vocabulary reaches ~11, so the top bin [hi, inf) stays small
+ENTROPY_BIN_LO = C.ENTROPY_BIN_LO  # nats; entropies below fall in [0, lo)
+ENTROPY_BIN_HI = C.ENTROPY_BIN_HI  # nats; the top bin [hi, inf)
 
 
 def entropy_bin_edges(lo: float = ENTROPY_BIN_LO, hi: float = ENTROPY_BIN_HI, per_decade: int = 2) -> torch.Tensor:

@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
+from distillspec import constants as C
 from distillspec.errors import ConfigError, NonFiniteError, check_choice
 
-LENIENCES: tuple[str, ...] = ("none", "p_over_eps", "p_over_eps2", "p_pow_eps")
+LENIENCES = C.LENIENCES
 ACCEPTANCE_RULES: tuple[str, ...] = ("rejection", "greedy", "topk")
 
 _LENIENCE_FNS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {

@@ -13,13 +13,14 @@ so the splits are disjoint, and no problem repeats within a split.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distillspec.errors import ConfigError, check_range
 from distillspec.tasks.base import Example, Task
 from distillspec.tasks.gsm8k import MathAnswerMixin
+
+if TYPE_CHECKING:
+    import torch  # imported where used: building the task (a settings check) must not cost torch's import
 
 NAMES = ("Tom", "Anna", "Maya", "Leo", "Sara", "Ben", "Lily", "Omar", "Nina", "Ravi")
 ITEMS = ("apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "cards")
@@ -33,6 +34,8 @@ _MAX_ATTEMPTS_PER_EXAMPLE = 50
 
 def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
     """Uniform integer in [lo, hi]."""
+    import torch
+
     return int(torch.randint(lo, hi + 1, (1,), generator=gen))
 
 
@@ -91,6 +94,8 @@ class ArithmeticTask(MathAnswerMixin, Task):
         self.num_train, self.num_eval, self.seed = int(num_train), int(num_eval), int(seed)
 
     def _generate(self, count: int, seed: int, exclude: set[str]) -> list[tuple[str, str, int]]:
+        import torch
+
         gen = torch.Generator().manual_seed(seed)
         seen, out = set(exclude), []
         for _ in range(count * _MAX_ATTEMPTS_PER_EXAMPLE):

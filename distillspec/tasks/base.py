@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from distillspec.errors import ConfigError, check_choice, check_range
 
 log = logging.getLogger(__name__)
@@ -148,6 +146,8 @@ class Task:
         if n == 0:
             raise ConfigError(f"task {self.name!r}: no examples to encode")
         if shuffle:
+            import torch  # here: importing a task (settings checks) must not cost torch's import
+
             order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
         else:
             order = list(range(n))
