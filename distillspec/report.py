@@ -77,8 +77,34 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         row[C.ALPHA_TOK + "_ci_lo"], row[C.ALPHA_TOK + "_ci_hi"] = bootstrap_ci(acc, dr)
         row[C.ALPHA_SEQ + "_ci_lo"], row[C.ALPHA_SEQ + "_ci_hi"] = bootstrap_ci(acc, out)
     row["_entropy_bins"] = saved.get("entropy_bins", [])
+    row["_train_entropy"] = train_entropy_shares(job_dir / "csv" / "metrics.csv")
     row["_eval_history"] = saved.get("train", {}).get("eval_history", [])
     return row
+
+
+def train_entropy_shares(csv_path: Path) -> dict[str, float]:
+    """Share of the training tokens per teacher-entropy bin ("<lo>-<hi>" nats), averaged over the logged steps
+    (csv/metrics.csv, C.TRAIN_TOKENS_BY_ENTROPY columns); {} without training rows."""
+    if not csv_path.exists():
+        return {}
+    frame = pd.read_csv(csv_path)
+    cols = [c for c in frame.columns if c.startswith(C.TRAIN_TOKENS_BY_ENTROPY)]
+    return {c[len(C.TRAIN_TOKENS_BY_ENTROPY):]: float(frame[c].dropna().mean()) for c in cols
+            if frame[c].notna().any()}
+
+
+def train_entropy_table(df: pd.DataFrame) -> str:
+    """Markdown: per trained job, the share (%) of its training tokens in each teacher-entropy bin (what the
+    loss saw; the SD table's positions are what evaluation saw); "" when no job logged them."""
+    rows = [(r["method"], r["_train_entropy"]) for _, r in df.iterrows() if r.get("_train_entropy")]
+    if not rows:
+        return ""
+    bins = sorted({b for _, shares in rows for b in shares}, key=lambda b: float(b.split("-")[0]))
+    lines = ["| method | " + " | ".join(bins) + " |", "|---|" + "---|" * len(bins)]
+    for method, shares in sorted(rows, key=lambda r: _baseline_first(r[0])):
+        lines.append(f"| {method} | " + " | ".join(f"{100 * shares[b]:.1f}" if b in shares else "–" for b in bins)
+                     + " |")
+    return "\n".join(lines)
 
 
 def collect(sweep_dir: Path, allow_empty: bool = False) -> pd.DataFrame:
@@ -255,6 +281,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     recipe = recipe_table(df)
     by_entropy = entropy_table(df)
     seeds = seed_table(df)
+    train_entropy = train_entropy_table(df)
     by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
           + (f", {len(failed)} failed (see Failed jobs)." if not failed.empty else "."), "", *failures_md,
@@ -263,6 +290,8 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
           *(["## Cells run with more than one seed (%, 95% CI)", "", seeds, ""] if seeds else []),
           *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]
             if by_entropy else []),
+          *(["## Teacher entropy of the training tokens (% of tokens per bin in nats, mean over steps)", "",
+             train_entropy, ""] if train_entropy else []),
           *(["## Acceptance per drafted position (% of blocks whose k-th drafted token was accepted)", "",
              by_position, ""] if by_position else []),
           "## All jobs", "", public[cols].to_markdown(index=False, floatfmt=".4f"), "", "## Figures", ""]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from conftest import REPO, TINY
 
 from distillspec import constants as C
@@ -91,3 +92,11 @@ def test_two_job_sweep_and_report(tmp_path):
     assert "baseline α_seq" in md and "rkl/teacher α_tok" in md
     best = df[C.ALPHA_TOK].max()
     assert f"**{100 * best:.2f}" in md  # the best α_tok is bold
+    # what the loss saw: the trained job's share of training tokens per teacher-entropy bin, from its CSV
+    from distillspec.report import train_entropy_shares
+
+    trained = next(p.parent for p in jobs if json.loads(p.read_text())["stage"] == "train_eval")
+    shares = train_entropy_shares(trained / "csv" / "metrics.csv")
+    assert shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    section = md.split("## Teacher entropy of the training tokens")[1].split("##")[0]
+    assert "| rkl/teacher |" in section and "| baseline |" not in section
