@@ -84,7 +84,7 @@ class SDSpec:
     entropy_min_count: int = 5
     entropy_bin_max: float = ENTROPY_BIN_HI
     num_examples_logged: int = 8
-    speed_repeats: int = 2
+    speed_repeats: int = 1
     speed_warmup: bool = True
     kv: str = "dynamic"
     compile: bool = False
