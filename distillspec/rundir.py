@@ -81,13 +81,14 @@ def check_run_dir_writable(path: Path, what: str = "run dir") -> None:
 
 def remove_new_run_dir(new_dirs: list[Path]) -> list[Path]:
     """After a refused launch: remove the directories it created (`new_dirs`, deepest first: the run dir and its
-    missing parents, recorded before Hydra made them) when they hold nothing but Hydra's own files. Returns the
+    missing parents, recorded before Hydra made them) when they hold nothing but Hydra's own files, run.log and
+    the config snapshot (a refusal after the rerun check, e.g. a model that cannot be loaded). Returns the
     removed ones; anything else in them keeps them."""
     import shutil
 
     removed = []
     for d in sorted(new_dirs, key=lambda p: len(p.parts), reverse=True):
-        if not d.is_dir() or any(p.name not in ("run.log", ".hydra") for p in d.iterdir()):
+        if not d.is_dir() or any(p.name not in ("run.log", ".hydra", C.RUN_CONFIG_FILE) for p in d.iterdir()):
             break  # something else is there: keep it and everything above it
         hydra = d / ".hydra"
         if hydra.is_dir() and any(p.name not in HYDRA_FILES_IN_DOT_HYDRA for p in hydra.iterdir()):

@@ -77,6 +77,11 @@ def test_refused_run_leaves_no_run_dir(tmp_path):
     assert out.returncode == 2 and "sd.gamma=0" in out.stderr
     assert not (tmp_path / "outputs" / "exp").exists()
     assert (tmp_path / "outputs").is_dir()  # it existed before: kept
+    # refused after the config snapshot was written (a draft that cannot be loaded): removed too
+    out = subprocess.run([sys.executable, "run.py", "pair=tiny", "pair.draft=nope:x", f"hydra.run.dir={run_dir}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "nope:x" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "outputs" / "exp").exists()
     # an existing run dir (a real earlier run's files) is never removed by a refused launch
     run_dir.mkdir(parents=True)
     (run_dir / "run_config.json").write_text("{}")
