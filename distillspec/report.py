@@ -45,6 +45,8 @@ def method_label(cfg: dict[str, Any], stage: str) -> str:
     label += ("+speckd" if div.get("gate") else "")
     if div.get("block_weighting", "none") != "none":
         label += "+" + div["block_weighting"]
+    if quant := (cfg.get("pair") or {}).get("target_quantization"):
+        label += f"+{quant}-teacher"  # distilled against a quantized teacher
     source = cfg.get("rollout", {}).get("source", "student")
     return label if source == "student" else f"{label}/{source}"
 
