@@ -33,6 +33,7 @@ TARGET_TIME_PREFILL = "sd/target_time_prefill"
 TARGET_TIME_DECODE = "sd/target_time_decode"
 TRUNCATED_FRACTION = "sd/truncated_fraction"  # SD outputs cut at max_new_tokens (no EOS)
 ANSWER_CUT_FRACTION = "sd/answer_cut_fraction"  # ... and cut before the task's final answer (tasks that have one)
+QUALITY_CUT_LIMIT = 0.5  # above this ANSWER_CUT_FRACTION, task quality measures the token cap: not a result
 SD_TOKENS_PER_S = "sd/tokens_per_s"
 TARGET_TOKENS_PER_S = "sd/target_tokens_per_s"
 BOOKKEEPING_FRACTION = "sd/bookkeeping_fraction"  # SD_TIME_OTHER / SD_TIME (prefill counts as model time)

@@ -28,7 +28,7 @@ WARMUP_TOKENS = 8       # warm-up generation (both paths, first batch of each pa
 AUTO_GAMMA_PILOT = 4    # sd.gamma=auto: gamma of the pilot SD run that measures alpha, c and v
 AUTO_GAMMA_MAX = 10     # ... and the largest gamma it may choose
 PILOT_TOKENS = 32       # new tokens of the pilot runs (capped at max_new_tokens)
-QUALITY_CUT_LIMIT = 0.5  # above this fraction of outputs cut before their final answer, quality is not a result
+QUALITY_CUT_LIMIT = C.QUALITY_CUT_LIMIT
 
 
 def concat_results(results: Sequence[SDResult]) -> SDResult:

@@ -229,12 +229,10 @@ def log_summary(out: dict[str, Any]) -> None:
     keys = (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY, C.SPEEDUP)
     metrics = out.get("metrics") or {}
     shown = {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
-    from distillspec.evaluation import QUALITY_CUT_LIMIT
-
     quality = {k: round(float(v), 4) for k, v in metrics.items()
                if k.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))}
     cut = metrics.get(C.ANSWER_CUT_FRACTION)
-    if quality and cut is not None and cut > QUALITY_CUT_LIMIT:  # not a result: it measures the token cap
+    if quality and cut is not None and cut > C.QUALITY_CUT_LIMIT:  # not a result: it measures the token cap
         log.info("task quality not shown (%s in metrics.json): %.0f %% of outputs were cut at the token cap "
                  "before their final answer; raise sd.max_new_tokens to measure it", ", ".join(quality), 100 * cut)
     else:
