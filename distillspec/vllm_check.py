@@ -110,7 +110,8 @@ def our_counts(result, gamma: int) -> dict[str, Any]:
     from distillspec.sd.metrics import sd_metrics
 
     m = sd_metrics(result, gamma)
-    per_pos = [round(m[C.accept_pos_key(k)] * float(result.num_blocks.sum())) for k in range(1, gamma + 1)]
+    # counted from the trace (not rebuilt from the rates): blocks whose k-th drafted token was accepted
+    per_pos = result.trace_pos[result.trace_accepted].long().bincount(minlength=gamma)[:gamma].tolist()
     # accepted as vLLM counts them: every verification outcome, also those EOS or the cap then cut
     out = cmp.counts_summary(int(result.num_blocks.sum()), int(result.num_drafted.sum()),
                              int(result.trace_accepted.sum()), per_pos)
