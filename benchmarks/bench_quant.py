@@ -31,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # sd_table, also when imported (tests/test_quantization.py)
 
 from sd_table import cpu_name  # noqa: E402 - the same machine line as bench_sd's tables
 

@@ -5,12 +5,13 @@ tested in test_models.py / test_planning.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
 import pytest
 import torch
-from conftest import TINY, run_cfg
+from conftest import REPO, TINY, run_cfg
 
 from distillspec import constants as C
 from distillspec.models.loading import load_model, load_tokenizer, quiet_bitsandbytes, resolve_model_path
@@ -18,26 +19,25 @@ from distillspec.models.loading import load_model, load_tokenizer, quiet_bitsand
 quiet_bitsandbytes()  # before bitsandbytes' import: it logs a failed optional Hub kernel fetch (see loading.py)
 bnb = pytest.importorskip("bitsandbytes", reason="pair.target_quantization needs bitsandbytes (make install)")
 
-# Plain English prose (written for these tests), the real text the offline pair is compared on.
-PASSAGE = (
-    "The village sat at the bend of a slow river, and every morning the baker opened his shop before the sun "
-    "had cleared the hills. He sold bread to the farmers on their way to the fields, and in the afternoon he "
-    "sold cakes to the children coming home from school. One spring the river rose higher than anyone could "
-    "remember. The water covered the lower road and reached the steps of the church, so the farmers stayed "
-    "at home and the school closed for a week. The baker still baked, because he did not know what else to "
-    "do, and he carried the loaves up the hill in a basket to the houses that the flood had cut off. "
-)
+
+def _load_bench_quant():
+    """benchmarks/bench_quant.py as a module: the test and the benchmark share its passage and its measure."""
+    spec = importlib.util.spec_from_file_location("bench_quant", REPO / "benchmarks" / "bench_quant.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+BENCH = _load_bench_quant()
+PASSAGE = BENCH.PASSAGE  # plain English prose written for this project: the text the offline pair is compared on
 
 
 def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
-    """Observed next-token |delta log p| (max, mean) and the next-token distributions' TV (mean, max)."""
-    lp_ref = torch.log_softmax(ref_logits[:, :-1].float(), -1)
-    lp = torch.log_softmax(logits[:, :-1].float(), -1)
-    nxt = ids[:, 1:, None]
-    d = (lp_ref.gather(-1, nxt) - lp.gather(-1, nxt)).abs()
-    tv = 0.5 * (lp_ref.exp() - lp.exp()).abs().sum(-1)
-    return {"obs_max": d.max().item(), "obs_mean": d.mean().item(), "tv_mean": tv.mean().item(),
-            "tv_max": tv.max().item(), "argmax": (lp_ref.argmax(-1) == lp.argmax(-1)).float().mean().item()}
+    """bench_quant.agreement under short names: observed-token |delta log p| (max, mean), next-token TV
+    (mean, max), argmax agreement."""
+    a = BENCH.agreement(ref_logits, logits, ids)
+    return {"obs_max": a["obs_logp_abs_max"], "obs_mean": a["obs_logp_abs_mean"], "tv_mean": a["tv_mean"],
+            "tv_max": a["tv_max"], "argmax": a["argmax_agree"]}
 
 
 @pytest.fixture(scope="module")
