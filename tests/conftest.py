@@ -15,6 +15,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import atexit  # noqa: E402
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -68,6 +69,14 @@ def shared_data() -> Path:
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+
+
+def load_script(relpath: str, name: str):
+    """A script of the repo that is not a package module (run.py, benchmarks/*.py), imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # Overrides that shrink any run to seconds on a CPU: tiny random pair, a few prompts and steps.
 TINY = [

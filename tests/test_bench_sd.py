@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from conftest import REPO
+from conftest import load_script
 
 
 def test_bench_sd_takes_any_pair_and_prints_evaluator_table(tiny_pair_dirs, capsys, one_thread):
     draft_dir, target_dir = tiny_pair_dirs
-    spec = importlib.util.spec_from_file_location("bench_sd", REPO / "benchmarks" / "bench_sd.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_sd.py", "bench_sd")
     bench.main(["--target", str(target_dir), "--draft", str(draft_dir), "--task", "arithmetic", "--batch", "2",
                 "--new-tokens", "8", "--gamma", "3", "--repeats", "1", "--skip-nocache", "--skip-hf",
                 "--threads", "1"])

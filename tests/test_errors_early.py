@@ -56,18 +56,14 @@ def test_non_zip_wheel(tmp_path):
 
 
 def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    from conftest import REPO
+    from conftest import load_script
 
     from distillspec.rundir import check_writable
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="output dir .*file/run is not writable"):
         check_writable(tmp_path / "file" / "run")
-    spec = importlib.util.spec_from_file_location("run_py", REPO / "run.py")  # run.py checks before Hydra
-    run_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_py)
+    run_py = load_script("run.py", "run_py")  # run.py checks before Hydra
     (tmp_path / "outputs").write_text("not a dir")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):

@@ -5,13 +5,12 @@ tested in test_models.py / test_planning.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cfg
+from conftest import TINY, load_script, run_cfg
 
 from distillspec import constants as C
 from distillspec.models.loading import load_model, load_tokenizer, quiet_bitsandbytes, resolve_model_path
@@ -20,24 +19,9 @@ quiet_bitsandbytes()  # before bitsandbytes' import: it logs a failed optional H
 bnb = pytest.importorskip("bitsandbytes", reason="pair.target_quantization needs bitsandbytes (make install)")
 
 
-def _load_bench_quant():
-    """benchmarks/bench_quant.py as a module: the test and the benchmark share its passage and its measure."""
-    spec = importlib.util.spec_from_file_location("bench_quant", REPO / "benchmarks" / "bench_quant.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-BENCH = _load_bench_quant()
+BENCH = load_script("benchmarks/bench_quant.py", "bench_quant")  # its passage and agreement measure, shared
 PASSAGE = BENCH.PASSAGE  # plain English prose written for this project: the text the offline pair is compared on
-
-
-def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
-    """bench_quant.agreement under short names: observed-token |delta log p| (max, mean), next-token TV
-    (mean, max), argmax agreement."""
-    a = BENCH.agreement(ref_logits, logits, ids)
-    return {"obs_max": a["obs_logp_abs_max"], "obs_mean": a["obs_logp_abs_mean"], "tv_mean": a["tv_mean"],
-            "tv_max": a["tv_max"], "argmax": a["argmax_agree"]}
+compare = BENCH.agreement
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +52,7 @@ def test_8bit_target_loads_frozen_and_scores_close_to_float32(tiny_models, one_t
         assert lq.dtype == torch.float32 and lq.shape == lf.shape == (4, 20, 104) and lq.isfinite().all()
         m = compare(lf, lq, ids[:, 4:])
         assert 1e-4 < m["tv_mean"] < 0.08 and m["tv_max"] < 0.25, m  # > 0: it really is quantized
-        assert m["obs_max"] < 0.8 and m["obs_mean"] < 0.16, m
+        assert m["obs_logp_abs_max"] < 0.8 and m["obs_logp_abs_mean"] < 0.16, m
 
 
 def test_4bit_target_loads_and_scores_on_cpu(tiny_pair_dirs, one_thread):
@@ -180,5 +164,5 @@ def test_offline_target_8bit_close_to_float32(one_thread):
     q8 = load_model(path, dtype="float32", quantization="8bit")
     with torch.no_grad():
         m = compare(fp(ids).logits, q8(ids).logits, ids)
-    assert m["obs_max"] < 1.5 and m["obs_mean"] < 0.25, m
-    assert 0.005 < m["tv_mean"] < 0.12 and m["tv_max"] < 0.3 and m["argmax"] > 0.85, m
+    assert m["obs_logp_abs_max"] < 1.5 and m["obs_logp_abs_mean"] < 0.25, m
+    assert 0.005 < m["tv_mean"] < 0.12 and m["tv_max"] < 0.3 and m["argmax_agree"] > 0.85, m

@@ -135,14 +135,10 @@ def test_bad_resume_value(tmp_path):
 
 
 def test_run_py_refuses_bad_name_before_hydra_makes_dirs(capsys):
-    import importlib.util
-
-    from conftest import REPO, compose_cfg
+    from conftest import compose_cfg, load_script
     from omegaconf import OmegaConf
 
-    spec = importlib.util.spec_from_file_location("run_py", REPO / "run.py")
-    run_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_py)
+    run_py = load_script("run.py", "run_py")
     with pytest.raises(SystemExit) as exc:
         run_py.check_cli(["pair=tiny", "name=../../x"])
     assert exc.value.code == 2 and "name='../../x'" in capsys.readouterr().err
