@@ -40,14 +40,17 @@ from torch import Tensor
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_range
-from distillspec.losses.divergences import ADAPTIVE_FORMS, _compute_dtype, _log_probs
+from distillspec.losses.logprobs import compute_dtype as _compute_dtype
+from distillspec.losses.logprobs import log_probs as _log_probs
 
 SCHEDULES = ("logistic", "table")
+ADAPTIVE_FORMS = ("njsd", "jsd", "mix")
+"""The per-token loss forms of an adaptive schedule (distillspec.losses.divergences.per_token_jsd)."""
 BLOCK_WEIGHTINGS = C.BLOCK_WEIGHTINGS
 ROW_CHUNK = 1024
 
-__all__ = ["BLOCK_WEIGHTINGS", "BetaSchedule", "SCHEDULES", "entropy_bin_metrics", "entropy_bin_sums",
-           "reach_weights", "row_entropy", "train_entropy_edges"]
+__all__ = ["ADAPTIVE_FORMS", "BLOCK_WEIGHTINGS", "BetaSchedule", "SCHEDULES", "entropy_bin_metrics",
+           "entropy_bin_sums", "reach_weights", "row_entropy", "train_entropy_edges"]
 
 
 @dataclass
@@ -57,7 +60,7 @@ class BetaSchedule:
     kind: "logistic" or "table". beta_confident / beta_uncertain: beta at H -> 0 / H -> inf (logistic), in [0, 1].
     center: nats (> 0), the logistic midpoint. width: > 0, the logistic scale in ln-nats. edges / values: the
     table (k ascending edges > 0, k + 1 values in [0, 1]). reverse: the opposite schedule. form: the loss form
-    (divergences.ADAPTIVE_FORMS). Defaults: RKL (beta = 1) where the teacher is confident, JSD(0.5) where it is
+    (ADAPTIVE_FORMS). Defaults: RKL (beta = 1) where the teacher is confident, JSD(0.5) where it is
     uncertain, crossing at 1 nat.
     """
 

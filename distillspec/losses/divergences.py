@@ -19,8 +19,8 @@ log-space (log_softmax) in float32 (float64 when an input is float64, so gradche
 No temperature**2 factor is applied: temperature=2 is exactly the same as passing logits / 2.
 
 Numerics. Logits may contain -inf (masked vocabulary entries). Log-probabilities are clamped below at the
-finite constant LOG_ZERO (= -1000) before any arithmetic, so exp() of -inf entries is exactly 0 and terms with
-P = 0 contribute exactly 0 to both value and gradient (the xlogy convention), with no NaN anywhere.
+finite constant LOG_ZERO (= -1000; distillspec.losses.logprobs) before any arithmetic, so exp() of -inf entries
+is exactly 0 and terms with P = 0 contribute exactly 0 to both value and gradient (the xlogy convention), with no NaN anywhere.
 When both models mask the same tokens nothing changes. When only one side gives a token probability 0
 while the other gives it mass (e.g. rkl with a teacher that masks a token the student still uses), the
 true divergence is +inf; here the zero probability is treated as exp(LOG_ZERO), so the value stays
@@ -46,29 +46,18 @@ from torch.autograd.function import once_differentiable
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_range
+from distillspec.losses import adaptive as A
+from distillspec.losses.adaptive import ADAPTIVE_FORMS
+from distillspec.losses.logprobs import LOG_ZERO
+from distillspec.losses.logprobs import compute_dtype as _compute_dtype
+from distillspec.losses.logprobs import log_probs as _log_probs
 
 DIVERGENCES = C.DIVERGENCES
-ADAPTIVE_FORMS = ("njsd", "jsd", "mix")
 
 BETA_EPS = 1e-6
 """njsd evaluates its JSD formula at beta clamped to [BETA_EPS, 1 - BETA_EPS]; beta exactly 0 / 1 use fkl / rkl."""
 
-LOG_ZERO = -1000.0
-"""Finite stand-in for log(0) (see the module docstring)."""
-
 __all__ = ["ADAPTIVE_FORMS", "DIVERGENCES", "LOG_ZERO", "divergence_loss", "entropy", "overlap", "per_row_divergence"]
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16 / fp16 are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """(..., V) -> (..., V) log_softmax(logits / temperature), clamped below at LOG_ZERO (so -inf -> LOG_ZERO)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).clamp(min=LOG_ZERO)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -240,8 +229,6 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
         check_range("alpha", alpha, lo=0.0, hi=1.0, hi_open=True)
     if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size!r} is invalid; valid: >= 1 or None")
-    from distillspec.losses import adaptive as A
-
     check_choice("div.block_weighting", block_weighting, A.BLOCK_WEIGHTINGS)
     if name == "adaptive" and schedule is None:
         schedule = A.BetaSchedule()

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from distillspec.losses.divergences import LOG_ZERO, _compute_dtype, per_row_divergence
+from distillspec.losses.divergences import per_row_divergence
+from distillspec.losses.logprobs import LOG_ZERO
+from distillspec.losses.logprobs import compute_dtype as _compute_dtype
 
 __all__ = ["student_buckets", "teacher_buckets", "sparse_row_divergence", "sparse_divergence_loss"]
 
