@@ -62,3 +62,8 @@ def check_temperature(name: str, value: float, *, allow_zero: bool = True) -> No
         zero = "0 (greedy) or " if allow_zero else ""
         raise ConfigError(f"{name}={value!r} is invalid; valid: {zero}a finite temperature >= {MIN_TEMPERATURE:g} "
                           "(smaller ones overflow logits / T)")
+
+
+class EngineError(RuntimeError):
+    """A generation engine in another process (a vLLM server) died, did not answer, or answered wrongly; the
+    message names the server and, for one this run started, its log."""

@@ -1,0 +1,32 @@
+"""The serving environment (`.venv-vllm`, built by `make vllm`): checked before any work that needs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from distillspec.errors import ConfigError
+
+VERSION_PROBE = "import vllm; print(vllm.__version__)"
+FIX = "run `make vllm` (rm -r .venv-vllm first if it is half-built)"
+
+
+def check_serving_python(python: Path, timeout: float = 300.0) -> str:
+    """vLLM's version in the interpreter `python`; ConfigError in one line when it is missing, not executable,
+    or cannot `import vllm` (a half-built env, or the project's own .venv)."""
+    python = Path(python)
+    if not python.exists():
+        raise ConfigError(f"serving env python {python} not found; {FIX}")
+    if not os.access(python, os.X_OK) or python.is_dir():
+        raise ConfigError(f"serving env python {python} is not an executable; {FIX}")
+    try:
+        p = subprocess.run([str(python), "-c", VERSION_PROBE], capture_output=True, text=True, timeout=timeout)
+    except OSError as exc:  # e.g. Exec format error: not a program at all
+        raise ConfigError(f"serving env python {python} cannot run ({exc.strerror or exc}); {FIX}") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"serving env python {python}: `import vllm` did not finish in {timeout:g} s; {FIX}") from None
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"serving env python {python} cannot import vllm ({last}); {FIX}")
+    return p.stdout.strip().splitlines()[-1]

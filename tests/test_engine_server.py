@@ -1,0 +1,216 @@
+"""The vLLM server's life cycle (distillspec.serving.server) against a fake serving env: no vLLM needed.
+
+The fake env is what `make vllm` leaves, in miniature: `bin/python` answers the version probe, and `bin/vllm`
+is a small HTTP server speaking the endpoints the client uses. What is checked is ours: the server starts,
+answers, stops at the end of the block, on an error, on Ctrl-C and when its parent is killed (no orphan), a
+dead server is reported with its log, a port in use and a silent URL fail fast in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from distillspec.errors import ConfigError, EngineError
+from distillspec.serving.env import check_serving_python
+from distillspec.serving.server import EngineClient, ManagedServer, check_port_free, connect, free_port
+
+FAKE_VLLM = textwrap.dedent('''\
+    #!{python}
+    import http.server, json, os, sys, threading
+    args = sys.argv[1:]
+    assert args[0] == "serve", args
+    model, port = args[1], int(args[args.index("--port") + 1])
+    mode = os.environ.get("FAKE_VLLM_MODE", "ok")
+    print("fake vllm serving", model, "on", port, flush=True)
+    if mode == "crash":
+        print("RuntimeError: fake engine failed to load", flush=True)
+        sys.exit(3)
+    with open(os.environ["FAKE_VLLM_PIDFILE"], "w") as f:
+        f.write(str(os.getpid()))
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(None)
+            elif self.path == "/v1/models":
+                self._send({{"data": [{{"id": model, "root": model, "max_model_len": 1024}}]}})
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if mode == "die_on_request":
+                os._exit(9)
+            if self.path == "/v1/completions":
+                toks = req["prompt"]
+                self._send({{"choices": [{{"index": 0, "prompt_logprobs": [None] + [
+                    {{str(t): {{"logprob": -0.5, "rank": 1}}, "7": {{"logprob": -1.5, "rank": 2}}}}
+                    for t in toks[1:]]}}]}})
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+
+
+@pytest.fixture()
+def fake_env(tmp_path, monkeypatch) -> Path:
+    """A fake serving env: <tmp>/venv/bin/{python,vllm}; returns its python."""
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    py = bindir / "python"
+    py.write_text(f"#!/bin/sh\n[ \"$1\" = -c ] && echo 0.32.0-fake && exit 0\nexec {sys.executable} \"$@\"\n")
+    vllm = bindir / "vllm"
+    vllm.write_text(FAKE_VLLM.format(python=sys.executable))
+    for f in (py, vllm):
+        f.chmod(0o755)
+    monkeypatch.setenv("FAKE_VLLM_PIDFILE", str(tmp_path / "server.pid"))
+    return py
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_started_server_answers_and_is_stopped_at_block_end(fake_env, tmp_path):
+    with ManagedServer("some/model", python=fake_env, log=tmp_path / "vllm.log") as client:
+        assert client.model()["id"] == "some/model"
+        scores = client.score([[5, 6, 8]], top_k=1)
+        assert scores == [[None, {6: -0.5, 7: -1.5}, {8: -0.5, 7: -1.5}]]
+        pid = int((tmp_path / "server.pid").read_text())
+        assert _alive(pid)
+    assert _wait_gone(pid), "the server outlived its with-block"
+    assert "fake vllm serving some/model" in (tmp_path / "vllm.log").read_text()
+
+
+def test_server_is_stopped_when_the_block_raises(fake_env, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ManagedServer("m", python=fake_env, log=tmp_path / "vllm.log"):
+            pid = int((tmp_path / "server.pid").read_text())
+            raise RuntimeError("boom")
+    assert _wait_gone(pid)
+
+
+def test_server_that_dies_at_start_is_reported_with_its_log(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_MODE", "crash")
+    log = tmp_path / "logs" / "vllm.log"
+    with pytest.raises(EngineError) as err:
+        with ManagedServer("m", python=fake_env, log=log):
+            pass
+    msg = str(err.value)
+    assert str(log) in msg and "exited (code 3)" in msg and "fake engine failed to load" in msg
+    assert log.exists()
+
+
+def test_server_dying_mid_run_is_an_error_naming_the_log(fake_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_MODE", "die_on_request")
+    log = tmp_path / "vllm.log"
+    with ManagedServer("m", python=fake_env, log=log) as client:
+        with pytest.raises(EngineError, match=str(log)):
+            client.score([[1, 2]], top_k=1)
+
+
+DRIVER = textwrap.dedent('''\
+    import sys, time
+    from pathlib import Path
+    from distillspec.serving.server import ManagedServer
+    with ManagedServer("m", python=Path(sys.argv[1]), log=Path(sys.argv[2])):
+        print("ready", flush=True)
+        time.sleep(600)
+''')
+
+
+def _driver(fake_env, tmp_path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(fake_env), str(tmp_path / "vllm.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_no_orphan_engine_when_the_run_is_interrupted_or_killed(fake_env, tmp_path, sig):
+    proc = _driver(fake_env, tmp_path)
+    pid = int((tmp_path / "server.pid").read_text())
+    assert _alive(pid)
+    proc.send_signal(sig)
+    proc.wait(30)
+    assert _wait_gone(pid), f"the vLLM server (pid {pid}) outlived its parent after {sig.name}"
+
+
+def test_port_in_use_is_refused_before_starting(fake_env, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} .* already in use"):
+            check_port_free(port)
+        with pytest.raises(ConfigError, match="already in use"):
+            with ManagedServer("m", python=fake_env, log=tmp_path / "vllm.log", port=port):
+                pass
+    assert not (tmp_path / "server.pid").exists()
+
+
+def test_url_that_does_not_answer_fails_within_seconds():
+    closed = free_port()  # nothing listens: refused at once
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="no vLLM server answered"):
+        connect(f"http://127.0.0.1:{closed}")
+    with socket.socket() as s:  # listens but never answers: the connect timeout, not a hang
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match="rollout.vllm_url"):
+            connect(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ConfigError, match="not an http"):
+        connect("127.0.0.1:8000")
+
+
+def test_missing_or_broken_serving_env_says_make_vllm(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run `make vllm`"):
+        check_serving_python(tmp_path / "nope" / "bin" / "python")
+    with pytest.raises(ConfigError, match="cannot import vllm .*make vllm"):
+        check_serving_python(Path(sys.executable))  # the project env has no vLLM
+    not_a_program = tmp_path / "python"
+    not_a_program.write_bytes(b"\x7fELF\x00garbage")
+    not_a_program.chmod(0o755)
+    with pytest.raises(ConfigError, match="cannot run .*make vllm"):
+        check_serving_python(not_a_program)
+
+
+def test_client_reads_token_ids_of_samples():
+    from distillspec.serving.server import Sample
+
+    s = Sample.from_choice({"finish_reason": "stop", "logprobs": {
+        "tokens": ["token_id:5", "token_id:2"],
+        "top_logprobs": [{"token_id:5": -0.1, "token_id:9": -2.3}, {"token_id:2": -0.01}]}})
+    assert s.tokens == [5, 2] and s.top_logprobs == [{5: -0.1, 9: -2.3}, {2: -0.01}] and s.finish_reason == "stop"
+    with pytest.raises(EngineError, match="without its id"):
+        Sample.from_choice({"logprobs": {"tokens": ["hello"], "top_logprobs": []}})
+    assert EngineClient("http://x:1/").url == "http://x:1"
