@@ -13,8 +13,9 @@ from distillspec.tasks.arithmetic import ArithmeticTask
 from distillspec.lit.data import left_pad
 from distillspec.evaluation import eos_token_ids
 from distillspec.sd.baseline import autoregressive_generate
-from distillspec.rollout.sources import RolloutSampler, assemble
-from distillspec.lit.train_module import completion_logits
+from distillspec.rollout.sequences import assemble
+from distillspec.rollout.sources import RolloutSampler
+from distillspec.models.forward import completion_logits
 from distillspec.losses.divergences import divergence_loss, overlap
 from distillspec.specs import RolloutSpec
 torch.set_num_threads(2)

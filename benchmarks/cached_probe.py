@@ -16,8 +16,8 @@ from distillspec.tasks.arithmetic import ArithmeticTask
 from distillspec.lit.data import left_pad
 from distillspec.evaluation import eos_token_ids
 from distillspec.sd.baseline import autoregressive_generate
-from distillspec.rollout.sources import assemble
-from distillspec.lit.train_module import completion_logits
+from distillspec.rollout.sequences import assemble
+from distillspec.models.forward import completion_logits
 from distillspec.losses.divergences import overlap
 from distillspec.losses.sparse import sparse_divergence_loss
 ap = argparse.ArgumentParser()

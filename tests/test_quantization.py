@@ -36,8 +36,8 @@ def test_8bit_target_loads_frozen_and_scores_close_to_float32(tiny_models, one_t
     frozen, eval mode. Measured on these 3 batches (4 x 24 random tokens, 20 scored; bitsandbytes 0.50.2, CPU):
     TV of the next-token distributions 0.036-0.040 mean, 0.07-0.12 max; observed-token |delta log p| 0.22-0.29
     max, 0.074-0.090 mean. Tolerances: about twice that."""
-    from distillspec.lit.train_module import completion_logits
-    from distillspec.rollout.sources import Rollout
+    from distillspec.models.forward import completion_logits
+    from distillspec.rollout.sequences import Rollout
 
     _, fp, q8 = tiny_models
     linears = [m for m in q8.modules() if isinstance(m, bnb.nn.Linear8bitLt)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillspec.lit.train_module import completion_logits
 from distillspec.losses.divergences import divergence_loss
 from distillspec.losses.sparse import sparse_divergence_loss
+from distillspec.models.forward import completion_logits
 from distillspec.models.loading import PairSpec
 from distillspec.rollout.sources import RolloutSampler
 from distillspec.rollout.teacher_cache import SparseRollout, TeacherCache
@@ -214,3 +214,76 @@ def test_store_dir_follows_its_environment_variable(monkeypatch, tmp_path):
     monkeypatch.delenv(STORE_ENV)
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "root"))
     assert default_store_dir() == tmp_path / "root" / "teacher_data"
+
+
+def _read_only(monkeypatch, store):
+    """Writes under `store` fail as on a read-only file system (root ignores permission bits, so a chmod would
+    not do): removing, creating and replacing files there raise OSError(EROFS); reads work."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    def guard(fn):
+        def wrapped(*args, **kwargs):
+            if any(str(a).startswith(str(store)) for a in list(args) + list(kwargs.values())):
+                raise OSError(errno.EROFS, "Read-only file system", str(args[0] if args else store))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: guard(real_unlink)(self, *a, **k))
+    monkeypatch.setattr(os, "unlink", guard(os.unlink))
+    monkeypatch.setattr(os, "replace", guard(os.replace))
+    monkeypatch.setattr(tempfile, "mkstemp", guard(tempfile.mkstemp))
+
+
+def test_damaged_entry_in_a_read_only_store_is_reported_and_skipped(pair, tmp_path, monkeypatch, caplog):
+    """Issue 28, item 5: a damaged entry in a store the run cannot write (another user's, a read-only mount) is
+    rebuilt in memory with warnings; removing it raised OSError(EROFS) and aborted the run."""
+    first = stored_cache(pair, tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    _read_only(monkeypatch, tmp_path)
+    with caplog.at_level("WARNING"):
+        rebuilt = stored_cache(pair, tmp_path)
+    assert _same(first, rebuilt)
+    assert "unreadable" in caplog.text and "could not remove" in caplog.text and "could not store" in caplog.text
+    assert path.stat().st_size == 100  # left as it was
+
+
+@pytest.mark.parametrize("damage", ["missing field", "wrong shape", "not a dict"])
+def test_entry_missing_a_field_is_rebuilt(pair, tmp_path, caplog, damage):
+    """Issue 28: an entry that loads but lacks a field (or has mismatched shapes) is unreadable like a truncated
+    one: reported and rebuilt (it gave `TypeError: CachedCompletion.__init__() missing ...`)."""
+    from distillspec.rollout import cache_store
+
+    first = stored_cache(pair, tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    entries = torch.load(path, weights_only=True)["entries"]
+    if damage == "missing field":
+        del entries[3]["tail_logp"]
+    elif damage == "wrong shape":
+        entries[3]["topk_logp"] = entries[3]["topk_logp"][:-1]
+    else:
+        entries[3] = [1, 2]
+    cache_store.save(path, entries)
+    with caplog.at_level("WARNING"):
+        rebuilt = stored_cache(pair, tmp_path)
+    assert "unreadable" in caplog.text and "entry 3" in caplog.text
+    assert _same(first, rebuilt)
+    assert stored_cache(pair, tmp_path, teacher=_NoForward(pair.target)).entries  # stored whole again
+
+
+def test_store_entries_are_readable_by_other_users(pair, tmp_path):
+    """Issue 28, item 6: entries were written 0600 (mkstemp), so other users of a shared store could not read them
+    and rebuilt them; an entry gets the umask's mode."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        stored_cache(pair, tmp_path)
+    finally:
+        os.umask(old)
+    (path,) = tmp_path.glob("*.pt")
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -20,22 +20,14 @@ from distillspec import constants as C
 from distillspec.losses.adaptive import entropy_bin_metrics, entropy_bin_sums
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
 from distillspec.losses.sparse import sparse_divergence_loss, student_buckets, teacher_buckets
-from distillspec.rollout.sources import Rollout, RolloutSampler
+from distillspec.models.forward import completion_logits
+from distillspec.rollout.sources import RolloutSampler
 from distillspec.rollout.teacher_cache import SparseRollout
 from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
 EVAL_HISTORY_KEY = "distillspec_eval_history"  # checkpoint entry holding DistillModule.eval_history
-
-
-def completion_logits(model, rollout: Rollout) -> torch.Tensor:
-    """(B, T, V) logits at the positions predicting completion tokens 0..T-1 (lm_head on those only)."""
-    mask = rollout.attention_mask
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=rollout.completion_width + 1)
-    return out.logits[:, :-1]
 
 
 @torch.no_grad()

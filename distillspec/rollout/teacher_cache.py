@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from distillspec.rollout.sources import Rollout, assemble, fixed_completions
+from distillspec.rollout.sequences import Rollout, assemble, fixed_completions
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class TeacherCache:
         return res.tokens, res.lengths, t_idx, t_val, t_tail
 
     def _score_fixed(self, teacher, ids, mask, idx, device):
-        from distillspec.lit.train_module import completion_logits
+        from distillspec.models.forward import completion_logits
 
         comp, lengths = fixed_completions([self.items[i].target_ids for i in idx], self.max_new_tokens,
                                           self.eos_ids[0], device)
