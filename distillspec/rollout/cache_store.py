@@ -5,7 +5,9 @@ and seed, hence the same TeacherCache (it is a pure function of those, see teach
 writes it under `<store>/<key>.pt`; the others load it. The key hashes everything the cache depends on: the
 settings, every prompt's token ids (and dataset outputs), the teacher's weights (a per-tensor checksum), the
 device type and the store format. Files are written to a temp file in the same directory and renamed, so a
-killed job leaves no partial entry; an unreadable entry is reported and rebuilt.
+killed job leaves no partial entry; an unreadable entry (damaged, or missing a field) is reported and rebuilt.
+Entries get the umask's mode (0644 under umask 022), so other users of a shared store can read them; a store
+this process cannot write to (read-only, another user's) is read from, and never aborts the run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ FORMAT = 1  # bump when TeacherCache's contents or their computation change
 STORE_DIRNAME = "teacher_data"
 STALE_TMP_S = 6 * 3600
 STORE_ENV = "DISTILLSPEC_TEACHER_DATA"
+ENTRY_FIELDS = ("tokens", "topk_idx", "topk_logp", "tail_logp")  # teacher_cache.CachedCompletion's fields
 
 
 def default_store_dir() -> Path:
@@ -59,25 +62,50 @@ def cache_key(settings: dict, items: Sequence, teacher_fingerprint: str, device:
     return h.hexdigest()[:32]
 
 
+def _check_entries(entries) -> None:
+    """ValueError unless `entries` is {int: {tokens (T,), topk_idx (T, k), topk_logp (T, k), tail_logp (T,)}}."""
+    if not isinstance(entries, dict):
+        raise ValueError(f"entries are a {type(entries).__name__}, not a dict")
+    for i, e in entries.items():
+        if not isinstance(i, int) or not isinstance(e, dict) or set(e) != set(ENTRY_FIELDS):
+            fields = sorted(e) if isinstance(e, dict) else type(e).__name__
+            raise ValueError(f"entry {i!r} has fields {fields}, expected {list(ENTRY_FIELDS)}")
+        if not all(isinstance(e[f], torch.Tensor) for f in ENTRY_FIELDS):
+            raise ValueError(f"entry {i!r} holds non-tensor fields")
+        t = e["tokens"].shape
+        if (len(t) != 1 or e["topk_idx"].dim() != 2 or e["topk_idx"].shape != e["topk_logp"].shape
+                or e["topk_idx"].shape[0] != t[0] or e["tail_logp"].shape != t):
+            raise ValueError(f"entry {i!r} has inconsistent shapes "
+                             f"{ {f: tuple(e[f].shape) for f in ENTRY_FIELDS} }")
+
+
 def load(path: Path) -> dict | None:
     """The stored entries {item index: {tokens, topk_idx, topk_logp, tail_logp}}, or None when the file is
-    missing; a damaged file is reported, removed and treated as missing."""
+    missing; a damaged file (unreadable, or entries missing a field) is reported, removed where the store is
+    writable, and treated as missing."""
     if not path.is_file():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"unexpected contents (format {data.get('format') if isinstance(data, dict) else '?'})")
+        _check_entries(data.get("entries"))
         return data["entries"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
         log.warning("teacher data store entry %s is unreadable (%s); rebuilding it", path, err)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as unlink_err:  # a read-only store, or another user's: the rebuilt data stays in memory
+            log.warning("could not remove the unreadable entry %s (%s); the rebuilt teacher data is used from "
+                        "memory", path, unlink_err.strerror or unlink_err)
         return None
 
 
 def save(path: Path, entries: dict) -> None:
     """Write entries atomically (temp file in the same directory, fsync, rename); an unwritable store is
-    reported and skipped (the run goes on with its in-memory cache)."""
+    reported and skipped (the run goes on with its in-memory cache). The entry gets the umask's mode."""
+    from distillspec.models.offline import file_mode
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(".*.tmp-*"):  # left by killed writers (a live writer's is minutes old)
@@ -89,6 +117,7 @@ def save(path: Path, entries: dict) -> None:
                 torch.save({"format": FORMAT, "entries": entries}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+                os.fchmod(fh.fileno(), file_mode())  # mkstemp makes it 0600: others sharing the store read it
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
