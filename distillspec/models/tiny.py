@@ -73,16 +73,31 @@ def truncate_layers(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalL
     return small.eval()
 
 
+def tiny_pair_dirs(out_dir: str | Path, *, target_layers: int = 4, draft_layers: int = 1, hidden: int = 64,
+                   seed: int = 0) -> tuple[Path, Path]:
+    """(draft_dir, target_dir) where build_tiny_pair writes the pair with these settings (nothing is built)."""
+    out = Path(out_dir)
+    return (out / f"tiny-draft-L{draft_layers}of{target_layers}-h{hidden}-s{seed}",
+            out / f"tiny-target-L{target_layers}-h{hidden}-s{seed}")
+
+
+def tiny_pair_built(draft_dir: Path, target_dir: Path) -> bool:
+    """Both dirs hold a config and weights (each is renamed into place whole). Reads only."""
+    return all((d / "config.json").is_file() and any(d.glob("*.safetensors")) for d in (draft_dir, target_dir))
+
+
 def build_tiny_pair(out_dir: str | Path, *, target_layers: int = 4, draft_layers: int = 1,
                     hidden: int = 64, seed: int = 0) -> tuple[Path, Path]:
     """Write a tiny target and its truncated draft (with tokenizer) under `out_dir`; return both dirs.
 
-    Idempotent: existing complete directories are reused.
+    Idempotent: existing complete directories are reused (without writing anything). Files get the umask's
+    modes (transformers writes model.safetensors 0600), so a shared cache is readable by other users.
     """
-    out = Path(out_dir)
-    target_dir, draft_dir = out / f"tiny-target-L{target_layers}-h{hidden}-s{seed}", \
-        out / f"tiny-draft-L{draft_layers}of{target_layers}-h{hidden}-s{seed}"
-    if (target_dir / "config.json").exists() and (draft_dir / "config.json").exists():
+    from distillspec.models.offline import share_tree
+
+    draft_dir, target_dir = tiny_pair_dirs(out_dir, target_layers=target_layers, draft_layers=draft_layers,
+                                           hidden=hidden, seed=seed)
+    if tiny_pair_built(draft_dir, target_dir):
         return draft_dir, target_dir
     tok = build_char_tokenizer()
     target = tiny_llama(len(tok), target_layers, seed=seed, hidden=hidden)
@@ -91,5 +106,6 @@ def build_tiny_pair(out_dir: str | Path, *, target_layers: int = 4, draft_layers
         tmp = d.with_name(d.name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        share_tree(tmp)
         tmp.replace(d) if not d.exists() else None
     return draft_dir, target_dir
