@@ -58,6 +58,7 @@ def test_build_caches_the_trained_draft_and_its_record(tmp_path, monkeypatch):
         raise AssertionError("a cached warm draft was rebuilt")
 
     monkeypatch.setattr(subprocess, "run", no_build)
+    monkeypatch.setattr(subprocess, "Popen", no_build)  # the builder's (warm.run_build)
     assert warm.ensure_warm_draft(tmp_path) == out
 
 
