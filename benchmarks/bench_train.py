@@ -24,8 +24,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,7 +165,8 @@ def run_trl(args) -> dict:
                 clock["t0"] = now
             clock["t1"] = now
 
-    cfg = GKDConfig(output_dir="/tmp/bench_trl", per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
+    out_dir = tempfile.mkdtemp(prefix="bench_trl-")  # private and unpredictable, not a fixed shared /tmp path
+    cfg = GKDConfig(output_dir=out_dir, per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
                     learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
                     max_grad_norm=1.0, optim="adamw_torch", lmbda=0.0 if whole else 1.0, beta=0.0, temperature=1.0,
                     max_new_tokens=args.max_new_tokens, logging_steps=1000, save_strategy="no", report_to="none",
@@ -174,7 +177,10 @@ def run_trl(args) -> dict:
                          processing_class=pair.tokenizer, callbacks=[Clock()])
     gc = trainer.generation_config
     assert gc.do_sample and gc.temperature == 1.0 and gc.max_new_tokens == args.max_new_tokens and gc.use_cache
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     e = gc.eos_token_id
     return {"tokens": clock["tokens"], "seqs": clock["seqs"], "seconds": clock["t1"] - clock["t0"],
             "eos": [e] if isinstance(e, int) else list(e), "steps": trainer.state.global_step,
@@ -191,6 +197,20 @@ def child(args) -> None:
     out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.json).write_text(dumps(out))  # strict: NaN -> null
+
+
+def run_child(args, impl: str, json_path: Path) -> tuple[dict, tuple[float, float]]:
+    """Run one implementation in its own process; its result (written to `json_path`, in a private temp dir)
+    and the 1-min load average before/after."""
+    cmd = [sys.executable, __file__, "--impl", impl, "--json", str(json_path), "--steps", str(args.steps), "--batch",
+           str(args.batch), "--max-new-tokens", str(args.max_new_tokens), "--draft-layers",
+           str(args.draft_layers), "--threads", str(args.threads),
+           "--chunk-size", "none" if args.chunk_size is None else str(args.chunk_size),
+           "--source", args.source, "--epochs", str(args.epochs)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    la0 = os.getloadavg()[0]
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(json_path.read_text()), (la0, os.getloadavg()[0])
 
 
 def main() -> None:
@@ -212,18 +232,9 @@ def main() -> None:
     if args.impl:
         return child(args)
     rows, load = {}, {}
-    for impl in ("ours", "trl"):
-        path = f"/tmp/bench_train_{impl}.json"
-        cmd = [sys.executable, __file__, "--impl", impl, "--json", path, "--steps", str(args.steps), "--batch",
-               str(args.batch), "--max-new-tokens", str(args.max_new_tokens), "--draft-layers",
-               str(args.draft_layers), "--threads", str(args.threads),
-               "--chunk-size", "none" if args.chunk_size is None else str(args.chunk_size),
-               "--source", args.source, "--epochs", str(args.epochs)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        la0 = os.getloadavg()[0]
-        subprocess.run(cmd, check=True, env=env)
-        load[impl] = (la0, os.getloadavg()[0])
-        rows[impl] = json.loads(Path(path).read_text())
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:  # private (0700), removed at the end
+        for impl in ("ours", "trl"):
+            rows[impl], load[impl] = run_child(args, impl, Path(tmp) / f"{impl}.json")
     for impl, r in rows.items():
         assert r["steps"] == args.steps + 1 and r["seqs"] == args.steps * args.batch, (impl, r["steps"], r["seqs"])
     n = min(len(rows["ours"]["prompts"]), len(rows["trl"]["prompts"]))
