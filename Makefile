@@ -49,7 +49,7 @@ upgrade: install
 
 demo: install
 	$(PY) run.py $(ARGS)
-	@if [ -z "$(ARGS)" ] && [ -x $(VLLM_PY) ]; then $(PY) -m distillspec.vllm_check $(DEMO_RUN) --vllm-python $(VLLM_PY); \
+	@if [ -z "$(ARGS)" ] && [ -x $(VLLM_PY) ]; then $(PY) -m distillspec.serving.check $(DEMO_RUN) --vllm-python $(VLLM_PY); \
 	else echo "vLLM check of the demo's draft: make vllm && make vllm-check RUN=$(DEMO_RUN)"; fi
 
 test: install
@@ -88,10 +88,14 @@ $(VLLM_STAMP): constraints-vllm.txt tools/vllm_cli.py
 	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__, 'ready in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 
-# Serve RUN's draft in vLLM and compare its acceptance counters with ours (distillspec/vllm_check.py).
-vllm-check: install vllm
-	@test -n "$(RUN)" || { echo "usage: make vllm-check RUN=outputs/<name>/<run>"; exit 2; }
-	$(PY) -m distillspec.vllm_check $(RUN) --vllm-python $(VLLM_PY)
+# Serve RUN's draft in vLLM and compare its acceptance counters with ours (distillspec/serving/check.py).
+# RUN and its run dir are checked (--preflight) before the serving env is built.
+vllm-check:
+	@test -n "$(RUN)" || { echo "usage: make vllm-check RUN=outputs/<name>/<run> (of a sweep: one job dir)"; exit 2; }
+	@$(MAKE) --no-print-directory install
+	$(PY) -m distillspec.serving.check $(RUN) --preflight
+	@$(MAKE) --no-print-directory vllm
+	$(PY) -m distillspec.serving.check $(RUN) --vllm-python $(VLLM_PY)
 
 report: install
 	$(PY) -m distillspec.report $(SWEEP)

@@ -11,7 +11,8 @@ from distillspec import constants as C
 from distillspec.sd.engine import SpeculativeDecoder
 from distillspec.sd.metrics import sd_metrics
 from distillspec.serving import compare as cmp
-from distillspec.vllm_check import our_counts, serve_command
+from distillspec.serving.commands import serve_command
+from distillspec.serving.ours import our_counts
 from tests.sd_stubs import BigramLM
 
 
@@ -63,3 +64,75 @@ def test_serve_command_is_loopback_and_names_the_draft():
     cmd = serve_command("/m/target", "outputs/x/draft", 5, port=8123)
     assert "--host 127.0.0.1 --port 8123" in cmd and '"model": "outputs/x/draft"' in cmd
     assert '"num_speculative_tokens": 5' in cmd and '"method": "draft_model"' in cmd
+
+
+def test_ratio_ci_is_sd_metrics_bootstrap():
+    """serving.stats resamples prompts exactly as sd.metrics.bootstrap_ci (one convention for every CI)."""
+    from distillspec.sd.metrics import bootstrap_ci
+    from distillspec.serving import stats
+
+    num, den = [3, 10, 0, 7, 5, 9, 1, 4], [10, 15, 10, 10, 12, 15, 10, 10]
+    assert stats.ratio_ci(num, den) == bootstrap_ci(num, den)
+
+
+def _prompts(rates, drafted=320):
+    """Per-prompt (accepted, drafted) with the given per-prompt acceptance rates (64 tokens x gamma 5)."""
+    return [round(r * drafted) for r in rates], [drafted] * len(rates)
+
+
+def test_flag_follows_the_noise_not_a_fixed_tolerance():
+    """Item 9: 8 prompts at T 1, ours 0.771 vs vLLM 0.695 (the 1.5B pair's numbers): the per-prompt spread
+    is wider than the gap, so that is no disagreement; the same gap over many steady prompts is one."""
+    from distillspec.serving import stats
+
+    ours = _prompts([0.95, 0.55, 0.90, 0.62, 0.98, 0.70, 0.86, 0.61])      # rate 0.771
+    # independent trajectories: a prompt's rate in one engine says little about its rate in the other
+    vllm = _prompts([0.50, 0.85, 0.56, 0.95, 0.45, 0.90, 0.60, 0.75])      # rate 0.695
+    assert sum(ours[0]) / sum(ours[1]) == pytest.approx(0.771, abs=1e-3)
+    assert sum(vllm[0]) / sum(vllm[1]) == pytest.approx(0.695, abs=1e-3)
+    assert cmp.flag(0.695, 0.771) == "DISAGREES"  # the old fixed ±0.05 flag
+    d = stats.diff_ci(vllm, ours)
+    assert d["diff"] == pytest.approx(0.695 - 0.771, abs=2e-3) and d["lo"] < 0 < d["hi"]
+    assert stats.flag_ci(d) == "agrees"
+    n_needed = stats.prompts_needed(d["se"], 8)
+    assert n_needed > 8  # resolving ±0.05 needs more prompts than this check had
+    steady_o, steady_v = _prompts([0.77] * 64), _prompts([0.69] * 64)
+    assert stats.flag_ci(stats.diff_ci(steady_v, steady_o)) == "DISAGREES"
+    # a self-draft row: ours accepts everything (no spread), vLLM's CPU fault a few percent
+    self_o, self_v = _prompts([1.0] * 8), _prompts([0.01, 0.0, 0.03, 0.02, 0.0, 0.01, 0.05, 0.0])
+    assert stats.flag_ci(stats.diff_ci(self_v, self_o)) == "DISAGREES"
+    assert stats.flag_ci({}) == "n/a" and stats.prompts_needed(float("nan"), 8) is None
+
+
+def test_prompts_needed_scales_with_the_variance():
+    from distillspec.serving import stats
+
+    assert stats.prompts_needed(0.05 / stats.Z95, 8) == 8      # already ±0.05
+    assert stats.prompts_needed(0.10 / stats.Z95, 8) == 32     # twice the SE: four times the prompts
+    assert stats.prompts_needed(0.0, 8) == 8
+
+
+def test_vllm_per_request_counts_and_mode_rows():
+    from distillspec.serving import stats
+
+    per_req = [{"acceptance_histogram": [1, 0, 2], "num_draft_tokens": 6},   # 3 drafts, 4 accepted
+               {"acceptance_histogram": [2, 1, 0], "num_draft_tokens": 6}]   # 3 drafts, 1 accepted
+    pp = stats.vllm_per_prompt(per_req)
+    assert pp == {"drafts": [3, 3], "drafted": [6, 6], "accepted": [4, 1]}
+    assert stats.vllm_per_prompt([per_req[0], None]) is None
+    run = {"outputs": [[1], [2]], "counters": {"num_drafts": 6, "num_draft_tokens": 12, "num_accepted_tokens": 5,
+                                               "num_accepted_tokens_per_pos": [3, 2]},
+           "per_request": per_req, "num_output_tokens": 2, "generate_s": 1.0}
+    v = cmp.vllm_summary(run)
+    assert v["per_prompt"] == pp and v["acceptance_rate"] == 5 / 12
+    ours = {"aligned": dict(cmp.counts_summary(6, 12, 6, [3, 3]), alpha_greedy_draft=0.5,
+                            per_prompt={"drafts": [3, 3], "drafted": [6, 6], "accepted": [3, 3],
+                                        "greedy_sum": [2.0, 3.0], "verified": [5, 5]})}
+    failed = {"failed": True, "reason": "ValueError: out of memory", "log": "/r/vllm_logs/x.log"}
+    rows = {r["vllm_run"]: r for r in cmp.mode_rows(ours, {"draft_probabilistic": v, "draft_default": failed}, 2)}
+    assert rows["draft_default"]["flag"] == "FAILED" and rows["draft_default"]["reason"].startswith("ValueError")
+    r = rows["draft_probabilistic"]
+    assert r["claims"] == "standard" and r["expected"] == 0.5 and r["diff"]["diff"] == pytest.approx(5 / 12 - 0.5)
+    assert r["flag"] in ("agrees", "DISAGREES") and r["vllm_ci"][0] <= 5 / 12 <= r["vllm_ci"][1]
+    table = cmp.side_by_side(ours["aligned"], ours["aligned"], failed, 2)
+    assert all(row[3] == "FAILED" for row in table)

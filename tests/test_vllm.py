@@ -4,7 +4,7 @@
 `vllm`). Without the serving environment they skip with the reason; with DISTILLSPEC_REQUIRE_VLLM=1 (set by
 `make test-vllm`) a missing or broken one fails instead.
 The runs are what users type: `python run.py ...` with appended shrinking overrides, then the README's
-`make vllm-check RUN=...` (its python module) and the README's `vllm serve` line with the paths of this run.
+`make vllm-check RUN=...` (its python module, distillspec.serving.check) and the README's `vllm serve` line with the paths of this run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from distillspec.vllm_check import RESULT_FILE, TABLE_FILE, default_vllm_python
+from distillspec.serving import stats
+from distillspec.serving.check import RESULT_FILE, TABLE_FILE
+from distillspec.serving.compare import RATE_TOLERANCE
+from distillspec.serving.jobs import default_vllm_python
 
 VLLM_PY = default_vllm_python()
 REQUIRE = os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1"
@@ -71,7 +74,7 @@ def greedy_run(workdir) -> Path:
     p = _run([str(REPO / "run.py"), "sd=greedy", *TRAIN, *EVAL], workdir)
     run_dir = next(d for d in (workdir / "outputs" / "arithmetic-offline").iterdir() if (d / "draft").is_dir())
     assert "make vllm-check RUN=" in p.stderr + p.stdout and "vllm serve" in p.stderr + p.stdout
-    _run(["-m", "distillspec.vllm_check", str(run_dir)], workdir, timeout=1800)
+    _run(["-m", "distillspec.serving.check", str(run_dir)], workdir, timeout=1800)
     return run_dir
 
 
@@ -83,7 +86,7 @@ def sampled_run(workdir, greedy_run) -> Path:
           "sd.num_eval=4", "sd.max_new_tokens=32", "sd.top_p=1.0", "sd.measure_speedup=false",
           "sd.draft_quality=false"], workdir)
     run_dir = next((workdir / "outputs" / "sampled").iterdir())
-    _run(["-m", "distillspec.vllm_check", str(run_dir)], workdir, timeout=2400)
+    _run(["-m", "distillspec.serving.check", str(run_dir)], workdir, timeout=2400)
     return run_dir
 
 
@@ -114,8 +117,15 @@ def test_sampled_disagreement_is_reported_with_self_draft_rows(sampled_run):
                           "draft_probabilistic_patched", "self_probabilistic_patched"}
     # our engine, draft = target: exact rejection sampling accepts every drafted token
     assert res["ours"]["self"]["acceptance_rate"] == 1.0
-    for r in modes.values():  # every flag follows from the numbers next to it
-        assert r["flag"] == ("agrees" if abs(r["vllm_rate"] - r["expected"]) <= 0.05 else "DISAGREES")
+    for r in modes.values():  # every flag follows from the CI of the difference next to it
+        band = RATE_TOLERANCE if r["claims"] == "one-hot" else 0.0
+        assert r["flag"] == (stats.flag_ci(r["diff"], band) if r["diff"] else "n/a")
+    # vLLM's per-request counts (the CIs) add up to its global counters
+    for tag, v in res["vllm"].items():
+        if v.get("per_prompt"):
+            assert sum(v["per_prompt"]["accepted"]) == v["num_accepted_tokens"], tag
+            assert sum(v["per_prompt"]["drafted"]) == v["num_draft_tokens"], tag
+            assert sum(v["per_prompt"]["drafts"]) == v["num_drafts"], tag
     table = (sampled_run / TABLE_FILE).read_text()
     assert "self_probabilistic" in table and "standard rejection sampling" in table
 

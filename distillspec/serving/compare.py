@@ -1,6 +1,7 @@
 """Our engine's counts next to vLLM's counters: derived rates, the side-by-side table, agreement flags.
 
-Pure Python (no torch, no vLLM): inputs are the JSON-able dicts `vllm_check` collects.
+Pure Python (no torch, no vLLM): inputs are the JSON-able dicts `distillspec.serving.check` collects.
+Sampling noise (CIs over prompts, the flag at T > 0) is in `distillspec.serving.stats`.
 
 Conventions (both engines count one *draft* per verification call of a request):
   acceptance rate        = accepted drafted tokens / drafted tokens            (our alpha_tok)
@@ -17,7 +18,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-RATE_TOLERANCE = 0.05  # |vLLM - expected| above this (absolute, on an acceptance rate) is flagged
+from distillspec.serving import stats
+
+RATE_TOLERANCE = 0.05  # an approximate prediction (one-hot, i.i.d.) may miss by this much; also the resolution
+                       # (CI half-width) the check reports the needed prompts for
 TIE_LOGIT_GAP = 1e-3   # a greedy mismatch whose top-2 target logits differ by less is a floating-point tie
 
 
@@ -33,12 +37,16 @@ def counts_summary(num_drafts: int, num_draft_tokens: int, num_accepted: int,
 
 
 def vllm_summary(run: dict[str, Any]) -> dict[str, Any]:
-    """`counts_summary` of a vllm_runner output, plus its throughput."""
+    """`counts_summary` of a vllm_runner output, plus its throughput and per-prompt counts (None when vLLM
+    gave none); a failed job stays {"failed": True, "reason", "log"}."""
+    if run.get("failed"):
+        return dict(run)
     c = run["counters"]
     out = counts_summary(c["num_drafts"], c["num_draft_tokens"], c["num_accepted_tokens"],
                          c["num_accepted_tokens_per_pos"])
     out["tokens_per_s"] = run["num_output_tokens"] / run["generate_s"] if run["generate_s"] > 0 else math.nan
     out["num_output_tokens"] = run["num_output_tokens"]
+    out["per_prompt"] = stats.vllm_per_prompt(run.get("per_request"))
     return out
 
 
@@ -75,23 +83,27 @@ def _f(x: Any, nd: int = 3) -> str:
 
 
 def side_by_side(ours_run: dict, ours_aligned: dict, vllm: dict, gamma: int) -> list[tuple[str, str, str, str]]:
-    """Rows (quantity, ours in the run's alignment, ours in vLLM's alignment, vLLM)."""
-    rows = [("drafts (verification calls)", ours_run["num_drafts"], ours_aligned["num_drafts"], vllm["num_drafts"]),
+    """Rows (quantity, ours in the run's alignment, ours in vLLM's alignment, vLLM); the acceptance rates with
+    their 95 % bootstrap CIs over prompts. A failed vLLM job leaves its column "FAILED"."""
+    failed = bool(vllm.get("failed"))
+    v = {} if failed else vllm
+    rows = [("drafts (verification calls)", ours_run["num_drafts"], ours_aligned["num_drafts"], v.get("num_drafts")),
             ("drafted tokens", ours_run["num_draft_tokens"], ours_aligned["num_draft_tokens"],
-             vllm["num_draft_tokens"]),
+             v.get("num_draft_tokens")),
             ("accepted drafted tokens", ours_run["num_accepted_tokens"], ours_aligned["num_accepted_tokens"],
-             vllm["num_accepted_tokens"]),
-            ("acceptance rate (accepted / drafted)", ours_run["acceptance_rate"], ours_aligned["acceptance_rate"],
-             vllm["acceptance_rate"]),
+             v.get("num_accepted_tokens")),
+            ("acceptance rate (accepted / drafted) [95 % CI over prompts]",
+             *(with_ci(s["acceptance_rate"], rate_ci(s)) for s in (ours_run, ours_aligned)),
+             with_ci(v["acceptance_rate"], rate_ci(v)) if v else None),
             ("mean acceptance length (1 + acc/drafts)", ours_run["mean_acceptance_length"],
-             ours_aligned["mean_acceptance_length"], vllm["mean_acceptance_length"]),
+             ours_aligned["mean_acceptance_length"], v.get("mean_acceptance_length")),
             ("τ (our emitted tokens / verification)", ours_run.get("tau"), ours_aligned.get("tau"), None)]
     for k in range(gamma):
         def at(s: dict) -> float:
-            pp = s["per_position"]
+            pp = s.get("per_position") or []
             return pp[k] if k < len(pp) else math.nan
-        rows.append((f"accepted at position {k + 1}", at(ours_run), at(ours_aligned), at(vllm)))
-    return [(name, _f(a), _f(b), _f(c)) for name, a, b, c in rows]
+        rows.append((f"accepted at position {k + 1}", at(ours_run), at(ours_aligned), at(v)))
+    return [(name, _f(a), _f(b), "FAILED" if failed else _f(c)) for name, a, b, c in rows]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -107,3 +119,62 @@ def exact_counter_diffs(ours_aligned: dict, vllm: dict) -> dict[str, int]:
     b = [round(x * vllm["num_drafts"]) for x in vllm["per_position"]]
     out["per_position"] = [y - x for x, y in zip(a, b)]
     return out
+
+
+def rate_ci(s: dict) -> tuple[float, float]:
+    """95 % bootstrap CI over prompts of an engine summary's acceptance rate (nan without per-prompt counts)."""
+    pp = s.get("per_prompt")
+    return stats.ratio_ci(pp["accepted"], pp["drafted"]) if pp else (math.nan, math.nan)
+
+
+def with_ci(x: float, ci: tuple[float, float]) -> str:
+    """"0.215 [0.190, 0.241]" (the CI left out when unknown)."""
+    return _f(x) + ("" if math.isnan(ci[0]) else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+MODE_ROWS = (("draft_default", "aligned", "one-hot"), ("draft_probabilistic", "aligned", "standard"),
+             ("draft_probabilistic_patched", "aligned", "standard"), ("self_greedy", "self", "one-hot"),
+             ("self_probabilistic", "self", "standard"), ("self_probabilistic_patched", "self", "standard"))
+
+
+def mode_rows(ours: dict[str, dict], vllm: dict[str, dict], gamma: int, top_p: float = 1.0) -> list[dict[str, Any]]:
+    """T > 0: each vLLM sampling mode's acceptance rate beside what each verification scheme should give.
+
+    ours: {"aligned": our run in vLLM's alignment, "self": draft = target}, each with per-prompt counts.
+    standard = our exact rejection sampling (measured: our acceptance rate under vLLM's alignment; 1 for
+    draft = target). one-hot = argmax drafts verified with q taken as one-hot: predicted from our
+    E[p(argmax q)] at the same positions with i.i.d. acceptance. vLLM's "greedy" mode claims the one-hot
+    scheme, its "probabilistic" mode the standard one. The flag is noise-aware (`stats`): the 95 % CI over
+    prompts of vLLM minus the claim (paired bootstrap) must exclude 0 for the exact standard scheme, and
+    ±RATE_TOLERANCE for the approximate one-hot prediction. vLLM's probabilistic q ignores top-p/top-k on
+    the draft side, so at top_p < 1 it is not our q: no flag then. A failed vLLM job is a FAILED row.
+    """
+    rows = []
+    for tag, side, claim in MODE_ROWS:
+        if tag not in vllm or side not in ours:
+            continue
+        o, v = ours[side], vllm[tag]
+        pp = o["per_prompt"]
+        standard, onehot = o["acceptance_rate"], iid_rate(o["alpha_greedy_draft"], gamma)
+        row = {"vllm_run": tag, "draft": "target itself" if tag.startswith("self") else "run's draft",
+               "standard": standard, "standard_ci": stats.ratio_ci(pp["accepted"], pp["drafted"]),
+               "one_hot": onehot, "one_hot_ci": tuple(iid_rate(x, gamma) if not math.isnan(x) else math.nan
+                                                        for x in stats.ratio_ci(pp["greedy_sum"], pp["verified"])),
+               "claims": claim}
+        if v.get("failed"):
+            rows.append(dict(row, vllm_rate=math.nan, vllm_ci=(math.nan, math.nan), expected=math.nan,
+                             diff={}, prompts_needed=None, flag="FAILED", reason=v["reason"], log=v["log"]))
+            continue
+        vp = v.get("per_prompt")
+        if claim == "one-hot":
+            expected, band = onehot, RATE_TOLERANCE
+            b, fb = (pp["greedy_sum"], pp["verified"]), (lambda a: sum(a ** k for k in range(1, gamma + 1)) / gamma)
+        else:
+            expected, band = (standard if top_p >= 1.0 else math.nan), 0.0
+            b, fb = (pp["accepted"], pp["drafted"]), None
+        diff = stats.diff_ci((vp["accepted"], vp["drafted"]), b, fb) if vp and not math.isnan(expected) else {}
+        rows.append(dict(row, vllm_rate=v["acceptance_rate"], vllm_ci=rate_ci(v), expected=expected, diff=diff,
+                         prompts_needed=stats.prompts_needed(diff.get("se", math.nan), len(pp["drafted"]),
+                                                             RATE_TOLERANCE),
+                         flag=stats.flag_ci(diff, band) if diff else "n/a"))
+    return rows

@@ -14,7 +14,7 @@ verification is unaffected), and so does ordinary decoding without speculation.
 
 prints JSON: the expanded temperatures vLLM returns for [1.0, 0.5, 0.7] x 5 drafted tokens, and whether they
 equal the correct expansion. `patch_expand()` installs a pure-torch `expand_batch_to_tokens` (run the engine
-in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0, so the patch reaches the sampler); `vllm_check` uses it for its
+in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0, so the patch reaches the sampler); `serving.check` uses it for its
 "patched" rows, which show the diagnosis: with the patch, self-drafting accepts every token again.
 Standard library + torch + vLLM only (runs in the serving env).
 """

@@ -7,10 +7,14 @@ Imports vLLM and the standard library only (the serving venv pins its own transf
   prompts (list of token-id lists: the same encoded prompts our engine decodes), temperature, top_p,
   max_tokens, seed (request i uses seed + i; null: unseeded), stop_token_ids, max_model_len, dtype,
   warmup_tokens (an untimed generation first; its counters are subtracted), patch_cpu_expand (true: run the
-  engine in-process and replace vLLM's CPU `expand_batch_to_tokens`, see `vllm_cpu_fault`).
+  engine in-process and replace vLLM's CPU `expand_batch_to_tokens`, see `vllm_cpu_fault`),
+  kv_cache_memory_bytes (the KV space, sized by the check; null: vLLM's default; $VLLM_CPU_KVCACHE_SPACE,
+  when set, overrides it on the CPU build).
 OUT.json: outputs (token ids per prompt, EOS included when produced), finish_reasons, counters (deltas of
   vllm:spec_decode_num_drafts / _num_draft_tokens / _num_accepted_tokens and the per-position vector over
-  the timed generation), load_s, generate_s, num_output_tokens, vllm_version, speculative_config.
+  the timed generation), per_request (with a draft: each request's vLLM spec-decode metrics, `acceptance_
+  histogram` [drafts accepting j tokens, j = 0..gamma] and `num_draft_tokens`), load_s, generate_s,
+  num_output_tokens, vllm_version, speculative_config.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def _delta(after: dict, before: dict) -> dict:
     return out
 
 
+def _request_metrics(completion) -> dict | None:
+    """{acceptance_histogram, num_draft_tokens} of one finished request (None where vLLM gave none)."""
+    m = getattr(completion, "spec_decode_metrics", None)
+    if m is None:
+        return None
+    d = m.to_dict()
+    return {"acceptance_histogram": [int(x) for x in d["acceptance_histogram"]],
+            "num_draft_tokens": int(d["num_draft_tokens"])}
+
+
 def run(job: dict) -> dict:
     if job.get("patch_cpu_expand"):
         from distillspec.serving.vllm_cpu_fault import patch_expand
@@ -54,10 +68,15 @@ def run(job: dict) -> dict:
         spec = {"method": "draft_model", "model": job["draft"], "num_speculative_tokens": int(job["gamma"])}
         if job.get("draft_sample_method"):
             spec["draft_sample_method"] = job["draft_sample_method"]
+    extra = {}
+    if spec is not None:  # per-request counters (vLLM >= 0.32): the check's confidence intervals
+        extra["per_request_spec_decode_metrics"] = "summary"
+    if job.get("kv_cache_memory_bytes"):
+        extra["kv_cache_memory_bytes"] = int(job["kv_cache_memory_bytes"])
     t0 = time.perf_counter()
     llm = LLM(model=job["target"], tokenizer=job["target"], dtype=job.get("dtype", "float32"),
               max_model_len=int(job.get("max_model_len", 1024)), enforce_eager=True, disable_log_stats=False,
-              seed=int(job.get("seed") or 0), speculative_config=spec)
+              seed=int(job.get("seed") or 0), speculative_config=spec, **extra)
     load_s = time.perf_counter() - t0
 
     def params(i: int, max_tokens: int):
@@ -74,7 +93,8 @@ def run(job: dict) -> dict:
     results = llm.generate(prompts, [params(i, int(job["max_tokens"])) for i in range(len(prompts))], use_tqdm=False)
     generate_s = time.perf_counter() - t1
     outputs = [list(r.outputs[0].token_ids) for r in results]
-    return {"outputs": outputs, "finish_reasons": [r.outputs[0].finish_reason for r in results],
+    per_request = [_request_metrics(r.outputs[0]) for r in results] if spec is not None else None
+    return {"outputs": outputs, "per_request": per_request, "finish_reasons": [r.outputs[0].finish_reason for r in results],
             "counters": _delta(read_counters(llm), before), "load_s": load_s, "generate_s": generate_s,
             "num_output_tokens": sum(map(len, outputs)), "vllm_version": vllm.__version__,
             "speculative_config": spec, "patched_cpu_expand": bool(job.get("patch_cpu_expand"))}
@@ -84,7 +104,6 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     with open(argv[0]) as f:
         job = json.load(f)
     out = run(job)
