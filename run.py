@@ -94,9 +94,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gamma) -> None:
-    """The commands that serve the trained draft in vLLM and compare vLLM's counters with ours."""
+    """The commands that serve the trained draft in vLLM and compare vLLM's counters with ours; where vLLM
+    cannot serve the pair (distillspec.serving.commands.vllm_refusal), the reason instead."""
+    import torch
+
     from distillspec.models.loading import resolve_model_path
-    from distillspec.vllm_check import serve_command, vllm_command
+    from distillspec.serving.commands import serve_command, vllm_command, vllm_refusal
 
     def rel(p: Path) -> Path:
         try:
@@ -104,6 +107,10 @@ def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gam
         except ValueError:
             return p
 
+    if why := vllm_refusal({"target": resolve_model_path(out["target"]), "draft": draft_dir},
+                           torch.cuda.is_available()):
+        log.info("not serving this draft in vLLM: %s", why)
+        return
     gamma = int((out.get("metrics") or {}).get(C.GAMMA, 0)) or (gamma if isinstance(gamma, int) else None)
     if out.get("metrics"):
         log.info("compare vLLM's acceptance counters with ours (needs `make vllm`):\n  %s",
