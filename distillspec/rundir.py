@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
 # Keys added to conf/ after runs existed, with the value those runs used (the spec's default then): a run dir
 # whose run_config.json lacks one is not "changed" when the key holds that value.
-ADDED_KEYS = {"rollout.cache_top_k": 64}
+ADDED_KEYS = {"rollout.cache_top_k": 64, "task.chat_template_kwargs": None}
 _NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
 RESUME_CHOICES = (True, False, C.RESUME_FORCE)
 

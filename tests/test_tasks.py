@@ -132,6 +132,68 @@ def test_format_chat_and_plain(tok, plain_tok):
         GSM8KTask(source="hf", chat_template="on").format_prompt(ex, plain_tok)
 
 
+# Qwen3's template, reduced to its generation-prompt branch: enable_thinking=false writes an empty think block
+# (the model answers at once); unset, the model is left to open <think> itself.
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinking_tok(tmp_path_factory):
+    """A local tokenizer directory (tokenizer.json + tokenizer_config.json with THINKING_TEMPLATE), loaded back
+    the way run.py loads a model's tokenizer."""
+    from distillspec.models.loading import load_tokenizer
+
+    t = build_char_tokenizer()
+    t.chat_template = THINKING_TEMPLATE
+    path = tmp_path_factory.mktemp("thinking_tok")
+    t.save_pretrained(path)
+    assert "enable_thinking" in (path / "tokenizer_config.json").read_text() + (
+        (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else "")
+    return load_tokenizer(str(path))
+
+
+def test_chat_template_kwargs_reach_the_template(thinking_tok, caplog):
+    ex = Example(uid="u", prompt="What is 2+2?")
+    default = GSM8KTask(source="hf").format_prompt(ex, thinking_tok)
+    off = GSM8KTask(source="hf", chat_template_kwargs={"enable_thinking": False}).format_prompt(ex, thinking_tok)
+    assert default.endswith("<|im_start|>assistant\n") and "<think>" not in default
+    assert off == default + "<think>\n\n</think>\n\n"
+    on = GSM8KTask(source="hf", chat_template_kwargs={"enable_thinking": True}).format_prompt(ex, thinking_tok)
+    assert on == default
+    # encode (training, evaluation and the vLLM check all take their prompt ids from it) carries the setting
+    task = ArithmeticTask(num_train=4, num_eval=4, chat_template_kwargs={"enable_thinking": False})
+    items = task.encode(task.load("eval"), thinking_tok)
+    assert all(it.prompt_text.endswith("</think>\n\n") for it in items)
+    assert items[0].input_ids == thinking_tok(items[0].prompt_text, add_special_tokens=False)["input_ids"]
+    # left unset on a template that reads it: a warning names the setting
+    with caplog.at_level("WARNING", logger="distillspec.tasks.base"):
+        plain = ArithmeticTask(num_train=4, num_eval=4).encode(task.load("eval"), thinking_tok)
+    assert "task.chat_template_kwargs.enable_thinking" in caplog.text
+    assert not any("<think>" in it.prompt_text for it in plain)
+
+
+def test_chat_template_kwargs_from_the_config(thinking_tok):
+    """task.chat_template_kwargs as Hydra passes it (a DictConfig from the task yaml) and bad values."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"_target_": "distillspec.tasks.arithmetic.ArithmeticTask", "num_train": 4,
+                             "num_eval": 4, "chat_template_kwargs": {"enable_thinking": False}})
+    from hydra.utils import instantiate
+
+    task = instantiate(node)
+    assert task.chat_template_kwargs == {"enable_thinking": False}
+    assert ArithmeticTask().chat_template_kwargs == {}
+    with pytest.raises(ConfigError, match="task.chat_template_kwargs=.*valid: a mapping"):
+        ArithmeticTask(chat_template_kwargs="enable_thinking=false")
+    with pytest.raises(ConfigError, match="sets add_generation_prompt, which the task sets itself"):
+        ArithmeticTask(chat_template_kwargs={"add_generation_prompt": False})
+
+
 def test_encode_items_and_seeded_limit(tok):
     task = ArithmeticTask(num_train=40, num_eval=10, seed=3, max_prompt_tokens=1000)
     examples = task.load("train")
@@ -254,3 +316,29 @@ def test_arithmetic_answers_correct():
     assert steps == {2, 3, 4}
     assert task.score([e.target_text for e in task.load("eval")], [e.reference for e in task.load("eval")]) \
         == {C.ACCURACY: 1.0}
+
+
+QWEN3_EXPERIMENTS = ("reference_qwen_gsm8k", "recipe_grid", "skd_speckd", "adaptive_reference")
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "gsm8k", "gsm8k_local", "cnn_dm", "xsum", "dialogsum", "specbench"])
+def test_every_task_config_has_chat_template_kwargs(task):
+    """task.chat_template_kwargs={...} works without '+' on every task; a run dir from before the key existed
+    (its run_config.json lacks it) is not a changed config."""
+    from conftest import compose_cfg
+
+    from distillspec.rundir import config_changes
+
+    cfg = compose_cfg([f"task={task}", "task.chat_template_kwargs={enable_thinking:false}"])
+    assert dict(cfg.task.chat_template_kwargs) == {"enable_thinking": False}
+    assert compose_cfg([f"task={task}"]).task.chat_template_kwargs is None
+    assert config_changes({"task": {"name": task}}, {"task": {"name": task, "chat_template_kwargs": None}}) == []
+
+
+@pytest.mark.parametrize("experiment", QWEN3_EXPERIMENTS)
+def test_qwen3_experiments_state_their_thinking_mode(experiment):
+    """Issue 28: the experiments on the Qwen3 pair turn its thinking mode off (the study's non-thinking target)."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.pair.target == "Qwen/Qwen3-4B" and cfg.task.chat_template_kwargs.enable_thinking is False

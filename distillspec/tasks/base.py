@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_range
 
@@ -68,6 +68,9 @@ class Task:
         instruction: template of the user message; must contain `{input}` (the example's prompt).
         chat_template: "auto" (use the tokenizer's chat template when it has one), "on" (require it) or
             "off" (always the plain format: [system_prompt + blank line] + user message + answer_prefix).
+        chat_template_kwargs: extra keyword arguments of every `apply_chat_template` call (training prompts,
+            evaluation, the vLLM check: all encode through `format_prompt`), e.g. {"enable_thinking": False}
+            for Qwen3, whose template otherwise lets the model think first. None (default): none.
     """
 
     name = "task"
@@ -79,7 +82,7 @@ class Task:
 
     def __init__(self, *, max_new_tokens: int | None = None, max_prompt_tokens: int | None = None,
                  system_prompt: str | None = None, instruction: str | None = None,
-                 chat_template: str = "auto") -> None:
+                 chat_template: str = "auto", chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
         self.max_new_tokens = int(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
         self.max_prompt_tokens = int(
             self.default_max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens)
@@ -87,6 +90,7 @@ class Task:
         check_range("task.max_prompt_tokens", self.max_prompt_tokens, lo=1)
         check_choice("task.chat_template", chat_template, CHAT_MODES)
         self.chat_template = chat_template
+        self.chat_template_kwargs = _template_kwargs(chat_template_kwargs)
         self.system_prompt = system_prompt
         if instruction is not None:
             self.instruction = instruction
@@ -125,7 +129,8 @@ class Task:
         if self.uses_chat(tokenizer):
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages.append({"role": "user", "content": user})
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **self.chat_template_kwargs)
         preamble = f"{self.system_prompt}\n\n" if self.system_prompt else ""
         return preamble + user + self.answer_prefix
 
@@ -152,6 +157,11 @@ class Task:
         else:
             order = list(range(n))
         chat = self.uses_chat(tokenizer)
+        if chat and "enable_thinking" in str(tokenizer.chat_template) and \
+                "enable_thinking" not in self.chat_template_kwargs:
+            log.warning("task %s: the tokenizer's chat template reads enable_thinking and "
+                        "task.chat_template_kwargs does not set it, so the template's default applies (Qwen3: "
+                        "the model thinks first); set task.chat_template_kwargs.enable_thinking", self.name)
         items: list[PromptBatchItem] = []
         dropped, shortest = 0, None
         want = n if limit is None else int(limit)
@@ -197,6 +207,24 @@ class Task:
         if not self.quality_metrics:
             return {}
         return self.compute_quality(predictions, references)
+
+
+_RESERVED_TEMPLATE_ARGS = ("conversation", "messages", "tokenize", "add_generation_prompt", "chat_template")
+
+
+def _template_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """task.chat_template_kwargs as a plain dict; ConfigError for a non-mapping or a key format_prompt sets
+    itself (_RESERVED_TEMPLATE_ARGS)."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"task.chat_template_kwargs={kwargs!r} is invalid; valid: a mapping of template "
+                          "variable names to values, e.g. {enable_thinking: false}")
+    if bad := sorted(set(kwargs) & set(_RESERVED_TEMPLATE_ARGS)):
+        raise ConfigError(f"task.chat_template_kwargs sets {', '.join(bad)}, which the task sets itself; valid: "
+                          f"other template variables, e.g. enable_thinking (reserved: "
+                          f"{', '.join(_RESERVED_TEMPLATE_ARGS)})")
+    return dict(kwargs)
 
 
 def _tokenize_optional(texts: Sequence[str | None], tokenizer) -> list[list[int] | None]:
