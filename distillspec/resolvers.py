@@ -116,3 +116,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("pair_name", pair_name)
     if not OmegaConf.has_resolver("choice"):
         OmegaConf.register_new_resolver("choice", group_choice)
+
+    from distillspec.warm_cells import register_cells
+
+    register_cells()  # conf/'s generated config group warm_cell (distillspec.warm_cells)
