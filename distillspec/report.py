@@ -34,20 +34,32 @@ REPORT_MD = "report.md"
 SEED_MARK = "@seed"  # in a sweep with several seeds, labels of jobs not at its first seed: "fkl/teacher@seed2"
 
 
+# What a method label adds to the divergence's name, in order: (config key, text when the key is set, i.e. not
+# absent, null, false or "none"; {v} is its value). A setting that should tell jobs apart is one more entry here.
+LABEL_PARTS = (
+    ("div.adaptive.reverse", "-rev"),                    # adaptive_reversed: the opposite schedule
+    ("div.gate", "+speckd"),                             # SpecKD's gate
+    ("div.block_weighting", "+{v}"),                     # block / block_avg token weights
+    ("pair.target_quantization", "+{v}-teacher"),        # distilled against a quantized teacher
+)
+
+
+def _config_value(cfg: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
 def method_label(cfg: dict[str, Any], stage: str) -> str:
-    """baseline for eval-only runs, else the divergence (+speckd gate) and non-default rollout source."""
+    """The job's label from its composed config: baseline for eval-only runs, else the divergence, each set
+    LABEL_PARTS entry and the rollout source unless student ("adaptive-rev/teacher", "jsd+8bit-teacher/teacher")."""
     if stage == C.STAGE_EVAL:
         return "baseline"
-    div = cfg.get("div", {})
-    label = div.get("divergence", "?")
-    if label == "adaptive" and (div.get("adaptive") or {}).get("reverse"):
-        label = "adaptive-rev"
-    label += ("+speckd" if div.get("gate") else "")
-    if div.get("block_weighting", "none") != "none":
-        label += "+" + div["block_weighting"]
-    if quant := (cfg.get("pair") or {}).get("target_quantization"):
-        label += f"+{quant}-teacher"  # distilled against a quantized teacher
-    source = cfg.get("rollout", {}).get("source", "student")
+    label = str(_config_value(cfg, "div.divergence") or "?")
+    for key, text in LABEL_PARTS:
+        if (v := _config_value(cfg, key)) not in (None, False, "none", {}, ""):
+            label += text.format(v=v)
+    source = _config_value(cfg, "rollout.source") or "student"
     return label if source == "student" else f"{label}/{source}"
 
 
