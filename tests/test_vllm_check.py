@@ -245,3 +245,15 @@ def test_make_vllm_check_without_run_prints_usage_before_building_anything(tmp_p
     assert "usage: make vllm-check RUN=" in p.stdout, p.stdout + p.stderr
     before = p.stdout.split("usage: make vllm-check RUN=")[0]
     assert "no-venv" not in before and "pip install" not in before
+
+
+def test_rows_option_selects_vllm_jobs_and_refuses_unknown_ones():
+    base = {"gamma": 3}
+    tags = [j["tag"] for j in jobs.plan_jobs(base, "d", "t", sampled=True, patch=True)]
+    assert tags == ["target_only", "draft_default", "draft_probabilistic", "self_greedy", "self_probabilistic",
+                    "self_probabilistic_patched", "draft_probabilistic_patched"]
+    assert [j["tag"] for j in jobs.plan_jobs(base, "d", "t", True, True, rows=("draft_probabilistic_patched",))] \
+        == ["draft_probabilistic_patched"]
+    with pytest.raises(ConfigError, match="--rows self_greedy: not a vLLM row of this check; valid: target_only, "
+                                          "draft_default"):
+        jobs.plan_jobs(base, "d", "t", sampled=False, patch=True, rows=("self_greedy",))
