@@ -50,6 +50,8 @@ def full_precision_overrides(overrides: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
+    from distillspec.hydra_callbacks import TAKEN_OVER
+    from distillspec.rundir import LOCK_FILE, RunDirInUse, lock_run_dir, release_run_dir
     from distillspec.runner import run
     from distillspec.sweep import clear_failure, exit_code, record_failure
 
@@ -57,9 +59,25 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     launch_dir = Path(hydra.utils.get_original_cwd())
     sweep = hc.mode == RunMode.MULTIRUN
-    if sweep:
-        clear_failure(run_dir)  # a rerun of the sweep runs a failed job again
+    try:  # a sweep job's lock (a single run's was taken before Hydra wrote into the run dir: hydra_callbacks)
+        stale = lock_run_dir(run_dir) or (TAKEN_OVER.pop() if TAKEN_OVER else None)
+    except RunDirInUse as exc:  # another launch runs in this dir: touch nothing of it (not even its run.log)
+        for h in logging.getLogger().handlers[:]:
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir:
+                logging.getLogger().removeHandler(h)
+                h.close()
+        if not sweep:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(C.EXIT_CONFIG_ERROR)
+        record_failure(run_dir, Path(hc.sweep.dir), exc, list(hc.overrides.task), job_files=False)
+        log.error("configuration error: %s (job %s; the sweep goes on)", exc, run_dir.name)
+        return
+    if stale:
+        log.warning("took over %s from pid %s on host %s (started %s), which ended without releasing it "
+                    "(killed?)", run_dir / LOCK_FILE, stale.get("pid"), stale.get("host"), stale.get("since"))
     try:
+        if sweep:
+            clear_failure(run_dir)  # a rerun of the sweep runs a failed job again
         out = run(cfg, run_dir, launch_dir)
         draft_dir = (out.get("train") or {}).get("draft_dir")
         if draft_dir:
@@ -91,6 +109,8 @@ def main(cfg: DictConfig) -> None:
             remove_new_run_dir(NEW_RUN_DIRS)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(code)
+    finally:
+        release_run_dir(run_dir)
 
 
 def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gamma) -> None:

@@ -1,7 +1,10 @@
 """Hydra callbacks (conf/hydra/default.yaml) that run before Hydra creates or logs into the run directory.
 
 `RunDirCheck` refuses an unwritable run dir (or sweep dir, or an existing job dir in it) in one line, exit 2:
-Hydra's own failure there is a traceback (a PermissionError, or "Unable to configure handler 'file'").
+Hydra's own failure there is a traceback (a PermissionError, or "Unable to configure handler 'file'"). It also
+takes a single run's lock (distillspec.rundir.lock_run_dir) before Hydra writes its log and config there, so a
+second launch of a running command is refused with nothing of the first touched. (A sweep job's lock is taken
+in run.py's main: Hydra has no hook before it writes a job's files.)
 Light imports only: Hydra loads this module at start-up.
 """
 
@@ -17,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
-from distillspec.rundir import check_run_dir_writable
+from distillspec.rundir import check_run_dir_writable, lock_run_dir
 
 
 def _resolve_dir(config: DictConfig, key: str) -> Path | None:
@@ -38,11 +41,14 @@ def _refuse(exc: ConfigError) -> None:
 # The directories a single run's launch is about to create (its run dir and missing parents): a refused run
 # removes them again (run.py, distillspec.rundir.remove_new_run_dir).
 NEW_RUN_DIRS: list[Path] = []
+# The lock record of an earlier launch that was killed holding the run dir (its lock taken over; run.py logs it).
+TAKEN_OVER: list[dict] = []
 
 
 class RunDirCheck(Callback):
     """Before a run: its run dir must be writable (and the directories about to be created are noted in
-    NEW_RUN_DIRS). Before a sweep: the sweep dir and its existing job dirs."""
+    NEW_RUN_DIRS), and no other live launch may hold it. Before a sweep: the sweep dir and its existing job
+    dirs must be writable."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = _resolve_dir(config, "hydra.run.dir")
@@ -51,6 +57,8 @@ class RunDirCheck(Callback):
                 check_run_dir_writable(run_dir)
                 run_dir = run_dir.absolute()
                 NEW_RUN_DIRS[:] = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+                if stale := lock_run_dir(run_dir):
+                    TAKEN_OVER[:] = [stale]
         except ConfigError as exc:
             _refuse(exc)
 

@@ -1,7 +1,9 @@
 """Strict JSON for results: non-finite floats (NaN, inf) become null, so every file we write parses with any
 standard JSON reader (Python's json.dumps would write bare NaN / Infinity, which is not JSON).
 
-Plain Python (numpy / torch scalars and 0-d tensors are converted by duck typing, nothing is imported).
+`read_json` reads one back, naming a damaged file in one line (DamagedFileError) instead of a bare
+JSONDecodeError. Plain Python (numpy / torch scalars and 0-d tensors are converted by duck typing, nothing is
+imported).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from distillspec.errors import ConfigError
 
 
 def to_strict(obj: Any) -> Any:
@@ -40,3 +44,25 @@ def write_json_atomic(path: Path, data: Any, **kwargs: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+class DamagedFileError(ConfigError):
+    """A result or config file that exists but is not valid JSON (damaged from outside: ours are written
+    atomically). Its message is one line naming the file and what to do."""
+
+
+def read_json(path: Path, what: str = "", fix: str = "") -> Any:
+    """The parsed JSON of `path`. A file that is not valid JSON (truncated, overwritten, not UTF-8) raises
+    DamagedFileError: "<path> (<what>) is damaged: not valid JSON (<reason>); <fix>". A missing file raises
+    FileNotFoundError as usual."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = (f"{exc.msg}: line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+                  else f"undecodable bytes at byte {exc.start}")
+        if not data.strip():
+            reason = "the file is empty"
+        raise DamagedFileError(f"{path}{f' ({what})' if what else ''} is damaged: not valid JSON ({reason})"
+                               + (f"; {fix}" if fix else "")) from None

@@ -8,7 +8,11 @@ Rerunning the same command reuses its run dir (the name is a function of the com
     changed keys, unless resume=force (then the run continues and the change is appended to
     config_changes.jsonl).
 The config a run dir was started with is kept in run_config.json (Hydra's .hydra/config.yaml is rewritten
-on every launch, so it cannot tell). Plain Python: callers pass plain dicts.
+on every launch, so it cannot tell). A damaged run_config.json or metrics.json is named in one line.
+
+One launch at a time per run dir: `lock_run_dir` holds run.lock (an OS lock, released when the process dies,
+so a killed launch's lock is taken over); a second launch of the same command is refused (RunDirInUse) naming
+the live process. Plain Python: callers pass plain dicts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Mapping
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
-from distillspec.jsonio import dumps, to_strict
+from distillspec.jsonio import dumps, read_json, to_strict
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ def remove_new_run_dir(new_dirs: list[Path]) -> list[Path]:
 
     removed = []
     for d in sorted(new_dirs, key=lambda p: len(p.parts), reverse=True):
-        if not d.is_dir() or any(p.name not in ("run.log", ".hydra", C.RUN_CONFIG_FILE) for p in d.iterdir()):
+        if not d.is_dir() or any(p.name not in ("run.log", ".hydra", C.RUN_CONFIG_FILE, LOCK_FILE)
+                                 for p in d.iterdir()):
             break  # something else is there: keep it and everything above it
         hydra = d / ".hydra"
         if hydra.is_dir() and any(p.name not in HYDRA_FILES_IN_DOT_HYDRA for p in hydra.iterdir()):
@@ -135,7 +140,8 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
     started = has_checkpoint or metrics.exists()
     config = to_strict(json.loads(json.dumps(config, default=str)))  # NaN -> null: compares equal on reruns
     if started and saved_cfg.exists():
-        changes = config_changes(json.loads(saved_cfg.read_text()), config)
+        changes = config_changes(read_json(saved_cfg, "the config this run dir was started with", fix=(
+            "delete it to take this launch's config as the run's, or pass name=<new name> for a fresh run")), config)
         if changes and resume != C.RESUME_FORCE:
             what = "a finished" if metrics.exists() else "an interrupted"
             raise ConfigError(f"{run_dir} holds {what} run started with a different config; changed: "
@@ -154,5 +160,92 @@ def check_rerun(run_dir: Path, config: Mapping[str, Any], resume: object, *, has
     if metrics.exists() and resume != C.RESUME_FORCE:
         log.info("%s already finished; reporting its saved result (%s). Pass name=<new name> to run again, "
                  "or resume=%s to continue it", run_dir, metrics, C.RESUME_FORCE)
-        return json.loads(metrics.read_text())
+        return read_json(metrics, "this run's final result", fix=(
+            "delete it to run the job again (training resumes from its checkpoint), or pass name=<new name>"))
     return None
+
+
+# --- one launch per run dir ---------------------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"  # in the run dir while a launch runs in it: {"pid", "host", "since", "command"}
+# Environment variables that give a DDP process's rank (Lightning's launcher, torchrun, SLURM's srun): only the
+# process with rank 0 in all of them takes the lock (the others are the same launch).
+RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+_HELD: dict[str, int] = {}  # absolute run dir -> the open, locked lock file
+
+
+class RunDirInUse(ConfigError):
+    """The run dir is held by another live launch (its pid, host and start time in the message)."""
+
+
+def is_rank_zero() -> bool:
+    """False in a DDP process of rank > 0 (Lightning starts those by running the command again)."""
+    return all(int(os.environ[k]) == 0 for k in RANK_ENV if os.environ.get(k, "").isdigit())
+
+
+def _holder(fd: int, tries: int = 20) -> dict:
+    """The lock file's record of the process that wrote it ({} when empty or unreadable)."""
+    import time
+
+    for _ in range(tries):  # a launch that just took the lock writes its record a moment later
+        try:
+            data = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return data
+        time.sleep(0.05)
+    return {}
+
+
+def lock_run_dir(run_dir: Path) -> dict | None:
+    """Hold `run_dir`/run.lock for this process's life (fcntl.flock: the OS releases it when the process ends,
+    even killed), creating the run dir if needed. Does nothing in a DDP process of rank > 0, or when this
+    process holds it already. Returns the record of an earlier launch that ended without releasing it (killed;
+    its lock is taken over), else None. Raises RunDirInUse when a live process holds it."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    key = os.path.abspath(run_dir)
+    if key in _HELD or not is_rank_zero():
+        return None
+    path = Path(key) / LOCK_FILE
+    Path(key).mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h = _holder(fd)
+            os.close(fd)
+            raise RunDirInUse(
+                f"run dir {key} is in use by pid {h.get('pid', '?')} on host {h.get('host', '?')} since "
+                f"{h.get('since', '?')} (another launch into this run dir); wait for it, or kill it, or pass "
+                "name=<new name> for a separate run") from None
+        except OSError as exc:  # a filesystem without locks (e.g. Lustre mounted noflock): run unguarded
+            os.close(fd)
+            log.warning("cannot lock %s (%s): a second launch into this run dir would not be refused", path, exc)
+            return None
+        try:  # a releasing launch removes the file: the locked one must still be the one at `path`
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    stale = _holder(fd, tries=1) if os.fstat(fd).st_size else None
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    _HELD[key] = fd
+    return stale or None
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give up the lock taken by `lock_run_dir` (its file is removed); nothing when not held."""
+    fd = _HELD.pop(os.path.abspath(run_dir), None)
+    if fd is not None:
+        (Path(os.path.abspath(run_dir)) / LOCK_FILE).unlink(missing_ok=True)  # still locked: no one can race
+        os.close(fd)

@@ -163,3 +163,46 @@ def test_a_key_added_to_conf_with_its_old_default_is_no_change():
     assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 64}}) == []
     assert config_changes(old, {"rollout": {"source": "teacher", "cache_top_k": 8}}) == [
         "rollout.cache_top_k: 64 -> 8"]
+
+
+def test_damaged_run_config_or_metrics_is_named_in_one_line(tmp_path):
+    """Issue 28, item 4: a damaged run_config.json / metrics.json (outside damage: both are written atomically)
+    killed a rerun with a bare json.decoder.JSONDecodeError naming no file."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def rerun():
+        return subprocess.run([sys.executable, "run.py", *TINY, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    (tmp_path / C.METRICS_FILE).write_text('{"stage": "train_eval", "metrics": {}}')
+    (tmp_path / C.RUN_CONFIG_FILE).write_text('{"stage": "train_eval", "train": {"lr": 0.0')  # cut mid-write
+    for damaged, hint in ((C.RUN_CONFIG_FILE, "delete it to take this launch's config"),
+                          (C.METRICS_FILE, "delete it to run the job again")):
+        if damaged == C.METRICS_FILE:
+            (tmp_path / C.RUN_CONFIG_FILE).unlink()  # (an old run dir without one: its config is not compared)
+            (tmp_path / C.METRICS_FILE).write_bytes(b"\x00" * 64)  # zeroed by a crash of the filesystem
+        out = rerun()
+        err = out.stderr.strip()
+        assert out.returncode == C.EXIT_CONFIG_ERROR, err[-3000:]
+        assert err.splitlines() == [err] and "JSONDecodeError" not in err  # one line, no traceback
+        assert err.startswith(f"error: {tmp_path / damaged} ") and "is damaged: not valid JSON" in err and hint in err
+    assert (tmp_path / C.METRICS_FILE).read_bytes() == b"\x00" * 64  # the damaged result is left for the user
+
+
+def test_read_json_names_the_file_and_the_damage(tmp_path):
+    from distillspec.jsonio import DamagedFileError, read_json
+
+    path = tmp_path / "x.json"
+    for data, reason in ((b"", "the file is empty"), (b'{"a": ', "Expecting value: line 1 column 7"),
+                         (b"\xff\xfe{", "undecodable bytes"), (b'{"a": 1}', None)):
+        path.write_bytes(data)
+        if reason is None:
+            assert read_json(path) == {"a": 1}
+            continue
+        with pytest.raises(DamagedFileError, match=f"^{path} \\(a result\\) is damaged: not valid JSON \\(.*"
+                                                   f"{reason}.*\\); do this$") as exc:
+            read_json(path, "a result", fix="do this")
+        assert isinstance(exc.value, ConfigError)
