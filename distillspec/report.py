@@ -7,19 +7,26 @@ writes into it (or --out): summary.csv, report.md (the reference study's Table 1
 values bold and bootstrap confidence intervals, plus a full per-job table), and seaborn PNGs:
 acceptance vs teacher entropy (Figure 1), tau and speedup vs gamma, acceptance over training steps,
 task quality vs acceptance.
+
+A job whose metrics.json, per_example.json or .hydra/config.yaml is damaged is named in one line (stderr) and
+listed under "Unreadable jobs" (status "unreadable" in summary.csv); the other jobs are reported as usual. A
+sweep dir that cannot be written is refused in one line: pass --out <dir>.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from distillspec import constants as C
+from distillspec.jsonio import DamagedFileError, read_json
 from distillspec.report_plots import FIG_ENTROPY, FIG_GAMMA, FIG_QUALITY, FIG_TRAINING, plots  # noqa: F401
 from distillspec.report_plots import baseline_first as _baseline_first
 from distillspec.report_plots import loss_of as _loss
@@ -63,17 +70,45 @@ def method_label(cfg: dict[str, Any], stage: str) -> str:
     return label if source == "student" else f"{label}/{source}"
 
 
-def load_job(metrics_path: Path) -> dict[str, Any] | None:
-    """One row for the summary table (None for jobs without SD metrics, e.g. stage=train)."""
+FIX = "delete it and rerun the sweep to run this job again"  # what to do about a damaged file of a job
+
+
+def read_job_json(path: Path, kind: type = dict) -> Any:
+    """A job's JSON file (a `kind`); DamagedFileError naming it when it is not valid JSON of that kind."""
+    data = read_json(path, fix=FIX)
+    if not isinstance(data, kind):
+        raise DamagedFileError(f"{path} is damaged: a JSON {type(data).__name__}, not a {kind.__name__}; {FIX}")
+    return data
+
+
+def read_job_config(job_dir: Path) -> dict[str, Any]:
+    """The job's .hydra/config.yaml ({} when missing); DamagedFileError naming it when it is not a YAML mapping."""
     import yaml
 
+    cfg_file = job_dir / ".hydra" / "config.yaml"
+    if not cfg_file.exists():
+        return {}
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = f"{exc.problem}: line {mark.line + 1} column {mark.column + 1}" if mark and getattr(
+            exc, "problem", None) else " ".join(str(exc).split())[:200]
+        raise DamagedFileError(f"{cfg_file} is damaged: not valid YAML ({reason}); {FIX}") from None
+    if not isinstance(cfg, dict):
+        raise DamagedFileError(f"{cfg_file} is damaged: not a YAML mapping; {FIX}")
+    return cfg
+
+
+def load_job(metrics_path: Path) -> dict[str, Any] | None:
+    """One row for the summary table (None for jobs without SD metrics, e.g. stage=train). DamagedFileError
+    (one line naming the file) when one of the job's files is damaged."""
     job_dir = metrics_path.parent
-    saved = json.loads(metrics_path.read_text())
+    saved = read_job_json(metrics_path)
     metrics = saved.get("metrics")
     if not metrics:
         return None
-    cfg_file = job_dir / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+    cfg = read_job_config(job_dir)
     sd = cfg.get("sd", {})
     row: dict[str, Any] = {
         "job": str(job_dir), "method": method_label(cfg, saved.get("stage", "")),
@@ -86,7 +121,7 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
     }
     per_ex_file = job_dir / "per_example.json"
     if per_ex_file.exists():
-        per_ex = pd.DataFrame(json.loads(per_ex_file.read_text()))
+        per_ex = pd.DataFrame(read_job_json(per_ex_file, list))
         acc, dr, out = (per_ex[k].to_numpy(float) for k in ("num_accepted", "num_drafted", "num_output_tokens"))
         row[C.ALPHA_TOK + "_ci_lo"], row[C.ALPHA_TOK + "_ci_hi"] = bootstrap_ci(acc, dr)
         row[C.ALPHA_SEQ + "_ci_lo"], row[C.ALPHA_SEQ + "_ci_hi"] = bootstrap_ci(acc, out)
@@ -121,8 +156,20 @@ def train_entropy_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def collect(sweep_dir: Path, allow_empty: bool = False) -> pd.DataFrame:
-    rows = [r for p in sorted(sweep_dir.rglob(C.METRICS_FILE)) if (r := load_job(p)) is not None]
+def collect(sweep_dir: Path, allow_empty: bool = False, unreadable: list | None = None) -> pd.DataFrame:
+    """One row per job with SD metrics. A job with a damaged file is left out, its one-line error logged (and
+    appended to `unreadable` as {"job", "status": "unreadable", "error"} when given)."""
+    rows = []
+    for p in sorted(sweep_dir.rglob(C.METRICS_FILE)):
+        try:
+            row = load_job(p)
+        except DamagedFileError as exc:
+            log.warning("left out of the report: %s", exc)
+            if unreadable is not None:
+                unreadable.append({"job": str(p.parent), "status": "unreadable", "error": str(exc)})
+            continue
+        if row is not None:
+            rows.append(row)
     if not rows and not allow_empty:
         raise SystemExit(f"no {C.METRICS_FILE} with SD metrics under {sweep_dir}")
     return mark_seeds(pd.DataFrame(rows))
@@ -140,21 +187,30 @@ def mark_seeds(df: pd.DataFrame) -> pd.DataFrame:
 def collect_failures(sweep_dir: Path) -> pd.DataFrame:
     """One row per failed job (its error.json, distillspec.sweep; none once a rerun finished it): job, method,
     gamma, status "failed", error type, exit code and the first line of the message."""
-    import yaml
-
     rows = []
     for path in sorted(sweep_dir.rglob(C.ERROR_FILE)):
         if (path.parent / C.METRICS_FILE).exists():
             continue  # finished on a later attempt
-        err = json.loads(path.read_text())
-        cfg_file = path.parent / ".hydra" / "config.yaml"
-        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+        try:
+            err = read_job_json(path)
+        except DamagedFileError as exc:  # still a failed job: say so, with what is wrong with its record
+            err = {"error_type": "unreadable", "message": str(exc)}
+        try:
+            cfg = read_job_config(path.parent)
+        except DamagedFileError:
+            cfg = {}
         rows.append({"job": str(path.parent), "status": "failed", "method": method_label(cfg, cfg.get("stage", "")),
                      "task": (cfg.get("task") or {}).get("_target_", "").rsplit(".", 1)[-1],
                      "gamma": (cfg.get("sd") or {}).get("gamma"), "error_type": err.get("error_type"),
                      "exit_code": err.get("exit_code"),
                      "error": (err.get("message") or "").splitlines()[0][:200] if err.get("message") else ""})
     return pd.DataFrame(rows)
+
+
+def unreadable_table(bad: pd.DataFrame) -> str:
+    """Markdown table of the jobs left out for a damaged file ("" when none)."""
+    return "" if bad.empty else bad.assign(job=[Path(j).name for j in bad["job"]])[["job", "status", "error"]] \
+        .to_markdown(index=False)
 
 
 def failures_table(failed: pd.DataFrame) -> str:
@@ -278,13 +334,20 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     failed = collect_failures(sweep_dir)
-    df = collect(sweep_dir, allow_empty=not failed.empty)
+    unreadable: list[dict[str, Any]] = []
+    df = collect(sweep_dir, allow_empty=True, unreadable=unreadable)
+    bad = pd.DataFrame(unreadable, columns=["job", "status", "error"])
+    if df.empty and failed.empty and bad.empty:
+        raise SystemExit(f"no {C.METRICS_FILE} with SD metrics under {sweep_dir}")
     public = df[[c for c in df.columns if not c.startswith("_")]]
-    pd.concat([public.assign(status="ok"), failed], ignore_index=True).to_csv(out / SUMMARY_CSV, index=False)
+    pd.concat([public.assign(status="ok"), failed, bad], ignore_index=True).to_csv(out / SUMMARY_CSV, index=False)
     failures_md = ["## Failed jobs", "", failures_table(failed), ""] if not failed.empty else []
+    failures_md += ["## Unreadable jobs (a damaged file; left out of the tables)", "", unreadable_table(bad), ""] \
+        if not bad.empty else []
     if df.empty:  # every job failed: the failures are the report
         (out / REPORT_MD).write_text("\n".join([f"# Sweep report: {sweep_dir}", "", f"{len(failed)} failed jobs, "
-                                                "none with SD metrics.", "", *failures_md]) + "\n")
+                                                f"{len(bad)} unreadable, none with SD metrics.", "",
+                                                *failures_md]) + "\n")
         return {"summary": out / SUMMARY_CSV, "report": out / REPORT_MD}
     figs = plots(df, out)
     cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
@@ -298,7 +361,8 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     train_entropy = train_entropy_table(df)
     by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
-          + (f", {len(failed)} failed (see Failed jobs)." if not failed.empty else "."), "", *failures_md,
+          + (f", {len(failed)} failed (see Failed jobs)" if not failed.empty else "")
+          + (f", {len(bad)} unreadable (see Unreadable jobs)" if not bad.empty else "") + ".", "", *failures_md,
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
           *(["## Cells run with more than one seed (%, 95% CI)", "", seeds, ""] if seeds else []),
@@ -338,7 +402,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         raise SystemExit(f"not a directory: {args.sweep_dir}")
-    written = write_report(args.sweep_dir, args.out, args.wandb)
+    out = args.out or args.sweep_dir
+    try:  # before reading the jobs: a file must be creatable in `out`
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):  # (root passes this, then the real write below decides)
+            raise PermissionError(13, "Permission denied", str(out))
+        tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-").close()
+        written = write_report(args.sweep_dir, args.out, args.wandb)
+    except OSError as exc:  # a read-only sweep dir (or a report file in it)
+        where = exc.filename or out
+        print(f"error: cannot write the report into {out} ({where}: {exc.strerror or exc}); pass --out <dir> to "
+              "write it elsewhere", file=sys.stderr)
+        sys.exit(C.EXIT_CONFIG_ERROR)
     for name, path in written.items():
         print(f"{name}: {path}")
 

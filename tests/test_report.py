@@ -102,6 +102,69 @@ def test_two_job_sweep_and_report(tmp_path):
     assert "| rkl/teacher |" in section and "| baseline |" not in section
 
 
+def _fake_job(job_dir, alpha):
+    """A finished eval job's files, as run.py writes them (only what the report reads)."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    metrics = {C.ALPHA_TOK: alpha, C.ALPHA_SEQ: alpha, C.ALPHA_EXPECTED: alpha, C.GAMMA: 3, C.NUM_DRAFTED: 30}
+    (job_dir / C.METRICS_FILE).write_text(json.dumps({"stage": "eval", "task": "Arithmetic", "draft": "d",
+                                                      "target": "t", "metrics": metrics}))
+    (job_dir / ".hydra" / "config.yaml").write_text("sd: {gamma: 3, temperature: 0.0}\nseed: 0\n")
+
+
+def test_a_damaged_job_is_listed_as_unreadable_and_the_others_are_reported(tmp_path, caplog):
+    """Issue 28, item 4: one damaged metrics.json (or config.yaml) killed the report with a JSONDecodeError naming
+    no file, and nothing was written for the other jobs."""
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep / "0_good", 0.5)
+    _fake_job(sweep / "1_cut", 0.6)
+    _fake_job(sweep / "2_badcfg", 0.7)
+    text = (sweep / "1_cut" / C.METRICS_FILE).read_text()
+    (sweep / "1_cut" / C.METRICS_FILE).write_text(text[: len(text) // 2])
+    (sweep / "2_badcfg" / ".hydra" / "config.yaml").write_text("sd: {gamma: 3\n  seed: [\n")
+    main([str(sweep)])
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 2 and all(len(line.splitlines()) == 1 for line in lines)  # one line per damaged job
+    assert f"{sweep / '1_cut' / C.METRICS_FILE} is damaged: not valid JSON (Unterminated string" in lines[0]
+    assert f"{sweep / '2_badcfg' / '.hydra' / 'config.yaml'} is damaged: not valid YAML (expected ',' or '}}', " \
+           "but got ':': line 2 column 7)" in lines[1]
+    df = pd.read_csv(sweep / SUMMARY_CSV)
+    assert sorted(zip(df["job"].map(lambda j: j.rsplit("/", 1)[-1]), df["status"])) == [
+        ("0_good", "ok"), ("1_cut", "unreadable"), ("2_badcfg", "unreadable")]
+    assert df.loc[df["status"] == "ok", C.ALPHA_TOK].tolist() == [0.5]
+    md = (sweep / REPORT_MD).read_text()
+    assert "1 jobs with SD metrics, 2 unreadable (see Unreadable jobs)." in md
+    section = md.split("## Unreadable jobs")[1].split("##")[0]
+    assert "| 1_cut " in section and "| 2_badcfg " in section and "| 0_good " not in section
+
+
+def test_report_on_a_read_only_sweep_dir_says_to_pass_out(tmp_path, monkeypatch, capsys):
+    """Issue 28: a read-only sweep dir gave a PermissionError traceback with no hint about --out. (As root chmod
+    does not stop writes: the read-only directory is simulated through os.access, which the check reads.)"""
+    import os
+
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep / "0_good", 0.5)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if str(p) == str(sweep) and m & os.W_OK
+                        else real(p, m, *a, **k))
+    with pytest.raises(SystemExit) as exc:
+        main([str(sweep)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == C.EXIT_CONFIG_ERROR and err.splitlines() == [err]
+    assert err.startswith(f"error: cannot write the report into {sweep} ") and "pass --out <dir>" in err
+    assert not (sweep / SUMMARY_CSV).exists()
+    main([str(sweep), "--out", str(tmp_path / "elsewhere")])  # the hint works
+    assert (tmp_path / "elsewhere" / SUMMARY_CSV).exists()
+    # a report file that cannot be replaced (not the directory) gets the same line, naming the file
+    monkeypatch.setattr(os, "access", real)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, path, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(path))))
+    with pytest.raises(SystemExit):
+        main([str(sweep)])
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and f"({sweep / SUMMARY_CSV}: Permission denied)" in err and "--out" in err
+
+
 def test_offline_warm_labels_come_from_the_composed_configs():
     """method_label (report.LABEL_PARTS) gives each of offline_warm's 23 cells, composed now, the label that the
     committed report (experiments/offline_warm/summary.csv, from job dirs <n>_+warm_cell-<cell>) shows."""
