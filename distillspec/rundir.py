@@ -214,7 +214,11 @@ def lock_run_dir(run_dir: Path) -> dict | None:
     path = Path(key) / LOCK_FILE
     Path(key).mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot open {path} ({exc.strerror or exc}), the lock that keeps two launches out of "
+                              "one run dir; remove it or fix its permissions, or pass name=<new name>") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

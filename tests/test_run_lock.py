@@ -151,6 +151,9 @@ def test_lock_is_released_by_a_killed_process_and_not_taken_by_ddp_ranks(tmp_pat
         assert lock_run_dir(tmp_path) is None  # held already by this process: nothing to do
     finally:
         release_run_dir(tmp_path)
+    (tmp_path / "odd" / LOCK_FILE).mkdir(parents=True)  # a lock file that cannot be opened: named, not a traceback
+    with pytest.raises(ConfigError, match=f"cannot open {tmp_path / 'odd' / LOCK_FILE} .*remove it or fix"):
+        lock_run_dir(tmp_path / "odd")
     for key, value, zero in (("LOCAL_RANK", "1", False), ("RANK", "0", True), ("SLURM_PROCID", "3", False)):
         monkeypatch.setenv(key, value)
         assert is_rank_zero() is zero
