@@ -150,7 +150,7 @@ class EngineClient:
         body: dict[str, Any] = {"model": name, "prompt": [[int(t) for t in p] for p in prompts],
                                 "max_tokens": int(max_tokens), "temperature": float(temperature),
                                 "top_p": float(top_p), "stop_token_ids": [int(t) for t in stop_token_ids],
-                                "return_tokens_as_token_ids": True, "add_special_tokens": False,
+                                "return_tokens_as_token_ids": True, "return_token_ids": True, "add_special_tokens": False,
                                 "skip_special_tokens": False}
         if top_k_logprobs:
             body["logprobs"] = int(top_k_logprobs)
@@ -172,9 +172,10 @@ class Sample:
     @staticmethod
     def from_choice(choice: dict[str, Any]) -> "Sample":
         lp = choice.get("logprobs") or {}
-        tokens = [_token_id(t) for t in lp.get("tokens") or []]
-        if not tokens and choice.get("token_ids") is not None:
-            tokens = [int(t) for t in choice["token_ids"]]
+        named = [_token_id(t) for t in lp.get("tokens") or []]
+        tokens = [int(t) for t in choice["token_ids"]] if choice.get("token_ids") is not None else named
+        if named and named != tokens:
+            raise EngineError(f"vLLM's token_ids {tokens[:8]}... and its log-prob tokens {named[:8]}... differ")
         tops = [{_token_id(k): float(v) for k, v in (d or {}).items()} for d in lp.get("top_logprobs") or []]
         return Sample(tokens=tokens, top_logprobs=tops, finish_reason=choice.get("finish_reason"))
 

@@ -1,0 +1,146 @@
+"""vLLM as the teacher's engine (issue 27): a served teacher's scores and samples against our own forward.
+
+One `vllm serve` of the offline SmolLM2-135M target in float32, started from the serving env by
+`distillspec.serving.server.ManagedServer` (the code a run uses), on a free loopback port:
+  * scores: for the same token sequences, vLLM's top-k prompt log-probs equal our teacher forward's
+    (`TeacherCache`'s `_topk` at temperature 1): the same ids where the log-probs are not tied within 1e-3,
+    |Δ log p| <= 1e-3;
+  * samples: vLLM's first sampled tokens at T 0.6, top-p 0.95 follow our processed distribution
+    (`distillspec.sd.sampling.process_logits`): a χ² test, as our losslessness suite does.
+`make test-vllm` runs it (marked vllm).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distillspec.errors import ConfigError
+from distillspec.serving.env import check_serving_python
+from distillspec.serving.server import DEFAULT_VLLM_PYTHON, ManagedServer
+
+pytestmark = [pytest.mark.real_model, pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+VLLM_PY = DEFAULT_VLLM_PYTHON
+TOP_K = 20
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def target_dir():
+    from distillspec.models.offline import ensure_smollm2
+
+    try:
+        check_serving_python(VLLM_PY)
+    except ConfigError as exc:
+        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="module")
+def server(target_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm_engine") / "vllm-teacher.log"
+    with ManagedServer(str(target_dir), python=VLLM_PY, log=log,
+                       args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                             "--max-logprobs", "64", "--seed", "0"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def teacher(target_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(target_dir)
+
+
+def _sequences(tokenizer) -> list[list[int]]:
+    """Chat prompts of the built-in task with a worked answer appended: what a teacher scores."""
+    from distillspec.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(num_train=8, num_eval=4)
+    items = task.encode(task.load("train"), tokenizer, limit=4, seed=0)
+    return [list(it.input_ids) + list(it.target_ids) for it in items]
+
+
+def test_served_model_is_the_configured_one(server, target_dir, teacher):
+    card = server.model()
+    assert card["id"] == str(target_dir) and int(card["max_model_len"]) == 1024
+    _, tok = teacher
+    text = "Natalia sold 48 clips in April."
+    assert server.tokenize(text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_served_teacher_logprobs_equal_our_forward(server, teacher):
+    from distillspec.rollout.teacher_cache import _topk
+
+    model, tok = teacher
+    seqs = _sequences(tok)
+    served = server.score(seqs, TOP_K)
+    worst, positions, tie_swaps = 0.0, 0, 0
+    for seq, rows in zip(seqs, served):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, :-1]  # (L-1, V): predicts seq[1:]
+        vals, idx, _ = _topk(logits, TOP_K, 1.0)
+        full = torch.log_softmax(logits.float(), -1)
+        assert rows[0] is None and len(rows) == len(seq)
+        for t, row in enumerate(rows[1:]):
+            ours = dict(zip(idx[t].tolist(), vals[t].tolist()))
+            theirs_top = dict(sorted(row.items(), key=lambda kv: -kv[1])[:TOP_K])
+            # every token vLLM returned (its top-k and the actual token) has our log-prob within TOL
+            for tid, lp in row.items():
+                worst = max(worst, abs(lp - full[t, tid].item()))
+            # the same top-k ids, except where the k-th and (k+1)-th are tied within TOL
+            diff = set(ours) ^ set(theirs_top)
+            if diff:
+                kth = vals[t, -1].item()
+                assert all(abs(full[t, d].item() - kth) <= TOL for d in diff), (t, diff)
+                tie_swaps += 1
+            positions += 1
+    print(f"\n{positions} positions, top-{TOP_K}: max |Δ log p| = {worst:.2e}, tie swaps at the k-th id: {tie_swaps}")
+    assert worst <= TOL
+    assert positions > 100
+
+
+def test_served_samples_follow_our_processed_distribution(server, teacher):
+    """First sampled tokens of one prompt, many requests: χ² against process_logits(T 0.6, top-p 0.95)."""
+    from scipy import stats
+
+    from distillspec.sd.sampling import process_logits
+
+    model, tok = teacher
+    n = 600
+    # the prefix of a worked answer where our processed distribution has the most tokens expected >= 5 times
+    best = None
+    for seq in _sequences(tok):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0]
+        probs = process_logits(logits.float(), 0.6, 0.95)  # (L, V)
+        plausible = (probs * n >= 5).sum(-1)
+        t = int(plausible.argmax())
+        if best is None or plausible[t] > best[0]:
+            best = (int(plausible[t]), seq[: t + 1], probs[t])
+    _, prompt, p = best
+    samples = server.sample([prompt] * n, temperature=0.6, top_p=0.95, max_tokens=1, seed=None)
+    firsts = torch.tensor([s.tokens[0] for s in samples])
+    support = (p > 0).nonzero().flatten()
+    assert torch.isin(firsts, support).all(), "vLLM sampled a token outside our nucleus"
+    counts = torch.bincount(firsts, minlength=p.numel()).double()
+    # bins with an expected count of at least 5; the rest pooled into one bin
+    exp = p.double() / p.double().sum() * n  # float32 probabilities sum to 1 within ~1e-7 only
+    big = exp >= 5
+    obs_b = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp_b = torch.cat([exp[big], exp[~big].sum()[None]])
+    if exp_b[-1] < 5:  # a pooled bin too small for χ²: merged into the smallest kept bin
+        j = int(exp_b[:-1].argmin())
+        obs_b[j] += obs_b[-1]
+        exp_b[j] += exp_b[-1]
+        obs_b, exp_b = obs_b[:-1], exp_b[:-1]
+    res = stats.chisquare(obs_b.numpy(), exp_b.numpy())
+    print(f"\n{int(big.sum())} bins + pooled, support {support.numel()}, χ² p-value {res.pvalue:.3f}")
+    assert big.sum() >= 2, "the test prompt has fewer than two plausible next tokens: pick another"
+    assert res.pvalue > 1e-3
