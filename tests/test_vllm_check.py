@@ -257,3 +257,11 @@ def test_rows_option_selects_vllm_jobs_and_refuses_unknown_ones():
     with pytest.raises(ConfigError, match="--rows self_greedy: not a vLLM row of this check; valid: target_only, "
                                           "draft_default"):
         jobs.plan_jobs(base, "d", "t", sampled=False, patch=True, rows=("self_greedy",))
+
+
+def test_error_line_finds_the_root_cause_in_vllms_engine_log():
+    log = ("INFO 12-05 loading\n(EngineCore pid=13194) Traceback (most recent call last):\n"
+           "(EngineCore pid=13194) ValueError: Available memory on node 0 (3.79/23.59 GiB) on kv cache allocation\n"
+           "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert jobs.error_line(log) == "ValueError: Available memory on node 0 (3.79/23.59 GiB) on kv cache allocation"
+    assert jobs.error_line("UserWarning: x\nall fine\n") is None

@@ -29,6 +29,7 @@ VLLM_PY_ENV = "DISTILLSPEC_VLLM_PYTHON"
 LOG_DIR = "vllm_logs"      # <run>/vllm_logs/<tag>.{job.json,out.json,log}: kept, failed or not
 VLLM_MODES = ("greedy", "probabilistic")  # vLLM 0.32 draft_sample_method values; "greedy" is its default
 MIN_VLLM = (0, 32)         # draft_sample_method and per-request spec-decode metrics (vLLM 0.32)
+_PROC_PREFIX = re.compile(r"^\([\w:. -]* pid=\d+\)\s*")
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b: ?.*")
 
 
@@ -55,7 +56,7 @@ def probe_vllm_python(python: Path, timeout: float = 300.0) -> str:
 def error_line(text: str) -> str | None:
     """The root error of a log: its first `SomethingError: ...` line (vLLM nests the cause in wrappers)."""
     for ln in text.splitlines():
-        ln = ln.strip()
+        ln = _PROC_PREFIX.sub("", ln.strip())  # vLLM prefixes its engine processes' lines: "(EngineCore pid=7) "
         if _ERROR_LINE.match(ln):
             return ln[:400]
     return None
