@@ -376,19 +376,20 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     md += [f"![{p.stem}]({p.name})" for p in figs]
     (out / REPORT_MD).write_text("\n".join(md) + "\n")
     if wandb:
-        log_to_wandb(public, figs, sweep_dir)
+        log_to_wandb(public, figs, sweep_dir, out)
     return {"summary": out / SUMMARY_CSV, "report": out / REPORT_MD, **{p.stem: p for p in figs}}
 
 
-def log_to_wandb(df: pd.DataFrame, figs: list[Path], sweep_dir: Path) -> None:
-    """Log the summary table and figures as one W&B run (offline unless WANDB_API_KEY is set)."""
+def log_to_wandb(df: pd.DataFrame, figs: list[Path], sweep_dir: Path, out: Path | None = None) -> None:
+    """Log the summary table and figures as one W&B run (offline unless WANDB_API_KEY is set; its files in
+    `out`, default the sweep dir)."""
     import os
 
     import wandb
 
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     run = wandb.init(project="distillspec", job_type="report", name=f"report/{sweep_dir.name}", mode=mode,
-                     dir=str(sweep_dir))
+                     dir=str(out or sweep_dir))
     run.log({"summary": wandb.Table(dataframe=df.astype(str)),
              **{p.stem: wandb.Image(str(p)) for p in figs}})
     run.finish()
