@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from distillspec.errors import ConfigError, check_range
+from distillspec.models.cache_files import file_mode, share_tree, umask  # noqa: F401 - used here and re-exported
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +54,6 @@ def cache_root() -> Path:
 def _is_complete(model_dir: Path) -> bool:
     """A cached model dir is complete when its config and weights are both there (renames are atomic)."""
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
-
-
-def umask() -> int:
-    """This process's umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def file_mode(directory: bool = False) -> int:
-    """The mode a new file (or directory) gets under the umask: 0o644 (0o755) under umask 022."""
-    return (0o777 if directory else 0o666) & ~umask()
-
-
-def share_tree(path: Path) -> None:
-    """chmod `path` and everything under it to the umask's modes. Builders write some files 0600 (mkstemp,
-    mkdtemp, transformers' model.safetensors); in a shared cache other users must be able to read them."""
-    fmode, dmode = file_mode(), file_mode(directory=True)
-    os.chmod(path, dmode if path.is_dir() else fmode)
-    for p in path.rglob("*") if path.is_dir() else ():
-        if not p.is_symlink():
-            os.chmod(p, dmode if p.is_dir() else fmode)
 
 
 def not_writable_error(cache_dir: Path, what: str, err: OSError) -> ConfigError:

@@ -93,7 +93,7 @@ def build_tiny_pair(out_dir: str | Path, *, target_layers: int = 4, draft_layers
     Idempotent: existing complete directories are reused (without writing anything). Files get the umask's
     modes (transformers writes model.safetensors 0600), so a shared cache is readable by other users.
     """
-    from distillspec.models.offline import share_tree
+    from distillspec.models.cache_files import share_tree
 
     draft_dir, target_dir = tiny_pair_dirs(out_dir, target_layers=target_layers, draft_layers=draft_layers,
                                            hidden=hidden, seed=seed)

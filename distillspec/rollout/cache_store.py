@@ -104,7 +104,7 @@ def load(path: Path) -> dict | None:
 def save(path: Path, entries: dict) -> None:
     """Write entries atomically (temp file in the same directory, fsync, rename); an unwritable store is
     reported and skipped (the run goes on with its in-memory cache). The entry gets the umask's mode."""
-    from distillspec.models.offline import file_mode
+    from distillspec.models.cache_files import file_mode
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
