@@ -226,6 +226,10 @@ class RolloutSpec:
             raise ConfigError(f"rollout.cache_top_k={self.cache_top_k!r} (valid: >= 0, 0 = no cache) and "
                               f"rollout.cache_batch_size={self.cache_batch_size!r} (valid: >= 1)")
         _check_sampling("rollout", self.temperature, self.top_p)
+        if self.source != "mixed" and _plain(self.mix) is not None:  # e.g. +rollout.mix.student=0.9 on rollout=student
+            raise ConfigError(f"rollout.mix={_plain(self.mix)} is set but rollout.source={self.source!r}; the mix "
+                              "applies only to rollout.source=mixed (select rollout=mixed, then set "
+                              "rollout.mix.<fixed|student|teacher>), or drop rollout.mix")
         if self.source == "mixed":
             mix = dict(_plain(self.mix) or {})
             for key, value in mix.items():

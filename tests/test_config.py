@@ -143,3 +143,15 @@ def test_cache_top_k_is_in_every_rollout_config(rollout):
     cfg = compose_cfg([f"rollout={rollout}"])
     assert cfg.rollout.cache_top_k == RolloutSpec.cache_top_k  # the config states the default
     assert build(compose_cfg([f"rollout={rollout}", "rollout.cache_top_k=32"]).rollout, "rollout").cache_top_k == 32
+
+
+@pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "skd"])
+def test_mix_on_a_non_mixed_source_is_refused(rollout):
+    """Issue 28: +rollout.mix.* with a non-mixed source was silently ignored, even student=0.9 teacher=0.9."""
+    cfg = compose_cfg([f"rollout={rollout}", "+rollout.mix.student=0.9", "+rollout.mix.teacher=0.9"])
+    with pytest.raises(ConfigError, match=rf"rollout.mix=\{{'student': 0.9, 'teacher': 0.9\}} is set but "
+                                          rf"rollout.source='{rollout}'; the mix applies only to rollout.source=mixed"):
+        build(cfg.rollout, "rollout")
+    mixed = compose_cfg(["rollout=mixed", "rollout.source=student"])  # the mixed config's weights, another source
+    with pytest.raises(ConfigError, match="is set but rollout.source='student'"):
+        build(mixed.rollout, "rollout")
