@@ -227,7 +227,7 @@ def plan_run(pair, task, train, sd, objective, rollout, trainer, run_dir, cards:
     from distillspec.models.shapes import config_for, count_parameters
 
     check_choice("pair.target_quantization", pair.target_quantization, [None, *QUANT_BYTES])
-    replace(pair, target_quantization=None).validate("cpu")  # names, dtypes (quantization needs no GPU to plan)
+    pair.check_settings()  # names, dtypes, combinations: the device-free checks (quantization needs no GPU to plan)
     devices = trainer.get("devices", 1)
     shards = (devices if isinstance(devices, int) and devices > 0 else 1) * int(trainer.get("num_nodes", 1) or 1)
     s = settings_from_specs(pair, task, train, sd, objective, rollout, trainer.get("precision", "32-true"),

@@ -107,6 +107,14 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     objective = build(cfg.div, "div")
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
+    training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
+    if cfg.draft_checkpoint is not None:
+        if training:
+            raise ConfigError("draft_checkpoint is for stage=eval (evaluate a given draft); "
+                              f"got stage={cfg.stage!r}")
+        pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
+            os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
+        pair.check_settings("draft_checkpoint")  # a missing path: refused before Lightning's import, too
     check_writable(run_dir)
     check_trainer_settings(cfg.trainer)  # the first Lightning import
     trainer_factory = build(cfg.trainer, "trainer")
@@ -115,13 +123,6 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
         return plan_run(pair, task, train, sd, objective, rollout, cfg.trainer, run_dir,
                         cards=tuple(cfg.get("plan_cards") or ()))
-    training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
-    if cfg.draft_checkpoint is not None:
-        if training:
-            raise ConfigError("draft_checkpoint is for stage=eval (evaluate a given draft); "
-                              f"got stage={cfg.stage!r}")
-        pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
-            os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
     import lightning as L
 
     from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
@@ -145,6 +146,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         if cfg.stage != C.STAGE_TRAIN else []
     train_items = task.encode(task.load("train"), tokenizer, limit=train.num_train, seed=cfg.seed) \
         if training else []
+    from distillspec.lit.train_loop import check_token_budgets
+
+    check_token_budgets(pair, task, train, sd, rollout, train_items, eval_items)  # before models load or run
 
     # 3. Models, loggers.
     models = pair.load(device)

@@ -136,3 +136,71 @@ def test_bad_settings_fail_before_the_heavy_imports(tmp_path, bad):
     assert out.returncode == 2 and last.startswith("error:") and bad.split("=")[0] in last, out.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "lightning", "transformers"}, sorted(imported & {"torch", "lightning"})
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["pair.draft=/nonexistent"], "pair.draft: model path '/nonexistent' does not exist"),
+    (["stage=eval", "draft_checkpoint=/nonexistent/draft"], "draft_checkpoint: model path '/nonexistent/draft'"),
+    (["pair.target_quantization=3bit"], "unknown pair.target_quantization '3bit'; valid choices: 8bit, 4bit, or null"),
+    (["pair.verify_full_precision=true", "stage=plan"], "pair.verify_full_precision=true needs a quantized teacher"),
+    (["+rollout.mix.student=0.9", "+rollout.mix.teacher=0.9", "stage=plan"],
+     "rollout.mix={'student': 0.9, 'teacher': 0.9} is set but rollout.source='teacher'"),
+])
+def test_pair_and_mix_settings_fail_before_the_heavy_imports(tmp_path, args, needle):
+    """Issue 28: pair.draft=/nonexistent and pair.target_quantization=3bit were refused only after Lightning's
+    import (6-8 s), 3bit listing "None" among the choices; pair.verify_full_precision=true without a quantized
+    target and +rollout.mix.* on a non-mixed source were accepted and did nothing. Now each is refused in about a
+    second, naming the setting, before torch is imported, and no run dir is left behind."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-X", "importtime", "run.py", *args, f"hydra.run.dir={run_dir}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith("error:") and needle in last, out.stderr[-2000:]
+    assert "None" not in last
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "lightning", "transformers"}, sorted(imported & {"torch", "lightning"})
+    assert not run_dir.exists()
+
+
+def test_valid_model_names_still_pass_the_early_check(tiny_pair_dirs):
+    """The early pair check refuses missing local paths only: Hub ids, offline names and model dirs pass."""
+    from distillspec.models.loading import PairSpec
+
+    for draft in ("someorg/some-model", "offline:smollm2-135m-L2", "tiny:draft", str(tiny_pair_dirs[0])):
+        PairSpec(draft=draft, target="offline:smollm2-135m")
+    PairSpec(draft="tiny:draft", target="tiny:target", target_quantization="8bit", verify_full_precision=True)
+
+
+def test_too_many_new_tokens_are_refused_before_models_load(tmp_path, no_model_loading):
+    """Issue 28: train.max_new_tokens=100000 was refused only after the untrained evaluation (the first rollout
+    overflowed the context), left csv/ behind, and named neither the setting nor a valid value."""
+    with pytest.raises(ConfigError, match=r"^train.max_new_tokens=100000 does not fit the context of 'tiny:target' "
+                                          r"\(4096 positions\): the longest prompt has (\d+) tokens; valid: "
+                                          r"train.max_new_tokens <= (\d+) "):
+        run_cfg(TINY + ["train.max_new_tokens=100000"], tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["run_config.json"]  # run.py removes it (remove_new_run_dir)
+    with pytest.raises(ConfigError, match=r"^sd.max_new_tokens=5000 .* \+ 4 lookahead \(sd.gamma \+ 1\); valid: "
+                                          r"sd.max_new_tokens <= \d+"):
+        run_cfg(EVAL + ["sd.max_new_tokens=5000"], tmp_path / "eval")
+
+
+def test_generation_budget_boundary():
+    from types import SimpleNamespace
+
+    from distillspec.lit.train_loop import check_generation_fits
+
+    items = [SimpleNamespace(input_ids=[1] * n) for n in (3, 10)]
+    check_generation_fits((100, "m"), items, 90, "train.max_new_tokens")  # 10 + 90 = 100 positions: fits
+    check_generation_fits((100, "m"), items, 86, "sd.max_new_tokens", lookahead=4)
+    check_generation_fits(None, items, 10**6, "train.max_new_tokens")  # no known context: the engine checks
+    with pytest.raises(ConfigError, match=r"train.max_new_tokens=91 .*valid: train.max_new_tokens <= 90 "):
+        check_generation_fits((100, "m"), items, 91, "train.max_new_tokens")
+    with pytest.raises(ConfigError, match=r"\+ 4 lookahead \(sd.gamma \+ 1\); valid: sd.max_new_tokens <= 86 "):
+        check_generation_fits((100, "m"), items, 87, "sd.max_new_tokens", 4, "sd.gamma + 1")
+    with pytest.raises(ConfigError, match="no value fits"):
+        check_generation_fits((10, "m"), items, 1, "task.max_new_tokens")

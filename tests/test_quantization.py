@@ -134,10 +134,11 @@ def test_verify_full_precision_distils_against_8bit_and_verifies_with_float32(tm
         assert full["metrics"][key] == pytest.approx(again["metrics"][key], abs=1e-6), key
     q8 = run_cfg(over, tmp_path / "q8")  # the same training, verified by the 8-bit target
     assert q8["metrics"][C.ALPHA_EXPECTED] != pytest.approx(full["metrics"][C.ALPHA_EXPECTED], abs=1e-6)
+    from distillspec.errors import ConfigError
     from distillspec.models.loading import PairSpec
 
-    plain = PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True).load("cpu")
-    assert plain.verifier is None and plain.sd_target is plain.target  # unquantized: the target is full precision
+    with pytest.raises(ConfigError, match="pair.verify_full_precision=true needs a quantized teacher"):
+        PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True)  # issue 28: was a no-op
 
 
 def test_full_precision_eval_command():

@@ -32,6 +32,62 @@ def apply_lora(model, rank: int):
     return get_peft_model(model, cfg)
 
 
+def context_limit(pair) -> tuple[int, str] | None:
+    """(positions, model name): the smaller `max_position_embeddings` of a PairSpec's target and draft configs,
+    read without loading weights; None when no config states one or none can be read (loading reports that)."""
+    from transformers import AutoConfig
+
+    from distillspec.models.loading import resolve_model_path
+
+    limits = []
+    for name in (pair.target, pair.draft):
+        try:
+            limit = getattr(AutoConfig.from_pretrained(resolve_model_path(name)), "max_position_embeddings", None)
+        except (OSError, ValueError):
+            continue
+        if isinstance(limit, int) and limit > 0:
+            limits.append((limit, name))
+    return min(limits, key=lambda lim: lim[0]) if limits else None  # a tie names the target
+
+
+def check_generation_fits(limit: tuple[int, str] | None, items: Sequence[Any], max_new_tokens: int, setting: str,
+                          lookahead: int = 0, why: str = "") -> None:
+    """ConfigError unless the longest prompt of `items` (`.input_ids`) + max_new_tokens + lookahead fits in
+    `limit` (context_limit's answer). The message names `setting`, its value and the largest valid value."""
+    if limit is None or not items:
+        return
+    positions, model = limit
+    longest = max(len(it.input_ids) for it in items)
+    most = positions - longest - lookahead
+    if max_new_tokens > most:
+        extra = f" + {lookahead} lookahead ({why})" if lookahead else ""
+        valid = f"valid: {setting} <= {most}" if most >= 1 else "no value fits"
+        raise ConfigError(f"{setting}={max_new_tokens} does not fit the context of {model!r} ({positions} positions):"
+                          f" the longest prompt has {longest} tokens{extra}; {valid} (or shorten the prompts: "
+                          "task.max_prompt_tokens)")
+
+
+def check_token_budgets(pair, task, train: TrainSpec, sd: SDSpec, rollout: RolloutSpec, train_items: Sequence[Any],
+                        eval_items: Sequence[Any]) -> None:
+    """Before any model loads: each generation the run will make (training rollouts, SD evaluations) fits the
+    models' context with its longest prompt; a ConfigError names the setting and its largest valid value."""
+    from distillspec.evaluation import AUTO_GAMMA_MAX
+    from distillspec.specs import AUTO_GAMMA
+
+    if not train_items and not eval_items:
+        return
+    limit = context_limit(pair)
+    skd = rollout.source == "skd"
+    check_generation_fits(limit, train_items, train.max_new_tokens or task.max_new_tokens,
+                          "train.max_new_tokens" if train.max_new_tokens else "task.max_new_tokens",
+                          rollout.skd_gamma + 1 if skd else 0, "rollout.skd_gamma + 1")
+    auto = sd.gamma == AUTO_GAMMA
+    gamma = AUTO_GAMMA_MAX if auto else sd.gamma  # SD verifies gamma drafted tokens + 1 past the text so far
+    check_generation_fits(limit, eval_items, sd.max_new_tokens or task.max_new_tokens,
+                          "sd.max_new_tokens" if sd.max_new_tokens else "task.max_new_tokens", gamma + 1,
+                          f"sd.gamma=auto may pick gamma {gamma}, + 1" if auto else "sd.gamma + 1")
+
+
 def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequence[Any], objective: ObjectiveSpec,
                 rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
                 seed: int, resume: bool, eval_max_new_tokens: int,

@@ -187,12 +187,19 @@ def quiet_bitsandbytes() -> None:
 quiet_bitsandbytes()  # every run: transformers/Lightning import bitsandbytes when installed, quantized or not
 
 
+def check_quantization_choice(quantization: str | None, name: str = "quantization") -> None:
+    """ConfigError unless `quantization` is None (YAML `null`: no quantization), "8bit" or "4bit"."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        valid = ", ".join(q for q in QUANTIZATIONS if q is not None)
+        raise ConfigError(f"unknown {name} {quantization!r}; valid choices: {valid}, or null (no quantization)")
+
+
 def check_quantization(quantization: str | None, device: str | torch.device) -> None:
     """ConfigError unless `quantization` is None, or "8bit"/"4bit" with bitsandbytes >= BNB_MIN_VERSION
     installed and a device it runs on: CPU, or CUDA when CUDA is available. Imports nothing heavy."""
     from packaging.version import Version
 
-    check_choice("quantization", quantization, QUANTIZATIONS)
+    check_quantization_choice(quantization)
     if quantization is None:
         return
     dev = _as_device(device)
@@ -357,16 +364,34 @@ class PairSpec:
     gradient_checkpointing: bool = False
     verify_full_precision: bool = False
 
-    def validate(self, device: str | torch.device) -> None:
-        """Cheap checks (choices, local paths exist, quantization vs device); raises ConfigError."""
-        check_model_name(self.draft)
-        check_model_name(self.target)
+    def __post_init__(self) -> None:
+        """The checks that need no device, at construction: `run.py` builds the spec before importing torch or
+        Lightning, so a missing model path or a bad choice is refused in about a second."""
+        self.check_settings()
+
+    def check_settings(self, draft_setting: str = "pair.draft") -> None:
+        """Device-free checks (model names, local paths exist, choices, combinations); raises ConfigError naming
+        the setting (draft_setting: where the draft's name came from, e.g. draft_checkpoint)."""
+        for setting, name in ((draft_setting, self.draft), ("pair.target", self.target)):
+            try:
+                check_model_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{setting}: {exc}") from None
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         if self.target_dtype is not None:
             check_choice("target_dtype", self.target_dtype, DTYPE_CHOICES)
-        check_quantization(self.target_quantization, device)
+        check_quantization_choice(self.target_quantization, "pair.target_quantization")
+        if self.verify_full_precision and self.target_quantization is None:
+            raise ConfigError("pair.verify_full_precision=true needs a quantized teacher (pair.target_quantization"
+                              "=8bit or 4bit): with pair.target_quantization=null the target already verifies at "
+                              "full precision; drop pair.verify_full_precision or set pair.target_quantization")
         if self.gradient_checkpointing and not self.draft_trainable:
             raise ConfigError("gradient_checkpointing=True needs draft_trainable=True")
+
+    def validate(self, device: str | torch.device) -> None:
+        """All cheap checks (those of check_settings, and quantization vs device); raises ConfigError."""
+        self.check_settings()  # again: the names may have changed since construction (draft_checkpoint)
+        check_quantization(self.target_quantization, device)
 
     def load(self, device: str | torch.device) -> ModelPair:
         """Resolve names, load the target's tokenizer and both models, and check they share a vocab."""
@@ -380,6 +405,6 @@ class PairSpec:
                            gradient_checkpointing=self.gradient_checkpointing)
         check_same_vocab(draft, target, draft_tokenizer, tokenizer, self.draft, self.target)
         verifier = load_model(target_path, dtype=self.target_dtype or self.dtype, device=device, trainable=False) \
-            if self.verify_full_precision and self.target_quantization else None  # unquantized: target verifies
+            if self.verify_full_precision else None  # check_settings: only with a quantized target
         return ModelPair(draft=draft, target=target, tokenizer=tokenizer, draft_name=self.draft,
                          target_name=self.target, verifier=verifier)
