@@ -136,3 +136,4 @@ def test_vllm_per_request_counts_and_mode_rows():
     assert r["flag"] in ("agrees", "DISAGREES") and r["vllm_ci"][0] <= 5 / 12 <= r["vllm_ci"][1]
     table = cmp.side_by_side(ours["aligned"], ours["aligned"], failed, 2)
     assert all(row[3] == "FAILED" for row in table)
+    assert all(row[3] == "not run" for row in cmp.side_by_side(ours["aligned"], ours["aligned"], {"skipped": True}, 2))

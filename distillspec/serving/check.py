@@ -183,13 +183,13 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
     g, o_al = sd.gamma, ours["aligned"]
     agreement: dict[str, Any] = {"recomputed_matches_run": bool(math.isclose(
         ours["run"]["alpha_tok"], info.metrics["metrics"][C.ALPHA_TOK], abs_tol=1e-9))}
-    v = vllm.get("draft_default", {"failed": True, "reason": "not run (--rows)", "log": None})
-    if not v.get("failed"):
+    v = vllm.get("draft_default", {"skipped": True})  # not run: --rows left it out
+    if not v.get("failed") and not v.get("skipped"):
         agreement.update(
             vllm_mal=v["mean_acceptance_length"], ours_mal=o_al["mean_acceptance_length"],
             mal_rel_diff=v["mean_acceptance_length"] / o_al["mean_acceptance_length"] - 1.0,
             max_pos_diff=max((abs(x - y) for x, y in zip(v["per_position"], o_al["per_position"])), default=0.0))
-    if not sampled and not v.get("failed"):
+    if not sampled and not v.get("failed") and not v.get("skipped"):
         out_v = vllm_raw["draft_default"]["outputs"]
         same = cmp.identical_rows(o_al["outputs"], out_v)
         agreement["identical_rows"] = sum(same)
@@ -206,10 +206,11 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
         d = agreement["counter_diffs"] = cmp.exact_counter_diffs(o_al, v)
         agreement["counters_equal"] = not any(d[k] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")) \
             and not any(d["per_position"])
-    t = vllm.get("target_only", {"failed": True})
-    both = not v.get("failed") and not t.get("failed")
-    speed = {"vllm_target_tokens_per_s": None if t.get("failed") else t["tokens_per_s"],
-             "vllm_sd_tokens_per_s": None if v.get("failed") else v["tokens_per_s"],
+    t = vllm.get("target_only", {"skipped": True})
+    v_ok, t_ok = "tokens_per_s" in v, "tokens_per_s" in t
+    both = v_ok and t_ok
+    speed = {"vllm_target_tokens_per_s": t["tokens_per_s"] if t_ok else None,
+             "vllm_sd_tokens_per_s": v["tokens_per_s"] if v_ok else None,
              "vllm_speedup": v["tokens_per_s"] / t["tokens_per_s"] if both else None,
              "ours_speedup": info.metrics["metrics"].get(C.SPEEDUP)}
     strip = lambda d: {k: x for k, x in d.items() if k != "outputs"}  # noqa: E731

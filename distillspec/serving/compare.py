@@ -84,8 +84,9 @@ def _f(x: Any, nd: int = 3) -> str:
 
 def side_by_side(ours_run: dict, ours_aligned: dict, vllm: dict, gamma: int) -> list[tuple[str, str, str, str]]:
     """Rows (quantity, ours in the run's alignment, ours in vLLM's alignment, vLLM); the acceptance rates with
-    their 95 % bootstrap CIs over prompts. A failed vLLM job leaves its column "FAILED"."""
-    failed = bool(vllm.get("failed"))
+    their 95 % bootstrap CIs over prompts. A failed vLLM job leaves its column "FAILED", one not run
+    ({"skipped": True}: --rows) "not run"."""
+    failed = "FAILED" if vllm.get("failed") else "not run" if vllm.get("skipped") else None
     v = {} if failed else vllm
     rows = [("drafts (verification calls)", ours_run["num_drafts"], ours_aligned["num_drafts"], v.get("num_drafts")),
             ("drafted tokens", ours_run["num_draft_tokens"], ours_aligned["num_draft_tokens"],
@@ -103,7 +104,7 @@ def side_by_side(ours_run: dict, ours_aligned: dict, vllm: dict, gamma: int) -> 
             pp = s.get("per_position") or []
             return pp[k] if k < len(pp) else math.nan
         rows.append((f"accepted at position {k + 1}", at(ours_run), at(ours_aligned), at(v)))
-    return [(name, _f(a), _f(b), "FAILED" if failed else _f(c)) for name, a, b, c in rows]
+    return [(name, _f(a), _f(b), failed or _f(c)) for name, a, b, c in rows]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
