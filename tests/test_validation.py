@@ -121,19 +121,91 @@ def test_bad_kv_options_are_named(over, match):
         build(compose_cfg(over).sd, "sd")
 
 
-def test_divergence_on_the_last_update_stops_and_saves_no_draft(tmp_path):
-    """Issue 19, item 1: lr=1e10 leaves both logged losses finite, but the last update makes the draft's outputs
-    NaN; it was saved and scored alpha_tok 1.0, alpha_seq 1.25. Now: NonFiniteError (run.py: exit 3), no draft,
-    no metrics, and the last checkpoint keeps the step before."""
+@pytest.mark.parametrize("lr, clip", [("1e10", "1.0"), ("1e30", "0")])
+def test_blown_up_update_stops_and_saves_no_draft(tmp_path, lr, clip):
+    """Issue 19, item 1: lr=1e10 left both logged losses finite but the last update made the draft's outputs NaN;
+    it was saved and scored alpha_tok 1.0. Issue 28: lr=1e30 with grad_clip=0 saved and scored a draft with
+    |w| = 1e30 (finite outputs) without a word. Now the first update that grows the trained weights' norm past
+    WEIGHT_GROWTH_LIMIT x stops the run (NonFiniteError, run.py: exit 3) before it is checkpointed: no draft, no
+    metrics, no checkpoint. (Step 0 trains at lr / warmup_steps, so the blow-up comes at step 0.)"""
     from distillspec import constants as C
 
-    over = ["train.lr=1e10", "train.max_steps=2", "train.batch_size=2", "train.num_train=4", "sd.num_eval=2",
-            "sd.max_new_tokens=4", "sd.measure_speedup=false", "sd.draft_quality=false"]
-    with pytest.raises(NonFiniteError, match="update of training step 1 made the draft non-finite"):
+    over = [f"train.lr={lr}", f"train.grad_clip={clip}", "train.max_steps=2", "train.batch_size=2",
+            "train.num_train=4", "sd.num_eval=2", "sd.max_new_tokens=4", "sd.measure_speedup=false",
+            "sd.draft_quality=false"]
+    with pytest.raises(NonFiniteError, match=r"update of training step 0 blew up the draft's weights.*largest "
+                                             r"\|weight\| [0-9.e+]+; lr of the step [0-9.e+]+\).*Lower train.lr"):
         run_cfg(TINY + over, tmp_path)
     assert not (tmp_path / "draft").exists() and not (tmp_path / C.METRICS_FILE).exists()
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 1
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_weight_growth_check_warns_then_stops(caplog):
+    from distillspec.lit.train_module import WEIGHT_GROWTH_LIMIT, WEIGHT_GROWTH_WARN, check_weight_growth
+
+    w = torch.nn.Parameter(torch.ones(4))  # norm 2
+    assert check_weight_growth([w], 2.0, 0, 1e-3) is False  # unchanged: silent
+    with torch.no_grad():
+        w.mul_(WEIGHT_GROWTH_WARN * 2)
+    with caplog.at_level("WARNING", logger="distillspec.lit.train_module"):
+        assert check_weight_growth([w], 2.0, 3, 0.5) is True
+        assert check_weight_growth([w], 2.0, 4, 0.5, warned=True) is True  # once
+    assert [r.getMessage() for r in caplog.records if "grown 20 x" in r.getMessage()] != []
+    assert sum("norm has grown" in r.getMessage() for r in caplog.records) == 1
+    with torch.no_grad():
+        w.fill_(WEIGHT_GROWTH_LIMIT * 1.5)  # norm 3e3: 1.5e3 x
+    with pytest.raises(NonFiniteError, match=r"training step 5 blew up.*1.5e\+03 x its 2 .*\|weight\| 1.5e\+03"):
+        check_weight_growth([w], 2.0, 5, 7.0)
+    with torch.no_grad():
+        w.fill_(1e30)  # finite weights whose float32 norm overflows
+    with pytest.raises(NonFiniteError, match=r"norm is beyond float32's range, vs its 2 .*largest \|weight\| 1e\+30; "
+                                             r"lr of the step 1e\+30"):
+        check_weight_growth([w], 2.0, 0, 1e30)
+    with torch.no_grad():
+        w.fill_(float("nan"))  # left to check_finite_update / check_finite_step, which name the parameter
+    assert check_weight_growth([w], 2.0, 0, 1.0) is False
+
+
+def test_lr_schedule_trains_from_step_0():
+    """Issue 28: with warm-up, step 0 trained at lr 0 (transformers' schedule starts its ramp at 0)."""
+    import math
+
+    from distillspec.lit.train_module import lr_factor
+
+    assert [round(lr_factor(s, 3, 40), 4) for s in range(4)] == [0.3333, 0.6667, 1.0, 0.9983]
+    assert all(lr_factor(s, w, t) > 0 for t in (1, 2, 5, 40) for w in (0, 1, 3, 50) for s in range(t))
+    assert lr_factor(0, 3, 1) == pytest.approx(1 / 3)  # max_steps=1 with warm-up still trains
+    for s in range(10):  # no warm-up: the cosine decay of transformers' schedule, unchanged
+        assert lr_factor(s, 0, 10) == lr_factor(s, 1, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * s / 10)))
+
+
+def test_one_step_with_warmup_changes_the_draft_and_logs_the_lr_it_used(tmp_path):
+    """Issue 28: `train.max_steps=1` (warm-up 3) saved a draft bit-identical to the untrained one, and train/lr
+    logged the next step's value. Now step 0 trains at lr / 3, and train/lr is the lr of the step it is logged at."""
+    import csv
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from distillspec import constants as C
+
+    used = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        run_cfg(TINY + ["stage=train", "train.max_steps=2", "train.warmup_steps=3", "train.lr=0.01"], tmp_path)
+    finally:
+        handle.remove()
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = [float(r[C.TRAIN_LR]) for r in rows if r.get(C.TRAIN_LR)]
+    assert used == pytest.approx([0.01 / 3, 0.02 / 3]) and logged == pytest.approx(used)
+    one = tmp_path / "one"
+    run_cfg(TINY + ["stage=train", "train.max_steps=1", "train.warmup_steps=3"], one)
+    from distillspec.models.loading import resolve_model_path
+
+    untrained = Path(resolve_model_path("tiny:draft")) / "model.safetensors"
+    before, after = load_file(untrained), load_file(one / "draft" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_finite_update_check_names_a_non_finite_parameter():

@@ -28,6 +28,12 @@ from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
 log = logging.getLogger(__name__)
 
 EVAL_HISTORY_KEY = "distillspec_eval_history"  # checkpoint entry holding DistillModule.eval_history
+START_NORM_KEY = "distillspec_start_norm"  # checkpoint entry: the trained weights' norm before the first step
+# The trained weights' L2 norm, as a multiple of its value before the first step: above WARN a warning (once),
+# above LIMIT the run stops. AdamW moves each weight by about lr per step whatever the gradient's scale (clipping
+# does not bound it), so weights of rms ~0.02 at lr 1e-3 move a few % per step; lr=1e30 multiplies the norm ~1e31.
+WEIGHT_GROWTH_WARN = 10.0
+WEIGHT_GROWTH_LIMIT = 1e3
 
 
 @torch.no_grad()
@@ -75,24 +81,30 @@ class DistillModule(L.LightningModule):
         self.pad_id, self.seed = pad_id, seed
         self.evaluator, self.eval_loader, self.skip_eval_at = evaluator, eval_loader, skip_eval_at
         self.eval_history: list[dict[str, float]] = []
+        self.start_norm: float | None = None  # trained weights' L2 norm before step 0 (check_weight_growth)
+        self.growth_warned = False
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the student only
 
     # ---- optimisation ----
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
+        from functools import partial
 
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.train_spec.lr, weight_decay=self.train_spec.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, self.train_spec.warmup_steps, self.train_spec.max_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+            lr_factor, warmup_steps=self.train_spec.warmup_steps, max_steps=self.train_spec.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The acceptance curve so far travels with the checkpoint: a resumed run keeps its earlier points."""
+        """The acceptance curve so far travels with the checkpoint: a resumed run keeps its earlier points (and
+        the weights' starting norm, the reference of the growth check)."""
         checkpoint[EVAL_HISTORY_KEY] = list(self.eval_history)
+        checkpoint[START_NORM_KEY] = self.start_norm
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.eval_history = list(checkpoint.get(EVAL_HISTORY_KEY, []))
+        self.start_norm = checkpoint.get(START_NORM_KEY)
 
     def state_dict(self, *args, **kwargs):
         """Only the student is checkpointed (the teacher is frozen and reloaded from its source)."""
@@ -203,14 +215,20 @@ class DistillModule(L.LightningModule):
         sched = self.lr_schedulers()
         if self.train_spec.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.train_spec.grad_clip, gradient_clip_algorithm="norm")
+        trained = [p for p in self.student.parameters() if p.requires_grad]
+        if self.start_norm is None:
+            self.start_norm = weight_norm(trained, self.trainer.strategy)
+        lr = float(opt.param_groups[0]["lr"])  # the lr of this step (sched.step() below sets the next one's)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        self.growth_warned = check_weight_growth(trained, self.start_norm, step, lr, self.trainer.strategy,
+                                                 warned=self.growth_warned)
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         n = max(float(total), 1.0)
         stats = {C.TRAIN_LOSS: sums[0] / n, C.TRAIN_DIVERGENCE: sums[1] / n, C.TRAIN_TEACHER_ENTROPY: sums[2] / n,
                  C.TRAIN_ALIGNMENT: sums[3] / n, C.TRAIN_COMPLETION_TOKENS: total,
-                 C.TRAIN_LR: torch.tensor(sched.get_last_lr()[0])}
+                 C.TRAIN_LR: torch.tensor(lr)}
         if obj.gate is not None:
             stats[C.TRAIN_TAR] = sums[4] / n
         if obj.block_weighting != "none":
@@ -248,6 +266,56 @@ class DistillModule(L.LightningModule):
         for lg in self.loggers:
             lg.log_metrics(metrics, step=step)
         log.info("step %d: %s=%.4f", step, C.ALPHA_TOK, report.metrics.get(C.ALPHA_TOK, math.nan))
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier of train.lr at optimizer step `step` (0-based): linear warm-up (step + 1) / warmup_steps over the
+    first warmup_steps steps (step 0 trains at lr / warmup_steps, never at 0), reaching 1 at step
+    peak = max(warmup_steps - 1, 0); then cosine decay 0.5 (1 + cos(pi (step - peak) / (max_steps - peak))), which
+    stays > 0 for every step taken. warmup_steps 0 and 1 both mean no warm-up (transformers' cosine schedule)."""
+    peak = max(warmup_steps - 1, 0)
+    if step < peak:
+        return (step + 1) / warmup_steps
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - peak) / max(1, max_steps - peak))))
+
+
+def weight_norm(params, strategy=None) -> float:
+    """L2 norm of `params`, squares summed over ranks (sharded weights count once; DDP replicas give sqrt(world)
+    x the norm at every check alike, so ratios of two norms are unaffected). inf when float32 overflows."""
+    params = [p.detach() for p in params]
+    if not params:
+        return 0.0
+    sq = torch.nn.utils.get_total_norm(params).float() ** 2
+    if strategy is not None:
+        sq = strategy.reduce(sq, reduce_op="sum")
+    return float(sq.sqrt())
+
+
+def check_weight_growth(params, start_norm: float, step: int, lr: float, strategy=None, warned: bool = False) -> bool:
+    """After the optimizer step of training step `step` (lr: its learning rate): raise NonFiniteError when the
+    trained weights' norm exceeds WEIGHT_GROWTH_LIMIT x `start_norm` (finite but blown up, e.g. lr=1e30: every
+    weight moved by ~lr), and warn once above WEIGHT_GROWTH_WARN x. Returns whether it has warned.
+    params: the trained parameters; start_norm: their weight_norm before step 0 (0: no check)."""
+    from distillspec.errors import NonFiniteError
+
+    norm = weight_norm(params, strategy)
+    if math.isnan(norm) or not start_norm > 0:  # NaN weights: check_finite_update / check_finite_step name them
+        return warned
+    growth = norm / start_norm
+    if growth > WEIGHT_GROWTH_LIMIT:  # inf too: finite weights above ~1e19 overflow a float32 norm
+        largest = max((float(p.detach().abs().max()) for p in params if p.numel()), default=0.0)
+        size = f"{norm:.3g}, {growth:.3g} x" if math.isfinite(norm) else "beyond float32's range, vs"
+        raise NonFiniteError(f"the update of training step {step} blew up the draft's weights: their norm is "
+                             f"{size} its {start_norm:.3g} before training (limit {WEIGHT_GROWTH_LIMIT:g} x; largest "
+                             f"|weight| {largest:.3g}; lr of the step {lr:.3g}); "
+                             "stopped before this step is checkpointed, so no checkpoint or draft holds these "
+                             "weights. Lower train.lr")
+    if growth > WEIGHT_GROWTH_WARN and not warned:
+        log.warning("training step %d: the draft's trained weights' norm has grown %.3g x since before training "
+                    "(%.3g -> %.3g; lr of the step %.3g); at %g x the run stops. Is train.lr too high?", step, growth,
+                    start_norm, norm, lr, WEIGHT_GROWTH_LIMIT)
+        return True
+    return warned
 
 
 def check_finite_step(loss_sum: torch.Tensor, params, step: int, strategy=None) -> None:
