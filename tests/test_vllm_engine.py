@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.real_model, pytest.mark.vllm, pytest.mark.timeout(1800
 VLLM_PY = DEFAULT_VLLM_PYTHON
 TOP_K = 20
 TOL = 1e-3
+MAX_NEW = 200  # the offline target's worked answers end within this (its EOS is then part of the sample)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,62 @@ def test_vllm_cpu_seed_fault_needs_both_a_seed_and_chunked_prefill(target_dir):
     """The workarounds, and the condition exactly: unseeded requests, or seeded ones prefilled whole, complete."""
     assert _seed_fault(target_dir, "--unseeded")["completed"]
     assert _seed_fault(target_dir, "--no-chunked-prefill")["completed"]
+
+
+def _items(tok, n=4):
+    from distillspec.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(num_train=8, num_eval=4)
+    return task.encode(task.load("train"), tok, limit=n, seed=0)
+
+
+def test_served_teacher_data_of_dataset_outputs_equals_the_in_process_cache(server, teacher):
+    """rollout source `fixed`: the served entries equal TeacherCache's (same tokens, ids, log-probs, tail)."""
+    from distillspec.rollout.served_teacher import served_entries
+    from distillspec.rollout.teacher_cache import TeacherCache
+
+    model, tok = teacher
+    items, eos = _items(tok), [tok.eos_token_id]
+    ours = TeacherCache(items, "fixed", top_k=TOP_K, temperature=1.0, sample_temperature=1.0, top_p=1.0,
+                        max_new_tokens=48, eos_ids=eos, pad_id=tok.pad_token_id)
+    ours.build(model, torch.device("cpu"), seed=0, batch_size=4, progress=False)
+    served = served_entries(server, items, "fixed", top_k=TOP_K, sample_temperature=1.0, top_p=1.0,
+                            max_new_tokens=48, eos_ids=eos, batch_size=4, progress=False)
+    worst = 0.0
+    for i, e in ours.entries.items():
+        s = served[i]
+        assert torch.equal(s.tokens, e.tokens)
+        same = (s.topk_idx == e.topk_idx).all(-1)
+        # where the id lists differ, only by a tie at the k-th place
+        assert ((e.topk_logp[~same][:, -1] - s.topk_logp[~same][:, -1]).abs() <= TOL).all()
+        worst = max(worst, (s.topk_logp - e.topk_logp)[same].abs().max().item())
+        assert torch.allclose(s.tail_logp.exp(), e.tail_logp.exp(), atol=TOL)
+    print(f"\nfixed: max |Δ log p| {worst:.2e}")
+    assert worst <= TOL
+
+
+def test_served_teacher_samples_carry_our_teachers_logprobs(server, teacher):
+    """rollout source `teacher`: at every sampled position the served top-k equals our forward's on the sampled
+    sequence; a completion that stopped ends with the EOS, kept in the entry as our own sampler keeps it."""
+    from distillspec.rollout.served_teacher import served_entries
+    from distillspec.rollout.teacher_cache import _topk
+
+    model, tok = teacher
+    items, eos = _items(tok), [tok.eos_token_id]
+    served = served_entries(server, items, "teacher", top_k=TOP_K, sample_temperature=0.6, top_p=0.95,
+                            max_new_tokens=MAX_NEW, eos_ids=eos, batch_size=4, progress=False)
+    worst, stopped = 0.0, 0
+    for i, it in enumerate(items):
+        e, prompt = served[i], list(it.input_ids)
+        assert 0 < e.length <= MAX_NEW and not torch.isin(e.tokens[:-1], torch.tensor(eos)).any()
+        stopped += int(e.tokens[-1].item() in eos)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + e.tokens.tolist()])).logits[0, len(prompt) - 1: -1]
+        vals, idx, tail = _topk(logits, TOP_K, 1.0)
+        same = (idx.to(torch.int32) == e.topk_idx).all(-1)
+        assert same.float().mean() > 0.9
+        worst = max(worst, (vals - e.topk_logp)[same].abs().max().item())
+        assert torch.allclose(tail.exp(), e.tail_logp.exp(), atol=TOL)
+    print(f"\nteacher samples: max |Δ log p| {worst:.2e}, {stopped} of {len(items)} stopped at EOS")
+    assert worst <= TOL
+    assert stopped > 0, f"no sample reached its EOS within {MAX_NEW} tokens: the EOS case went untested"
