@@ -91,7 +91,7 @@ def main(cfg: DictConfig) -> None:
             log_serving(out, run_dir, Path(draft_dir), launch_dir, cfg.sd.gamma)
     except Exception as exc:  # noqa: BLE001 - a sweep records any job's failure and goes on
         code = exit_code(exc)
-        what = "configuration error" if isinstance(exc, ConfigError) else "stopped on non-finite values" if isinstance(
+        what = "configuration error" if isinstance(exc, ConfigError) else "training stopped" if isinstance(
             exc, NonFiniteError) else "failed"
         if sweep:
             record_failure(run_dir, Path(hc.sweep.dir), exc, list(hc.overrides.task))

@@ -15,7 +15,8 @@ class ConfigError(ValueError):
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; nothing non-finite is applied or saved."""
+    """Training produced a NaN/inf loss or gradient, or an update blew up the weights; nothing non-finite or
+    blown-up is applied or saved (exit code 3)."""
 
 
 class InvariantError(RuntimeError):

@@ -106,6 +106,9 @@ def failure_summary(failures: list[dict[str, Any]], sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
+_HELD_LAUNCH_LOCKS: list = []  # this process's open .launch.lock files (SweepFailures)
+
+
 class SweepFailures(Callback):
     """Clears the sweep's failures.jsonl at the start of a multirun; at its end, names the failed jobs and exits
     with `summary_exit_code` (0 when none failed)."""
@@ -118,9 +121,10 @@ class SweepFailures(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         os.environ[LAUNCH_ENV] = f"{socket.gethostname()}:{os.getpid()}:{time.time():.3f}"
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(sweep_dir / LAUNCH_LOCK, "a")  # held (shared) until this process ends
+        lock = open(sweep_dir / LAUNCH_LOCK, "a")  # held (shared) until this process ends
+        _HELD_LAUNCH_LOCKS.append(lock)  # module-level, not on self: launchers (submitit) pickle the callbacks
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             alone = True
         except BlockingIOError:
             alone = False  # another launch runs in this sweep dir: its failures stay
@@ -129,7 +133,7 @@ class SweepFailures(Callback):
         if alone:
             (sweep_dir / C.FAILURES_FILE).unlink(missing_ok=True)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_SH)
         except OSError:
             pass
 
