@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, NonFiniteError
+from distillspec.errors import ConfigError, EngineError, NonFiniteError
 from distillspec.resolvers import register
 
 register()  # before @hydra.main composes the config
@@ -92,7 +92,7 @@ def main(cfg: DictConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - a sweep records any job's failure and goes on
         code = exit_code(exc)
         what = "configuration error" if isinstance(exc, ConfigError) else "training stopped" if isinstance(
-            exc, NonFiniteError) else "failed"
+            exc, NonFiniteError) else "generation engine failed" if isinstance(exc, EngineError) else "failed"
         if sweep:
             record_failure(run_dir, Path(hc.sweep.dir), exc, list(hc.overrides.task))
             log.error("%s: %s (job %s; the sweep goes on, see %s)", what, exc, run_dir.name, run_dir / C.ERROR_FILE,

@@ -100,6 +100,7 @@ FAILURES_FILE = "failures.jsonl"        # the sweep dir: one line per failed job
 EXIT_CONFIG_ERROR = 2                   # run.py exit codes: a refused setting (ConfigError)
 EXIT_NON_FINITE = 3                     # training or SD hit NaN/inf (NonFiniteError)
 EXIT_OTHER_ERROR = 1                    # any other failure (a sweep whose failed jobs differ in kind)
+EXIT_ENGINE_ERROR = 4                   # a generation engine in another process (vLLM server) died or failed
 
 # --- task quality metrics (logged as QUALITY_PREFIX + name; all are fractions in [0, 1]) ---
 ACCURACY = "accuracy"                   # extracted final number == reference number
@@ -115,3 +116,6 @@ ENTROPY_BIN_LO = 1e-4  # nats; entropies below fall in [0, lo)
 ENTROPY_BIN_HI = 10.0  # nats; a 49k-152k vocabulary reaches ~11, so the top bin [hi, inf) stays small
 DIVERGENCES: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "adaptive")  # div.divergence
 BLOCK_WEIGHTINGS: tuple[str, ...] = ("none", "block", "block_avg")  # div.block_weighting
+ROLLOUT_ENGINE_HF = "hf"      # rollout.engine: our decoding loop, in the training process
+ROLLOUT_ENGINE_VLLM = "vllm"  # rollout.engine: a vLLM server over HTTP (distillspec.serving.server)
+ROLLOUT_ENGINES: tuple[str, ...] = (ROLLOUT_ENGINE_HF, ROLLOUT_ENGINE_VLLM)

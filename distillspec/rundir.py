@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
 # Keys added to conf/ after runs existed, with the value those runs used (the spec's default then): a run dir
 # whose run_config.json lacks one is not "changed" when the key holds that value.
-ADDED_KEYS = {"rollout.cache_top_k": 64, "task.chat_template_kwargs": None}
+ADDED_KEYS = {"rollout.cache_top_k": 64, "task.chat_template_kwargs": None, "rollout.engine": "hf",
+              "rollout.vllm_url": None, "rollout.vllm_port": None, "rollout.vllm_python": None,
+              "rollout.vllm_args": []}
 _NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
 RESUME_CHOICES = (True, False, C.RESUME_FORCE)
 

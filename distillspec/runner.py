@@ -107,6 +107,10 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     objective = build(cfg.div, "div")
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
+    if rollout.engine == C.ROLLOUT_ENGINE_VLLM and cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL):
+        from distillspec.rollout.served_teacher import check_loss_temperature
+
+        check_loss_temperature(objective.temperature)
     training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
     if cfg.draft_checkpoint is not None:
         if training:
@@ -189,12 +193,14 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
         # the curve's prompts are all the eval prompts: the evaluations before and after training are its ends
         covers_eval = bool(eval_items) and train.eval_num >= len(eval_items)
-        summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
-                              objective=objective, rollout=rollout, train=train, sd=sd,
-                              trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
-                              seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
-                              initial_eval=before.metrics if before is not None and covers_eval else None,
-                              final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval)
+        with served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir, cfg, device) as engine:
+            summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
+                                  objective=objective, rollout=rollout, train=train, sd=sd,
+                                  trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
+                                  seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
+                                  initial_eval=before.metrics if before is not None and covers_eval else None,
+                                  final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval,
+                                  engine=engine)
         out["train"] = summary
         phase_done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
         if not summary.get("is_global_zero", True):
@@ -226,6 +232,44 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     if phases:
         log.info("phase times: %s", ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in phases.items()))
     return out
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer settings launch: devices (an int, a list, -1 / "auto": all GPUs) x num_nodes."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        n = len(devices)
+    elif devices in (-1, "-1", "auto"):
+        import torch
+
+        n = max(torch.cuda.device_count(), 1) if trainer_cfg.get("accelerator") != "cpu" else 1
+    else:
+        n = int(devices)
+    return n * nodes
+
+
+def served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir: Path, cfg: DictConfig,
+                   device):
+    """The rollout engine for training (distillspec.rollout.engine): None for rollout.engine=hf; for vllm, a
+    served teacher checked against the configured target before any teacher data is made."""
+    import contextlib
+
+    from distillspec.rollout.engine import rollout_engine, verify_served_teacher
+
+    @contextlib.contextmanager
+    def opened():
+        dtype = pair.target_dtype or pair.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        with rollout_engine(rollout, target=pair.target, dtype=dtype, run_dir=run_dir,
+                            prompt_lens=[len(it.input_ids) for it in train_items],
+                            max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
+                            world_size=world_size(cfg.trainer)) as engine:
+            if engine is not None:
+                verify_served_teacher(engine, models.target, tokenizer, train_items[0].input_ids, pair.target)
+            yield engine
+
+    return opened()
 
 
 def log_summary(out: dict[str, Any]) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
-from distillspec.constants import ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES
+from distillspec.constants import (ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES, ROLLOUT_ENGINE_VLLM,
+                                   ROLLOUT_ENGINES)
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
@@ -217,9 +218,18 @@ class RolloutSpec:
     # completions but runs the teacher on them every step for its full distributions (objectives that need
     # them, ObjectiveSpec.needs_dense_teacher, always do)
     teacher_logits: str = "sparse"
+    # who makes the teacher data (teacher samples, scores of dataset outputs): "hf" = this process's decoding
+    # loop; "vllm" = a vLLM server (distillspec.rollout.engine): vllm_url's, else one started from the serving
+    # env (vllm_python, default .venv-vllm) on vllm_port (null: a free one) with extra `vllm serve` vllm_args
+    engine: str = "hf"
+    vllm_url: str | None = None
+    vllm_port: int | None = None
+    vllm_python: str | None = None
+    vllm_args: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         check_field_types(self, "rollout")
+        self._check_engine()
         check_choice("rollout.source", self.source, ROLLOUT_SOURCES)
         check_choice("rollout.teacher_logits", self.teacher_logits, TEACHER_LOGITS)
         if self.cache_top_k < 0 or self.cache_batch_size < 1:
@@ -243,6 +253,32 @@ class RolloutSpec:
             self.mix = {k: float(v) for k, v in mix.items()}
         if self.skd_top_k < 1 or self.skd_gamma < 1:
             raise ConfigError(f"rollout.skd_top_k={self.skd_top_k} and skd_gamma={self.skd_gamma} must be >= 1")
+        if self.engine == ROLLOUT_ENGINE_VLLM:
+            self._check_vllm_sources()
+
+    def _check_engine(self) -> None:
+        check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"rollout.vllm_url={self.vllm_url!r} is not an http(s) URL; valid: http://host:port "
+                              "or null (start a server here)")
+        if self.vllm_port is not None and not 1 <= self.vllm_port <= 65535:
+            raise ConfigError(f"rollout.vllm_port={self.vllm_port!r} is out of range; valid: 1..65535, or null "
+                              "(a free port)")
+        self.vllm_args = [str(a) for a in _plain(self.vllm_args) or ()]
+
+    def _check_vllm_sources(self) -> None:
+        """rollout.engine=vllm makes the teacher data (teacher samples, dataset-output scores) through the
+        teacher cache: a source with none, SKD, or no cache has nothing for it to do."""
+        used = [k for k, v in self.mix.items() if v > 0] if self.source == "mixed" else [self.source]
+        served = [s for s in used if s in ("teacher", "fixed")]
+        if self.source == "skd" or not served or self.cache_top_k == 0:
+            why = ("SKD interleaves the student and the teacher token by token in this process"
+                   if self.source == "skd" else "rollout.cache_top_k=0 turns the teacher cache off"
+                   if served else f"rollout.source={self.source!r} uses no teacher data")
+            raise ConfigError(f"rollout.engine=vllm serves teacher data (teacher samples and dataset-output scores, "
+                              f"through the teacher cache), but {why}; valid with vllm: rollout=teacher, fixed or "
+                              "mixed (its teacher and fixed parts) with rollout.cache_top_k > 0; otherwise use "
+                              "rollout.engine=hf")
 
 
 @dataclass

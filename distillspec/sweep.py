@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, NonFiniteError
+from distillspec.errors import ConfigError, EngineError, NonFiniteError
 
 log = logging.getLogger("distillspec")
 
@@ -39,6 +39,8 @@ def exit_code(exc: BaseException) -> int | None:
         return C.EXIT_CONFIG_ERROR
     if isinstance(exc, NonFiniteError):
         return C.EXIT_NON_FINITE
+    if isinstance(exc, EngineError):
+        return C.EXIT_ENGINE_ERROR
     return None
 
 

@@ -72,21 +72,23 @@ def served_entries(client, items: Sequence, source: str, *, top_k: int, sample_t
     out: dict[int, CachedCompletion] = {}
     what = "teacher rollouts (vLLM)" if source == "teacher" else "teacher scores of dataset outputs (vLLM)"
     bar = tqdm(total=len(items), desc=f"{what} (once, cached)", unit="prompt", disable=not progress, leave=False)
-    for start in range(0, len(items), batch_size):
-        idx = list(range(start, min(start + batch_size, len(items))))
-        prompts = [list(map(int, items[i].input_ids)) for i in idx]
-        if source == "teacher":
-            samples = client.sample(prompts, temperature=sample_temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                    top_k_logprobs=top_k, stop_token_ids=eos_ids)
-            for i, s in zip(idx, samples):
-                out[i] = _entry(s.tokens, s.top_logprobs, top_k)
-        else:
-            comp, lengths = fixed_completions([items[i].target_ids for i in idx], max_new_tokens, eos_ids[0],
-                                              torch.device("cpu"))
-            seqs = [p + comp[r, : int(lengths[r])].tolist() for r, p in enumerate(prompts)]
-            for r, (i, rows) in enumerate(zip(idx, client.score(seqs, top_k))):
-                n = int(lengths[r])
-                out[i] = _entry(seqs[r][len(prompts[r]):], rows[len(prompts[r]): len(prompts[r]) + n], top_k)
-        bar.update(len(idx))
-    bar.close()
+    try:
+        for start in range(0, len(items), batch_size):
+            idx = list(range(start, min(start + batch_size, len(items))))
+            prompts = [list(map(int, items[i].input_ids)) for i in idx]
+            if source == "teacher":
+                samples = client.sample(prompts, temperature=sample_temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                        top_k_logprobs=top_k, stop_token_ids=eos_ids)
+                for i, s in zip(idx, samples):
+                    out[i] = _entry(s.tokens, s.top_logprobs, top_k)
+            else:
+                comp, lengths = fixed_completions([items[i].target_ids for i in idx], max_new_tokens, eos_ids[0],
+                                                  torch.device("cpu"))
+                seqs = [p + comp[r, : int(lengths[r])].tolist() for r, p in enumerate(prompts)]
+                for r, (i, rows) in enumerate(zip(idx, client.score(seqs, top_k))):
+                    n = int(lengths[r])
+                    out[i] = _entry(seqs[r][len(prompts[r]):], rows[len(prompts[r]): len(prompts[r]) + n], top_k)
+            bar.update(len(idx))
+    finally:
+        bar.close()
     return out

@@ -32,6 +32,7 @@ class RolloutSampler:
         self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
         self.caches: dict = {}  # source -> TeacherCache (see build_caches)
+        self.engine = None  # a served teacher (rollout.engine=vllm: distillspec.rollout.engine) makes the caches
 
     def cached_sources(self) -> list[str]:
         """Sources whose teacher work can be done once per prompt (teacher samples, dataset outputs)."""
@@ -41,9 +42,15 @@ class RolloutSampler:
         return [s for s in used if s in ("teacher", "fixed")]
 
     def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True) -> None:
-        """Precompute the teacher's completions and top-k log-probs (at loss `temperature`) for `items`."""
+        """Precompute the teacher's completions and top-k log-probs (at loss `temperature`) for `items`; with a
+        served teacher (`self.engine`), from it."""
         from distillspec.rollout.cache_store import default_store_dir
         from distillspec.rollout.teacher_cache import TeacherCache
+
+        if self.engine is not None:
+            from distillspec.rollout.served_teacher import check_loss_temperature
+
+            check_loss_temperature(temperature)
 
         for k, source in enumerate(self.cached_sources()):
             if source == "fixed" and any(it.target_ids is None for it in items):
@@ -54,7 +61,7 @@ class RolloutSampler:
                                  max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
             store = default_store_dir() if self.spec.cache_store else None
             cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress,
-                        store=store)
+                        store=store, engine=self.engine)
             self.caches[source] = cache
 
     def choose_source(self, generator: torch.Generator) -> str:

@@ -94,23 +94,37 @@ class TeacherCache:
 
     @torch.no_grad()
     def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True,
-              store: Path | None = None) -> None:
+              store: Path | None = None, engine=None) -> None:
         """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator).
         With `store` (a directory), load the entries a job with identical inputs stored there, or compute and
-        store them (distillspec.rollout.cache_store)."""
+        store them (distillspec.rollout.cache_store). `engine`: a served teacher (an EngineClient of
+        distillspec.serving.server) makes the entries instead of `teacher` in this process; the store key
+        records it and its vLLM version (`teacher` still names the weights: the served model is checked to be
+        it, distillspec.rollout.engine.verify_served_teacher)."""
         from distillspec.rollout import cache_store
 
         path = None
+        settings = self.settings(seed, batch_size)
+        if engine is not None:
+            settings.update(engine="vllm", vllm_version=engine.version())
         if store is not None:
-            key = cache_store.cache_key(self.settings(seed, batch_size), self.items,
-                                        cache_store.model_fingerprint(teacher), device)
+            key = cache_store.cache_key(settings, self.items, cache_store.model_fingerprint(teacher), device)
             path = Path(store) / f"{key}.pt"
             stored = cache_store.load(path)
             if stored is not None and set(stored) == set(range(len(self.items))):
                 self.entries = {i: CachedCompletion(**e) for i, e in stored.items()}
                 log.info("teacher data (%s, %d prompts) loaded from %s", self.source, len(self.items), path)
                 return
-        self._compute(teacher, device, seed, batch_size, progress)
+        if engine is not None:
+            from distillspec.rollout.served_teacher import served_entries
+
+            vocab = teacher.get_output_embeddings().weight.shape[0]
+            self.entries = served_entries(engine, self.items, self.source, top_k=min(self.top_k, vocab),
+                                          sample_temperature=self.sample_temperature, top_p=self.top_p,
+                                          max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,
+                                          batch_size=batch_size, progress=progress)
+        else:
+            self._compute(teacher, device, seed, batch_size, progress)
         if path is not None:
             cache_store.save(path, {i: vars(e) for i, e in self.entries.items()})
 

@@ -122,6 +122,10 @@ class EngineClient:
             raise EngineError(f"vLLM server {self.url} serves {len(data)} models; expected exactly one")
         return data[0]
 
+    def version(self) -> str:
+        """The server's vLLM version (GET /version)."""
+        return str(self._request("/version", timeout=CONNECT_TIMEOUT_S * 6)["version"])
+
     def tokenize(self, text: str) -> list[int]:
         """The server's tokenizer on `text`, special tokens not added."""
         out = self._request("/tokenize", {"model": self.model()["id"], "prompt": text, "add_special_tokens": False})
@@ -213,8 +217,9 @@ class ManagedServer(contextlib.AbstractContextManager):
             check_port_free(self.port)
         port = self.port if self.port is not None else free_port()
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-               **self.extra_env}
+        env = {**os.environ, **self.extra_env}
+        if "--kv-cache-memory-bytes" not in self.args:  # unset on a CPU, vLLM wants 92 % of the machine's memory
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(self.command(port), stdout=logf, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True,

@@ -1,0 +1,105 @@
+"""The engine that makes the teacher's training data: `hf` (our decoding loop, in this process) or `vllm`
+(a vLLM server over HTTP: `distillspec.serving.server`).
+
+`rollout_engine(...)` is a context manager that yields None for `hf`, or for `vllm` an EngineClient of:
+  * the server at `rollout.vllm_url`, which must answer within seconds (the user started it, e.g. on other
+    GPUs or nodes under tensor parallelism: docs/serving.md);
+  * else a server this run starts from the serving env (`.venv-vllm`) on loopback and stops at the end, on an
+    error and on Ctrl-C (its log: <run>/vllm_logs/teacher-server.log).
+Either way the served model is checked against the configured target before any teacher data is made
+(`verify_served_teacher`): the same tokenizer on a probe text, and the same log-probs on a probe sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from distillspec import constants as C
+from distillspec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SERVER_LOG = Path("vllm_logs") / "teacher-server.log"
+PROBE_TEXT = "Natalia sold clips to 48 of her friends in April, and then half as many in May."
+# Mean |Δ log p| of the probe's tokens above which the served model is not the configured one. A bf16 server
+# against our float32 forward differs by ~1e-2; another model (a draft, other weights) by far more than 1.
+MAX_PROBE_DIFF = 0.1
+
+
+def _max_model_len(prompt_lens: Sequence[int], max_new_tokens: int, block: int = 256) -> int:
+    return int(math.ceil((max(prompt_lens) + max_new_tokens + 1) / block) * block)
+
+
+@contextlib.contextmanager
+def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens: Sequence[int],
+                   max_new_tokens: int, seed: int, world_size: int = 1) -> Iterator[object | None]:
+    """None for rollout.engine=hf; an EngineClient for vllm (see the module docstring)."""
+    if spec.engine != C.ROLLOUT_ENGINE_VLLM:
+        yield None
+        return
+    from distillspec.serving.server import ManagedServer, connect
+
+    if spec.vllm_url:
+        client = connect(spec.vllm_url)
+        log.info("teacher data from the vLLM server at %s (vLLM %s, model %s)", spec.vllm_url, client.version(),
+                 client.model()["id"])
+        yield client
+        return
+    if world_size > 1:
+        raise ConfigError(f"rollout.engine=vllm with {world_size} processes: each would start its own teacher "
+                          "server; start one (docs/serving.md) and pass rollout.vllm_url=http://host:port")
+    from distillspec.models.loading import resolve_model_path
+    from distillspec.serving.jobs import available_memory, default_vllm_python, kv_cache_bytes
+
+    target_dir = resolve_model_path(target)
+    max_len = _max_model_len(prompt_lens, max_new_tokens)
+    args = ["--dtype", dtype, "--max-model-len", str(max_len), "--max-logprobs", str(max(spec.cache_top_k, 1)),
+            "--seed", str(seed)]
+    if not torch.cuda.is_available():
+        args.append("--enforce-eager")  # no CUDA graphs to capture: skip the compile step
+        kv = kv_cache_bytes(list(prompt_lens), max_new_tokens, 0, max_len, [target_dir], available_memory())
+        if kv is not None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            args += ["--kv-cache-memory-bytes", str(kv)]
+    args += [str(a) for a in spec.vllm_args or ()]
+    python = Path(spec.vllm_python) if spec.vllm_python else default_vllm_python()
+    server = ManagedServer(target_dir, python=python, log=run_dir / SERVER_LOG, port=spec.vllm_port, args=args)
+    log.info("starting the vLLM teacher server (%s; log %s)", " ".join(server.command(spec.vllm_port or 0)[1:]),
+             server.log)
+    with server as client:
+        log.info("vLLM %s serves the teacher on %s", client.version(), client.url)
+        yield client
+
+
+@torch.no_grad()
+def verify_served_teacher(client, teacher, tokenizer, probe_ids: Sequence[int], target_name: str) -> float:
+    """ConfigError unless the served model is the configured target: the same tokens for PROBE_TEXT, and
+    log-probs of `probe_ids` (a training prompt) within MAX_PROBE_DIFF (mean |Δ log p|) of `teacher`'s.
+    Returns that mean difference."""
+    card = client.model()
+    served, ours = client.tokenize(PROBE_TEXT), tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if served != list(ours):
+        raise ConfigError(f"the vLLM server at {client.url} serves {card['id']!r}, whose tokenizer is not the "
+                          f"configured target's ({target_name!r}): {PROBE_TEXT!r} -> {served[:8]}... there, "
+                          f"{list(ours)[:8]}... here; serve the configured target, or set pair.target to the served "
+                          "model")
+    seq = [int(t) for t in probe_ids]
+    rows = client.score([seq], top_k=1)[0]
+    device = next(teacher.parameters()).device
+    lp = torch.log_softmax(teacher(torch.tensor([seq], device=device)).logits[0, :-1].float(), -1)
+    mine = lp.gather(-1, torch.tensor(seq[1:], device=device)[:, None])[:, 0].cpu()
+    theirs = torch.tensor([row[t] for row, t in zip(rows[1:], seq[1:])])
+    diff = float((mine - theirs).abs().mean())
+    if not diff <= MAX_PROBE_DIFF:
+        raise ConfigError(f"the vLLM server at {client.url} serves {card['id']!r}, whose log-probs differ from the "
+                          f"configured target {target_name!r} (mean |Δ log p| {diff:.3g} over {len(seq) - 1} probe "
+                          f"tokens; the same model gives < {MAX_PROBE_DIFF}): other weights. Serve the configured "
+                          "target, or set pair.target to the served model")
+    log.info("the served teacher %r matches %r (probe: mean |Δ log p| %.2g)", card["id"], target_name, diff)
+    return diff

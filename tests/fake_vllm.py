@@ -1,0 +1,109 @@
+"""A fake serving env for fast tests: `<dir>/bin/python` answers the vLLM version probe and `<dir>/bin/vllm serve
+MODEL` is a small HTTP server that speaks the part of vLLM's API distillspec uses, computing with transformers
+on MODEL (the tiny pair): /health, /version, /v1/models, /tokenize, and /v1/completions with token-id prompts
+(`prompt_logprobs`; sampling with `logprobs`, `return_token_ids`, `stop_token_ids`). It is not vLLM: what it
+tests is our side (settings, start and stop, requests, the teacher cache, the checks). make test-vllm runs the
+real one. FAKE_VLLM_PERTURB=<x> adds x * N(0, 1) noise to its logits (a server with other weights);
+FAKE_VLLM_DIE_AFTER=<n> kills the server at its (n+1)-th completions request (an engine dying mid-run).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+SERVER = textwrap.dedent('''\
+    #!{python}
+    import http.server, json, os, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = sys.argv[1:]
+    assert args[0] == "serve", args
+    name, port = args[1], int(args[args.index("--port") + 1])
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(name)
+    noise = float(os.environ.get("FAKE_VLLM_PERTURB", "0"))
+    gen = torch.Generator().manual_seed(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)
+    requests = 0
+    print("fake vllm serving", name, "on", port, flush=True)
+
+    def logprobs(ids):  # (len(ids), V) log-probs of the token after each prefix
+        with torch.no_grad():
+            x = model(torch.tensor([ids])).logits[0].float()
+        if noise:
+            x = x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        return torch.log_softmax(x, -1)
+
+    def top(lp, k, extra=None):
+        vals, idx = lp.topk(min(k, lp.numel()))
+        d = dict(zip(idx.tolist(), vals.tolist()))
+        if extra is not None:
+            d[extra] = lp[extra].item()
+        return d
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(None)
+            elif self.path == "/version":
+                self._send({{"version": "0.0-fake"}})
+            elif self.path == "/v1/models":
+                self._send({{"data": [{{"id": name, "root": name, "max_model_len": 1024}}]}})
+        def do_POST(self):
+            global requests
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                return self._send({{"tokens": tok(req["prompt"], add_special_tokens=False)["input_ids"]}})
+            requests += 1
+            print("completions request", requests, flush=True)
+            if requests > int(os.environ.get("FAKE_VLLM_DIE_AFTER", "1000000")):
+                print("fake engine died", flush=True)
+                os._exit(9)
+            prompts = req["prompt"] if isinstance(req["prompt"][0], list) else [req["prompt"]]
+            choices = []
+            for i, p in enumerate(prompts):
+                if req.get("prompt_logprobs"):
+                    lp = logprobs(p)
+                    rows = [None] + [{{str(t): {{"logprob": v}} for t, v in top(lp[j - 1], req["prompt_logprobs"], p[j]).items()}}
+                                     for j in range(1, len(p))]
+                    choices.append({{"index": i, "prompt_logprobs": rows, "token_ids": []}})
+                    continue
+                ids, out, tops, reason = list(p), [], [], "length"
+                for _ in range(req["max_tokens"]):
+                    lp = logprobs(ids)[-1]
+                    probs = torch.softmax(lp / max(req.get("temperature") or 1.0, 1e-3), -1)
+                    t = int(torch.multinomial(probs, 1, generator=gen))
+                    out.append(t)
+                    tops.append({{f"token_id:{{k}}": v for k, v in top(lp, req.get("logprobs") or 1, t).items()}})
+                    ids.append(t)
+                    if t in (req.get("stop_token_ids") or []) or t == tok.eos_token_id:
+                        reason = "stop"
+                        break
+                choices.append({{"index": i, "token_ids": out, "finish_reason": reason, "logprobs": {{
+                    "tokens": [f"token_id:{{t}}" for t in out], "top_logprobs": tops}}}})
+            self._send({{"choices": choices}})
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+
+
+def make_fake_env(root: Path) -> Path:
+    """Write the fake serving env under `root`; returns its python (pass as rollout.vllm_python)."""
+    bindir = Path(root) / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    py = bindir / "python"
+    py.write_text(f"#!/bin/sh\n[ \"$1\" = -c ] && echo 0.32.0-fake && exit 0\nexec {sys.executable} \"$@\"\n")
+    vllm = bindir / "vllm"
+    vllm.write_text(SERVER.format(python=sys.executable))
+    for f in (py, vllm):
+        f.chmod(0o755)
+    return py

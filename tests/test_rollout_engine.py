@@ -1,0 +1,128 @@
+"""rollout.engine=vllm (issue 27): the teacher data made by a served teacher, end to end through run.py, against a
+fake serving env (tests/fake_vllm.py: transformers behind vLLM's HTTP API, on the tiny pair). What is ours is
+tested here: the settings, the server started from the serving env and stopped at the end, the served model
+checked against the configured target, the entries it makes. make test-vllm runs the real vLLM
+(tests/test_vllm_engine.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY
+from fake_vllm import make_fake_env
+
+from distillspec import constants as C
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ARGS = TINY + ["stage=train", "rollout=teacher", "rollout.engine=vllm", "+rollout.cache_store=false"]
+
+
+@pytest.fixture(scope="module")
+def fake_python(tmp_path_factory):
+    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
+
+
+def _run(run_dir, *extra, env=None):
+    return subprocess.run([sys.executable, "run.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def _servers_alive(fake_python) -> list[str]:
+    """This fake env's server processes still running."""
+    out = subprocess.run(["pgrep", "-af", f"{fake_python.parent}/vllm serve"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "pgrep" not in ln]
+
+
+def test_a_run_takes_its_teacher_data_from_the_server_it_starts_and_stops_it(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (run_dir / "vllm_logs" / "teacher-server.log").read_text()
+    assert "fake vllm serving" in log and "completions request" in log  # the teacher data came from it
+    text = (run_dir / "run.log").read_text()
+    assert "served teacher" in text and "matches" in text  # checked against the configured target first
+    assert (run_dir / "draft" / "config.json").is_file()
+    assert not _servers_alive(fake_python), "the teacher server outlived the run"
+
+
+def test_a_server_with_other_weights_is_refused_by_name_before_training(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}", env={"FAKE_VLLM_PERTURB": "3.0"})
+    assert p.returncode == C.EXIT_CONFIG_ERROR, p.stderr[-3000:]
+    err = p.stderr.strip().splitlines()[-1]
+    assert "whose log-probs differ from the configured target 'tiny:target'" in err
+    assert not (run_dir / "checkpoints").exists() and not _servers_alive(fake_python)
+
+
+def test_settings_vllm_cannot_serve_are_refused_at_once(tmp_path):
+    cases = {("div.temperature=2.0",): "div.temperature=2.0 with a served teacher",
+             ("rollout=skd",): "SKD interleaves",
+             ("rollout=student",): "uses no teacher data",
+             ("rollout.cache_top_k=0",): "turns the teacher cache off",
+             ("rollout.vllm_url=localhost:8000",): "is not an http(s) URL",
+             ("rollout.vllm_port=70000",): "rollout.vllm_port=70000 is out of range",
+             ("rollout.engine=vlm",): "unknown rollout.engine 'vlm'; valid choices: hf, vllm"}
+    for extra, want in cases.items():
+        t0 = time.monotonic()
+        p = _run(tmp_path / "x", *extra)
+        assert p.returncode == C.EXIT_CONFIG_ERROR and want in p.stderr, (extra, p.stderr[-2000:])
+        assert time.monotonic() - t0 < 60
+
+
+def test_a_server_url_that_does_not_answer_fails_within_seconds(tmp_path):
+    from distillspec.serving.server import free_port
+
+    t0 = time.monotonic()
+    p = _run(tmp_path / "run", f"rollout.vllm_url=http://127.0.0.1:{free_port()}")
+    assert p.returncode == C.EXIT_CONFIG_ERROR and "no vLLM server answered" in p.stderr, p.stderr[-2000:]
+    assert time.monotonic() - t0 < 120  # run.py start-up and model loading included; the probe itself takes ~0 s
+
+
+def test_a_missing_serving_env_says_make_vllm(tmp_path):
+    p = _run(tmp_path / "run", f"rollout.vllm_python={tmp_path / 'nope' / 'python'}")
+    assert p.returncode == C.EXIT_CONFIG_ERROR and "not found; run `make vllm`" in p.stderr, p.stderr[-2000:]
+
+
+def test_served_entries_of_dataset_outputs_equal_the_in_process_cache(fake_python, tmp_path, tiny_pair_dirs):
+    """The served path's entries (top-k, tail) equal TeacherCache's own for the same sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillspec.rollout.teacher_cache import TeacherCache
+    from distillspec.serving.server import ManagedServer
+    from distillspec.tasks.arithmetic import ArithmeticTask
+
+    _, target_dir = tiny_pair_dirs
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    task = ArithmeticTask(num_train=8, num_eval=4)
+    items = task.encode(task.load("train"), tok, limit=4, seed=0)
+    kw = dict(top_k=8, temperature=1.0, sample_temperature=1.0, top_p=1.0, max_new_tokens=12,
+              eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    ours, served = TeacherCache(items, "fixed", **kw), TeacherCache(items, "fixed", **kw)
+    ours.build(model, torch.device("cpu"), seed=0, batch_size=4, progress=False)
+    with ManagedServer(str(target_dir), python=fake_python, log=tmp_path / "log") as client:
+        served.build(model, torch.device("cpu"), seed=0, batch_size=4, progress=False, engine=client)
+    for i, e in ours.entries.items():
+        s = served.entries[i]
+        assert torch.equal(s.tokens, e.tokens) and torch.equal(s.topk_idx, e.topk_idx)
+        assert torch.allclose(s.topk_logp, e.topk_logp, atol=1e-5)
+        assert torch.allclose(s.tail_logp.exp(), e.tail_logp.exp(), atol=1e-5)
+
+
+def test_a_server_dying_mid_run_stops_the_run_naming_its_log_and_a_rerun_finishes(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    # the probe check is request 1; the teacher data's first batch request 2: the server dies there
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}", env={"FAKE_VLLM_DIE_AFTER": "1"})
+    assert p.returncode == C.EXIT_ENGINE_ERROR, p.stderr[-3000:]
+    err = p.stderr.strip().splitlines()[-1]
+    log = run_dir / "vllm_logs" / "teacher-server.log"
+    assert "error: the vLLM server for" in err and str(log) in err and "exited" in err
+    assert "fake engine died" in log.read_text()
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}")  # the same command again
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "draft" / "config.json").is_file() and not _servers_alive(fake_python)
