@@ -4,7 +4,8 @@ on MODEL (the tiny pair): /health, /version, /v1/models, /tokenize, and /v1/comp
 (`prompt_logprobs`; sampling with `logprobs`, `return_token_ids`, `stop_token_ids`). It is not vLLM: what it
 tests is our side (settings, start and stop, requests, the teacher cache, the checks). make test-vllm runs the
 real one. FAKE_VLLM_PERTURB=<x> adds x * N(0, 1) noise to its logits (a server with other weights);
-FAKE_VLLM_DIE_AFTER=<n> kills the server at its (n+1)-th completions request (an engine dying mid-run).
+FAKE_VLLM_DIE_AFTER=<n> kills the server at its (n+1)-th completions request (an engine dying mid-run);
+FAKE_VLLM_MODE=crash exits at start-up (a model that fails to load); FAKE_VLLM_PIDFILE=<file> gets its pid.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ SERVER = textwrap.dedent('''\
     args = sys.argv[1:]
     assert args[0] == "serve", args
     name, port = args[1], int(args[args.index("--port") + 1])
+    print("fake vllm serving", name, "on", port, flush=True)
+    if os.environ.get("FAKE_VLLM_MODE") == "crash":
+        print("RuntimeError: fake engine failed to load", flush=True)
+        sys.exit(3)
+    if os.environ.get("FAKE_VLLM_PIDFILE"):
+        with open(os.environ["FAKE_VLLM_PIDFILE"], "w") as f:
+            f.write(str(os.getpid()))
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(name)
+    model = tok = None
+    if os.path.isdir(name):  # a model dir (another name: a server that only answers /health and /v1/models)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(name)
     noise = float(os.environ.get("FAKE_VLLM_PERTURB", "0"))
     gen = torch.Generator().manual_seed(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)
     requests = 0
-    print("fake vllm serving", name, "on", port, flush=True)
 
     def logprobs(ids):  # (len(ids), V) log-probs of the token after each prefix
         with torch.no_grad():

@@ -19,63 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from fake_vllm import make_fake_env
+
 from distillspec.errors import ConfigError, EngineError
 from distillspec.serving.env import check_serving_python
 from distillspec.serving.server import EngineClient, ManagedServer, check_port_free, connect, free_port
 
-FAKE_VLLM = textwrap.dedent('''\
-    #!{python}
-    import http.server, json, os, sys, threading
-    args = sys.argv[1:]
-    assert args[0] == "serve", args
-    model, port = args[1], int(args[args.index("--port") + 1])
-    mode = os.environ.get("FAKE_VLLM_MODE", "ok")
-    print("fake vllm serving", model, "on", port, flush=True)
-    if mode == "crash":
-        print("RuntimeError: fake engine failed to load", flush=True)
-        sys.exit(3)
-    with open(os.environ["FAKE_VLLM_PIDFILE"], "w") as f:
-        f.write(str(os.getpid()))
-    class H(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-        def _send(self, obj):
-            body = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def do_GET(self):
-            if self.path == "/health":
-                self._send(None)
-            elif self.path == "/v1/models":
-                self._send({{"data": [{{"id": model, "root": model, "max_model_len": 1024}}]}})
-        def do_POST(self):
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if mode == "die_on_request":
-                os._exit(9)
-            if self.path == "/v1/completions":
-                toks = req["prompt"]
-                self._send({{"choices": [{{"index": 0, "prompt_logprobs": [None] + [
-                    {{str(t): {{"logprob": -0.5, "rank": 1}}, "7": {{"logprob": -1.5, "rank": 2}}}}
-                    for t in toks[1:]]}}]}})
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-''')
-
-
 @pytest.fixture()
 def fake_env(tmp_path, monkeypatch) -> Path:
-    """A fake serving env: <tmp>/venv/bin/{python,vllm}; returns its python."""
-    bindir = tmp_path / "venv" / "bin"
-    bindir.mkdir(parents=True)
-    py = bindir / "python"
-    py.write_text(f"#!/bin/sh\n[ \"$1\" = -c ] && echo 0.32.0-fake && exit 0\nexec {sys.executable} \"$@\"\n")
-    vllm = bindir / "vllm"
-    vllm.write_text(FAKE_VLLM.format(python=sys.executable))
-    for f in (py, vllm):
-        f.chmod(0o755)
+    """A fake serving env (tests/fake_vllm.py); returns its python. The server writes its pid to server.pid."""
     monkeypatch.setenv("FAKE_VLLM_PIDFILE", str(tmp_path / "server.pid"))
-    return py
+    return make_fake_env(tmp_path / "venv")
 
 
 def _alive(pid: int) -> bool:
@@ -99,15 +53,27 @@ def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_started_server_answers_and_is_stopped_at_block_end(fake_env, tmp_path):
-    with ManagedServer("some/model", python=fake_env, log=tmp_path / "vllm.log") as client:
-        assert client.model()["id"] == "some/model"
-        scores = client.score([[5, 6, 8]], top_k=1)
-        assert scores == [[None, {6: -0.5, 7: -1.5}, {8: -0.5, 7: -1.5}]]
+def test_started_server_answers_and_is_stopped_at_block_end(fake_env, tmp_path, tiny_pair_dirs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = str(tiny_pair_dirs[1])
+    with ManagedServer(target, python=fake_env, log=tmp_path / "vllm.log") as client:
+        assert client.model()["id"] == target
+        seq = [5, 6, 8, 9]
+        scores = client.score([seq], top_k=2)[0]
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+        assert scores[0] is None and len(scores) == len(seq)
+        for t in range(1, len(seq)):  # the top-2 and the actual token, as vLLM's prompt_logprobs
+            want = set(lp[t - 1].topk(2).indices.tolist()) | {seq[t]}
+            assert set(scores[t]) == want
+            assert all(abs(v - lp[t - 1, k].item()) < 1e-5 for k, v in scores[t].items())
         pid = int((tmp_path / "server.pid").read_text())
         assert _alive(pid)
     assert _wait_gone(pid), "the server outlived its with-block"
-    assert "fake vllm serving some/model" in (tmp_path / "vllm.log").read_text()
+    assert f"fake vllm serving {target}" in (tmp_path / "vllm.log").read_text()
 
 
 def test_server_is_stopped_when_the_block_raises(fake_env, tmp_path):
@@ -130,7 +96,7 @@ def test_server_that_dies_at_start_is_reported_with_its_log(fake_env, tmp_path, 
 
 
 def test_server_dying_mid_run_is_an_error_naming_the_log(fake_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_VLLM_MODE", "die_on_request")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "0")
     log = tmp_path / "vllm.log"
     with ManagedServer("m", python=fake_env, log=log) as client:
         with pytest.raises(EngineError, match=str(log)):

@@ -46,6 +46,8 @@ def test_a_run_takes_its_teacher_data_from_the_server_it_starts_and_stops_it(fak
     assert "fake vllm serving" in log and "completions request" in log  # the teacher data came from it
     text = (run_dir / "run.log").read_text()
     assert "served teacher" in text and "matches" in text  # checked against the configured target first
+    # stopped once the teacher data is made (nothing else uses it), before training steps
+    assert text.index("stopped the vLLM server") < text.index("trained draft saved")
     assert (run_dir / "draft" / "config.json").is_file()
     assert not _servers_alive(fake_python), "the teacher server outlived the run"
 
@@ -126,3 +128,22 @@ def test_a_server_dying_mid_run_stops_the_run_naming_its_log_and_a_rerun_finishe
     p = _run(run_dir, f"rollout.vllm_python={fake_python}")  # the same command again
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run_dir / "draft" / "config.json").is_file() and not _servers_alive(fake_python)
+
+
+def test_stored_served_data_is_reused_only_for_the_same_server_arguments(fake_python, tmp_path):
+    """The teacher-data store: a second run with the same settings loads the first's served data; other
+    `vllm serve` arguments (e.g. another --seed) make other data."""
+    args = [a for a in ARGS if a != "+rollout.cache_store=false"]
+    env = {**ENV, "DISTILLSPEC_TEACHER_DATA": str(tmp_path / "store")}
+
+    def run(name, *extra):
+        p = subprocess.run([sys.executable, "run.py", *args, f"rollout.vllm_python={fake_python}", *extra,
+                            f"hydra.run.dir={tmp_path / name}"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return (tmp_path / name / "run.log").read_text()
+
+    assert "teacher data (teacher, 16 prompts) loaded from" not in run("a")
+    assert "teacher data (teacher, 16 prompts) loaded from" in run("b")
+    assert "teacher data (teacher, 16 prompts) loaded from" not in run("c", "rollout.vllm_args=[--seed,1]")
+    assert len(list((tmp_path / "store").glob("*.pt"))) == 2

@@ -230,3 +230,32 @@ def test_served_teacher_samples_carry_our_teachers_logprobs(server, teacher):
     print(f"\nteacher samples: max |Δ log p| {worst:.2e}, {stopped} of {len(items)} stopped at EOS")
     assert worst <= TOL
     assert stopped > 0, f"no sample reached its EOS within {MAX_NEW} tokens: the EOS case went untested"
+
+
+# End to end: the same short training run with the teacher data from our loop and from vLLM. The two runs train
+# on different teacher samples (vLLM's generator is not ours), so their drafts differ by at least what any change
+# of teacher samples gives. docs/serving.md measured the demo (40 steps): hf 0.517, 0.514, 0.499 and vLLM 0.563,
+# 0.546 (α_expected; a gap of 0.03-0.06 whose cause is not found yet); the tolerance below admits that gap and
+# fails a broken served path (untrained: 0.045).
+E2E = ["train.max_steps=20", "train.num_train=48", "train.eval_every=0", "sd.num_eval=16",
+       "sd.measure_speedup=false", "sd.draft_quality=false", "compare_untrained=false"]
+E2E_TOL = 0.08  # |Δ α_expected| between the hf and vllm runs
+
+
+def test_training_on_served_teacher_data_reaches_the_same_acceptance(target_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    alphas = {}
+    for engine in ("hf", "vllm"):
+        run_dir = tmp_path / engine
+        p = subprocess.run([sys.executable, "run.py", *E2E, f"rollout.engine={engine}", "+rollout.cache_store=false",
+                            f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+        assert p.returncode == 0, p.stderr[-3000:]
+        alphas[engine] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["sd/alpha_expected"]
+    print(f"\nα_expected after 20 steps: hf {alphas['hf']:.3f}, vllm {alphas['vllm']:.3f}")
+    assert alphas["hf"] > 0.3 and alphas["vllm"] > 0.3  # both trained (untrained: 0.045)
+    assert abs(alphas["hf"] - alphas["vllm"]) <= E2E_TOL

@@ -70,10 +70,9 @@ def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens:
     args += [str(a) for a in spec.vllm_args or ()]
     python = Path(spec.vllm_python) if spec.vllm_python else default_vllm_python()
     server = ManagedServer(target_dir, python=python, log=run_dir / SERVER_LOG, port=spec.vllm_port, args=args)
-    log.info("starting the vLLM teacher server (%s; log %s)", " ".join(server.command(spec.vllm_port or 0)[1:]),
-             server.log)
+    log.info("starting the vLLM teacher server from %s (log %s)", python, server.log)
     with server as client:
-        log.info("vLLM %s serves the teacher on %s", client.version(), client.url)
+        log.info("vLLM %s serves the teacher on %s: %s", client.version(), client.url, " ".join(server.argv))
         yield client
 
 

@@ -65,3 +65,19 @@ def fixed_completions(targets: Sequence[Sequence[int] | None], max_new_tokens: i
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out.to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+@dataclass
+class CachedCompletion:
+    """One prompt's cached teacher data: tokens (T,) long, topk_idx (T, k) int32, topk_logp (T, k) float32
+    (teacher log-probs at the objective's temperature of the k most likely tokens at each position),
+    tail_logp (T,) float32 (log of the mass outside the top-k; -inf when k = V)."""
+
+    tokens: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_logp: torch.Tensor
+    tail_logp: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])

@@ -23,8 +23,7 @@ from typing import Sequence
 import torch
 
 from distillspec.errors import ConfigError, EngineError
-from distillspec.rollout.sequences import fixed_completions
-from distillspec.rollout.teacher_cache import CachedCompletion
+from distillspec.rollout.sequences import CachedCompletion, fixed_completions
 
 ENGINE_VLLM = "vllm"
 

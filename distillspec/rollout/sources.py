@@ -61,8 +61,10 @@ class RolloutSampler:
                                  max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
             store = default_store_dir() if self.spec.cache_store else None
             cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress,
-                        store=store, engine=self.engine)
+                        store=store, engine=self.engine, engine_args=self.spec.vllm_args)
             self.caches[source] = cache
+        if self.engine is not None:  # the teacher data is all it serves: a server this run started is stopped
+            self.engine.close()
 
     def choose_source(self, generator: torch.Generator) -> str:
         """The source for this batch: the spec's, or a draw from the mixture fractions (lambda)."""

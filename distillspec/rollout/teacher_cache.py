@@ -20,25 +20,9 @@ from typing import Sequence
 
 import torch
 
-from distillspec.rollout.sequences import Rollout, assemble, fixed_completions
+from distillspec.rollout.sequences import CachedCompletion, Rollout, assemble, fixed_completions  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CachedCompletion:
-    """One prompt's cached teacher data: tokens (T,) long, topk_idx (T, k) int32, topk_logp (T, k) float32
-    (teacher log-probs at the objective's temperature of the k most likely tokens at each position),
-    tail_logp (T,) float32 (log of the mass outside the top-k; -inf when k = V)."""
-
-    tokens: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_logp: torch.Tensor
-    tail_logp: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return int(self.tokens.shape[0])
 
 
 @dataclass
@@ -94,19 +78,21 @@ class TeacherCache:
 
     @torch.no_grad()
     def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True,
-              store: Path | None = None, engine=None) -> None:
+              store: Path | None = None, engine=None, engine_args: Sequence[str] = ()) -> None:
         """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator).
         With `store` (a directory), load the entries a job with identical inputs stored there, or compute and
         store them (distillspec.rollout.cache_store). `engine`: a served teacher (an EngineClient of
         distillspec.serving.server) makes the entries instead of `teacher` in this process; the store key
-        records it and its vLLM version (`teacher` still names the weights: the served model is checked to be
-        it, distillspec.rollout.engine.verify_served_teacher)."""
+        records it, its vLLM version and `engine_args` (the server's extra arguments, e.g. another --seed).
+        `teacher` still names the weights: the served model is checked to be it
+        (distillspec.rollout.engine.verify_served_teacher)."""
         from distillspec.rollout import cache_store
 
         path = None
         settings = self.settings(seed, batch_size)
-        if engine is not None:
-            settings.update(engine="vllm", vllm_version=engine.version())
+        if engine is not None:  # served data depends on the server too: its vLLM version and the extra arguments
+            settings.update(engine="vllm", vllm_version=engine.version(),
+                            engine_args=[str(a) for a in engine_args])
         if store is not None:
             key = cache_store.cache_key(settings, self.items, cache_store.model_fingerprint(teacher), device)
             path = Path(store) / f"{key}.pt"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distillspec.errors import ConfigError, EngineError
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -89,6 +92,7 @@ class EngineClient:
         self.timeout = timeout
         self.log = log          # the server's log, named in errors (managed servers)
         self._alive = alive     # callable raising EngineError when a managed server has died
+        self.close = lambda: None  # a managed server's stop (ManagedServer sets it): done with the engine
 
     # -- transport
     def _request(self, path: str, body: dict | None = None, *, timeout: float | None = None) -> Any:
@@ -204,6 +208,7 @@ class ManagedServer(contextlib.AbstractContextManager):
         self.args, self.ready_timeout, self.extra_env = list(args), ready_timeout, dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.client: EngineClient | None = None
+        self.argv: list[str] = []  # the command started (its port chosen)
 
     def command(self, port: int) -> list[str]:
         return [str(self.python.parent / "vllm"), "serve", self.model, "--host", LOOPBACK, "--port", str(port),
@@ -216,15 +221,17 @@ class ManagedServer(contextlib.AbstractContextManager):
         if self.port is not None:
             check_port_free(self.port)
         port = self.port if self.port is not None else free_port()
+        self.argv = self.command(port)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.extra_env}
         if "--kv-cache-memory-bytes" not in self.args:  # unset on a CPU, vLLM wants 92 % of the machine's memory
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(port), stdout=logf, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         self.client = EngineClient(f"http://{LOOPBACK}:{port}", log=self.log, alive=self.check_alive)
+        self.client.close = self.stop
         self._wait_ready()
         return self.client
 
@@ -259,9 +266,10 @@ class ManagedServer(contextlib.AbstractContextManager):
                 os.killpg(proc.pid, sig)
             try:
                 proc.wait(wait)
-                return
+                break
             except subprocess.TimeoutExpired:
                 continue
+        log.info("stopped the vLLM server for %s (pid %d; log %s)", self.model, proc.pid, self.log)
 
     def __enter__(self) -> EngineClient:
         try:
