@@ -197,6 +197,7 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
         agreement["identical_rows_target_only"] = sum(cmp.identical_rows(o_al["outputs"], t_only["outputs"])) \
             if "outputs" in t_only else None
         mismatched = [i for i, ok in enumerate(same) if not ok]
+        agreement["mismatches"] = []  # rows whose outputs differ, with the target's top-2 gap there (ties)
         if mismatched:
             target = load_model(info.target, dtype="float32").eval()
             agreement["mismatches"] = [dict(row=i, **tie_analysis(target, prompts[i], o_al["outputs"][i], out_v[i]))
