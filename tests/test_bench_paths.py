@@ -26,7 +26,8 @@ class _RunsCode:
 def test_probe_data_lives_in_the_repo_and_never_runs_code(tmp_path):
     probe = load_script("benchmarks/cached_probe.py", "cached_probe")  # importable: runs nothing (it did run)
     path = probe.data_path(128, 16, 1.0, 48)
-    assert path.is_relative_to(REPO / "outputs") and not path.is_relative_to("/tmp")
+    # under the repo's own outputs/ (wherever the clone sits, /tmp included), not a fixed shared path
+    assert path.is_relative_to(REPO / "outputs")
 
     path = probe.data_path(4, 2, 0.6, 3, data_dir=tmp_path / "data")
     ids, mask = torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]])
