@@ -6,6 +6,7 @@ typed specs and plain values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -248,28 +249,23 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return n * nodes
 
 
+@contextlib.contextmanager
 def served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir: Path, cfg: DictConfig,
                    device):
     """The rollout engine for training (distillspec.rollout.engine): None for rollout.engine=hf; for vllm, a
     served teacher checked against the configured target before any teacher data is made."""
-    import contextlib
-
     from distillspec.rollout.engine import rollout_engine, verify_served_teacher
 
-    @contextlib.contextmanager
-    def opened():
-        dtype = pair.target_dtype or pair.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
-        with rollout_engine(rollout, target=pair.target, dtype=dtype, run_dir=run_dir,
-                            prompt_lens=[len(it.input_ids) for it in train_items],
-                            max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
-                            world_size=world_size(cfg.trainer)) as engine:
-            if engine is not None:
-                verify_served_teacher(engine, models.target, tokenizer, train_items[0].input_ids, pair.target)
-            yield engine
-
-    return opened()
+    dtype = pair.target_dtype or pair.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    with rollout_engine(rollout, target=pair.target, dtype=dtype, run_dir=run_dir,
+                        prompt_lens=[len(it.input_ids) for it in train_items],
+                        max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
+                        world_size=world_size(cfg.trainer)) as engine:
+        if engine is not None:
+            verify_served_teacher(engine, models.target, tokenizer, train_items[0].input_ids, pair.target)
+        yield engine
 
 
 def log_summary(out: dict[str, Any]) -> None:

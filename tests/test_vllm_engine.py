@@ -19,11 +19,12 @@ import torch
 
 from distillspec.errors import ConfigError
 from distillspec.serving.env import check_serving_python
-from distillspec.serving.server import DEFAULT_VLLM_PYTHON, ManagedServer
+from distillspec.serving.jobs import default_vllm_python
+from distillspec.serving.server import ManagedServer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
-VLLM_PY = DEFAULT_VLLM_PYTHON
+VLLM_PY = default_vllm_python()
 TOP_K = 20
 TOL = 1e-3
 MAX_NEW = 200  # the offline target's worked answers end within this (its EOS is then part of the sample)

@@ -39,8 +39,6 @@ from distillspec.errors import ConfigError, EngineError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5.0       # a server that does not answer /health within this is an error, not a hang
 READY_TIMEOUT_S = 900.0       # model load on a CPU takes ~20-60 s; a large model on a GPU minutes
@@ -92,6 +90,7 @@ class EngineClient:
         self.timeout = timeout
         self.log = log          # the server's log, named in errors (managed servers)
         self._alive = alive     # callable raising EngineError when a managed server has died
+        self._card: dict[str, Any] | None = None  # the served model's card, asked once (model())
         self.close = lambda: None  # a managed server's stop (ManagedServer sets it): done with the engine
 
     # -- transport
@@ -121,10 +120,12 @@ class EngineClient:
 
     def model(self) -> dict[str, Any]:
         """The served model's card: {"id": served name, "root": path or id it loaded, "max_model_len": n}."""
-        data = self._request("/v1/models", timeout=CONNECT_TIMEOUT_S * 6)["data"]
-        if len(data) != 1:
-            raise EngineError(f"vLLM server {self.url} serves {len(data)} models; expected exactly one")
-        return data[0]
+        if self._card is None:
+            data = self._request("/v1/models", timeout=CONNECT_TIMEOUT_S * 6)["data"]
+            if len(data) != 1:
+                raise EngineError(f"vLLM server {self.url} serves {len(data)} models; expected exactly one")
+            self._card = data[0]
+        return self._card
 
     def version(self) -> str:
         """The server's vLLM version (GET /version)."""
@@ -201,7 +202,7 @@ class ManagedServer(contextlib.AbstractContextManager):
     `args`: extra `vllm serve` arguments (e.g. ["--dtype", "float32", "--max-logprobs", "64"]).
     """
 
-    def __init__(self, model: str, *, python: Path = DEFAULT_VLLM_PYTHON, log: Path, port: int | None = None,
+    def __init__(self, model: str, *, python: Path, log: Path, port: int | None = None,
                  args: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT_S, env: dict | None = None) -> None:
         self.python, self.model, self.log = Path(python), model, Path(log)
         self.port = port
