@@ -180,3 +180,35 @@ def test_client_reads_token_ids_of_samples():
     with pytest.raises(EngineError, match="without its id"):
         Sample.from_choice({"logprobs": {"tokens": ["hello"], "top_logprobs": []}})
     assert EngineClient("http://x:1/").url == "http://x:1"
+
+
+def test_a_server_that_drops_a_request_and_then_exits_is_reported_as_exited(tmp_path):
+    """A dying engine closes its sockets a moment before its process is gone. The dropped request must still be
+    reported as the server's exit, with its log, not as an unanswered request (this raced on a loaded CI box)."""
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import socket, time
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", {port})); s.listen(1)
+        print("ready", flush=True)
+        c, _ = s.accept(); c.recv(65536); c.close(); s.close()
+        print("engine core died", flush=True)
+        time.sleep(1.0)
+        raise SystemExit(9)
+    """)
+    log = tmp_path / "server.log"
+    srv = ManagedServer("m", python=Path(sys.executable), log=log)
+    with open(log, "wb") as logf:
+        srv.proc = subprocess.Popen([sys.executable, "-c", script], stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while "ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = EngineClient(f"http://127.0.0.1:{port}", log=log, alive=srv.check_alive)
+        with pytest.raises(EngineError) as err:
+            client._request("/v1/completions", {"prompt": [1]})
+        msg = str(err.value)
+        assert msg.startswith("the vLLM server for m exited (code 9)") and str(log) in msg, msg
+        assert "engine core died" in msg
+    finally:
+        srv.stop()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5.0       # a server that does not answer /health within this is an error, not a hang
+DYING_GRACE_S = 3.0           # after a refused or dropped request, how long a managed server may take to exit
 READY_TIMEOUT_S = 900.0       # model load on a CPU takes ~20-60 s; a large model on a GPU minutes
 TOKEN_ID_PREFIX = "token_id:"  # how vLLM names tokens with return_tokens_as_token_ids
 
@@ -108,7 +109,9 @@ class EngineClient:
             raise EngineError(f"vLLM server {self.url}{path} answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             if self._alive is not None:
-                self._alive()  # a dead managed server says so, with its log
+                # a dead managed server says so, with its log; a dying one closes its sockets before the
+                # process is gone, so give it a moment to finish exiting
+                self._alive(DYING_GRACE_S)
             reason = getattr(exc, "reason", exc)
             where = f"; its log: {self.log}" if self.log else ""
             raise EngineError(f"vLLM server {self.url} did not answer {path} ({reason}){where}") from None
@@ -250,8 +253,13 @@ class ManagedServer(contextlib.AbstractContextManager):
                                       f" stopped it; its log: {self.log}") from None
                 time.sleep(0.5)
 
-    def check_alive(self) -> None:
-        """EngineError naming the log when the server process has exited."""
+    def check_alive(self, grace: float = 0.0) -> None:
+        """EngineError naming the log when the server process has exited (or exits within `grace` s)."""
+        if self.proc is not None and grace > 0:
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.proc.poll() is not None:
             code = self.proc.returncode
             raise EngineError(f"the vLLM server for {self.model} exited (code {code}); its log: {self.log}"
