@@ -119,3 +119,6 @@ BLOCK_WEIGHTINGS: tuple[str, ...] = ("none", "block", "block_avg")  # div.block_
 ROLLOUT_ENGINE_HF = "hf"      # rollout.engine: our decoding loop, in the training process
 ROLLOUT_ENGINE_VLLM = "vllm"  # rollout.engine: a vLLM server over HTTP (distillspec.serving.server)
 ROLLOUT_ENGINES: tuple[str, ...] = (ROLLOUT_ENGINE_HF, ROLLOUT_ENGINE_VLLM)
+TEACHER_IN_PROCESS = "process"  # rollout.teacher_location: the teacher is loaded here and scores on-policy data
+TEACHER_SERVED = "server"       # ...: the vLLM teacher server scores it (top-k prompt log-probs); never loaded here
+TEACHER_LOCATIONS: tuple[str, ...] = (TEACHER_IN_PROCESS, TEACHER_SERVED)

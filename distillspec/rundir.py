@@ -36,7 +36,7 @@ IGNORED_KEYS = ("resume", "name", "logger", "trainer.accelerator")
 # whose run_config.json lacks one is not "changed" when the key holds that value.
 ADDED_KEYS = {"rollout.cache_top_k": 64, "task.chat_template_kwargs": None, "rollout.engine": "hf",
               "rollout.vllm_url": None, "rollout.vllm_port": None, "rollout.vllm_python": None,
-              "rollout.vllm_args": []}
+              "rollout.vllm_args": [], "rollout.vllm_sync_every": 1, "rollout.teacher_location": "process"}
 _NAME_PART = re.compile(r"[A-Za-z0-9_.+\-=@%,:]+")
 RESUME_CHOICES = (True, False, C.RESUME_FORCE)
 

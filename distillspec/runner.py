@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     objective = build(cfg.div, "div")
     rollout = build(cfg.rollout, "rollout")
     train = build(cfg.train, "train")
-    if rollout.engine == C.ROLLOUT_ENGINE_VLLM and cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL):
+    if rollout.serves_teacher_logprobs() and cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL):
         from distillspec.rollout.served_teacher import check_loss_temperature
 
         check_loss_temperature(objective.temperature)

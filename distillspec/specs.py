@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
 from distillspec.constants import (ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES, ROLLOUT_ENGINE_VLLM,
-                                   ROLLOUT_ENGINES)
+                                   ROLLOUT_ENGINES, TEACHER_LOCATIONS, TEACHER_SERVED)
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
@@ -226,6 +226,12 @@ class RolloutSpec:
     vllm_port: int | None = None
     vllm_python: str | None = None
     vllm_args: Sequence[str] = ()
+    # with engine=vllm, student rollouts come from a vLLM server holding the student; its weights are reloaded
+    # from the trained student every vllm_sync_every optimizer steps (1: every step, on-policy)
+    vllm_sync_every: int = 1
+    # who scores on-policy (student) data: "process" = the teacher loaded in the training process; "server" =
+    # the vLLM teacher server's top-cache_top_k prompt log-probs (sparse), so training never loads the teacher
+    teacher_location: str = "process"
 
     def __post_init__(self) -> None:
         check_field_types(self, "rollout")
@@ -255,6 +261,7 @@ class RolloutSpec:
             raise ConfigError(f"rollout.skd_top_k={self.skd_top_k} and skd_gamma={self.skd_gamma} must be >= 1")
         if self.engine == ROLLOUT_ENGINE_VLLM:
             self._check_vllm_sources()
+        self._check_teacher_location()
 
     def _check_engine(self) -> None:
         check_choice("rollout.engine", self.engine, ROLLOUT_ENGINES)
@@ -266,19 +273,43 @@ class RolloutSpec:
                               "(a free port)")
         self.vllm_args = [str(a) for a in _plain(self.vllm_args) or ()]
 
+    def used_sources(self) -> list[str]:
+        """The sources this spec draws batches from (the mixture's non-zero parts, or the one source)."""
+        return [k for k, v in self.mix.items() if v > 0] if self.source == "mixed" else [self.source]
+
+    def serves_teacher_logprobs(self) -> bool:
+        """Whether the loss trains on log-probs from the vLLM teacher server (teacher data, or on-policy scores)."""
+        return self.engine == ROLLOUT_ENGINE_VLLM and (self.teacher_location == TEACHER_SERVED or any(
+            s in ("teacher", "fixed") for s in self.used_sources()))
+
     def _check_vllm_sources(self) -> None:
-        """rollout.engine=vllm makes the teacher data (teacher samples, dataset-output scores) through the
-        teacher cache: a source with none, SKD, or no cache has nothing for it to do."""
-        used = [k for k, v in self.mix.items() if v > 0] if self.source == "mixed" else [self.source]
-        served = [s for s in used if s in ("teacher", "fixed")]
-        if self.source == "skd" or not served or self.cache_top_k == 0:
-            why = ("SKD interleaves the student and the teacher token by token in this process"
-                   if self.source == "skd" else "rollout.cache_top_k=0 turns the teacher cache off"
-                   if served else f"rollout.source={self.source!r} uses no teacher data")
-            raise ConfigError(f"rollout.engine=vllm serves teacher data (teacher samples and dataset-output scores, "
-                              f"through the teacher cache), but {why}; valid with vllm: rollout=teacher, fixed or "
-                              "mixed (its teacher and fixed parts) with rollout.cache_top_k > 0; otherwise use "
+        """rollout.engine=vllm: teacher data (teacher samples, dataset-output scores) from a vLLM teacher server
+        through the teacher cache (cache_top_k > 0), student rollouts from a vLLM server holding the student
+        (synced every vllm_sync_every steps); SKD interleaves the two models token by token in this process."""
+        if self.source == "skd":
+            raise ConfigError("rollout.source='skd' with rollout.engine=vllm: SKD interleaves the student and the "
+                              "teacher token by token in this process, which a server cannot do; valid with vllm: "
+                              "rollout=student, teacher, fixed or mixed; for SKD use rollout.engine=hf")
+        if self.cache_top_k == 0 and any(s in ("teacher", "fixed") for s in self.used_sources()):
+            raise ConfigError("rollout.engine=vllm makes teacher data through the teacher cache, but "
+                              "rollout.cache_top_k=0 turns it off; set rollout.cache_top_k > 0 (e.g. 64), or use "
                               "rollout.engine=hf")
+
+    def _check_teacher_location(self) -> None:
+        check_choice("rollout.teacher_location", self.teacher_location, TEACHER_LOCATIONS)
+        if self.vllm_sync_every < 1:
+            raise ConfigError(f"rollout.vllm_sync_every={self.vllm_sync_every!r}; valid: an integer >= 1 (optimizer "
+                              "steps between pushes of the student's weights into its vLLM server)")
+        if self.teacher_location != TEACHER_SERVED:
+            return
+        if self.engine != ROLLOUT_ENGINE_VLLM:
+            raise ConfigError(f"rollout.teacher_location=server needs rollout.engine=vllm (got {self.engine!r}): the "
+                              "teacher server is a vLLM server; or use rollout.teacher_location=process")
+        if self.cache_top_k == 0 or self.teacher_logits != "sparse":
+            raise ConfigError(f"rollout.teacher_location=server gives the teacher's top-k log-probs only, but "
+                              f"rollout.cache_top_k={self.cache_top_k} and rollout.teacher_logits="
+                              f"{self.teacher_logits!r}; valid: cache_top_k > 0 with teacher_logits=sparse, or "
+                              "rollout.teacher_location=process for the teacher's full distributions")
 
 
 @dataclass

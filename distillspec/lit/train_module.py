@@ -162,6 +162,7 @@ class DistillModule(L.LightningModule):
             self.periodic_eval(step)
         gen = self.step_generator(step)
         self.show_phase("rollouts")
+        self.sampler.before_step(step)
         rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
                     for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
         self.show_phase("loss")

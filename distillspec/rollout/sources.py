@@ -33,6 +33,12 @@ class RolloutSampler:
         self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
         self.caches: dict = {}  # source -> TeacherCache (see build_caches)
         self.engine = None  # a served teacher (rollout.engine=vllm: distillspec.rollout.engine) makes the caches
+        # rollout.engine=vllm: the student's vLLM server (distillspec.rollout.student_server.StudentServer)
+        # samples the student's rollouts; `before_step` keeps its weights in sync
+        self.student_engine = None
+        # rollout.teacher_location=server: Rollout -> SparseRollout, the teacher server's top-k scores of
+        # on-policy sequences (the teacher is then never run in this process)
+        self.teacher_scores = None
 
     def cached_sources(self) -> list[str]:
         """Sources whose teacher work can be done once per prompt (teacher samples, dataset outputs)."""
@@ -63,8 +69,14 @@ class RolloutSampler:
             cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress,
                         store=store, engine=self.engine, engine_args=self.spec.vllm_args)
             self.caches[source] = cache
-        if self.engine is not None:  # the teacher data is all it serves: a server this run started is stopped
-            self.engine.close()
+        if self.engine is not None and self.teacher_scores is None:  # the teacher data is all it serves: a server
+            self.engine.close()                                         # this run started is stopped
+
+    def before_step(self, step: int) -> None:
+        """Called before optimizer step `step`'s rollouts: a served student gets the current weights when
+        rollout.vllm_sync_every steps have passed since its last sync (and at the first step it serves)."""
+        if self.student_engine is not None:
+            self.student_engine.maybe_sync(step, self.student)
 
     def choose_source(self, generator: torch.Generator) -> str:
         """The source for this batch: the spec's, or a draw from the mixture fractions (lambda)."""
@@ -91,6 +103,10 @@ class RolloutSampler:
             return self.caches[source].rollout(indices, input_ids.device)
         if source == "fixed":
             comp, lengths = fixed_completions(targets, self.max_new_tokens, self.eos_ids[0], input_ids.device)
+        elif source == "student" and self.student_engine is not None:
+            comp, lengths = self.student_engine.generate(input_ids, attention_mask, self.max_new_tokens,
+                                                         temperature=self.spec.temperature, top_p=self.spec.top_p,
+                                                         eos_ids=self.eos_ids, pad_id=self.pad_id)
         elif source in ("student", "teacher"):
             model = self.student if source == "student" else self.teacher
             was_training = model.training
@@ -113,5 +129,6 @@ class RolloutSampler:
             res = dec.generate(input_ids, attention_mask, self.max_new_tokens, generator=generator)
             self.student.train(was_training)
             comp, lengths = res.tokens, res.lengths
-        return assemble(input_ids, attention_mask, comp.to(input_ids.device), lengths.to(input_ids.device),
-                        self.pad_id, source)
+        rollout = assemble(input_ids, attention_mask, comp.to(input_ids.device), lengths.to(input_ids.device),
+                           self.pad_id, source)
+        return rollout if self.teacher_scores is None else self.teacher_scores(rollout)
