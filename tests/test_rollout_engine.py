@@ -67,7 +67,7 @@ def test_settings_vllm_cannot_serve_are_refused_at_once(tmp_path):
              ("rollout.cache_top_k=0",): "rollout.cache_top_k=0 turns it off",
              ("rollout.vllm_sync_every=0",): "rollout.vllm_sync_every=0; valid: an integer >= 1",
              ("rollout.teacher_location=gpu1",): "unknown rollout.teacher_location 'gpu1'; valid choices: process, server",
-             ("rollout.teacher_location=server", "rollout.teacher_logits=dense"): "gives the teacher's top-k log-probs only",
+             ("rollout.teacher_location=server", "+rollout.teacher_logits=dense"): "gives the teacher's top-k log-probs only",
              ("rollout.teacher_location=server", "rollout.engine=hf"): "rollout.teacher_location=server needs rollout.engine=vllm",
              ("rollout.vllm_url=localhost:8000",): "is not an http(s) URL",
              ("rollout.vllm_port=70000",): "rollout.vllm_port=70000 is out of range",
