@@ -40,8 +40,10 @@ def _max_model_len(prompt_lens: Sequence[int], max_new_tokens: int, block: int =
 @contextlib.contextmanager
 def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens: Sequence[int],
                    max_new_tokens: int, seed: int, world_size: int = 1) -> Iterator[object | None]:
-    """None for rollout.engine=hf; an EngineClient for vllm (see the module docstring)."""
-    if spec.engine != C.ROLLOUT_ENGINE_VLLM:
+    """None for rollout.engine=hf, or when no teacher log-probs are served (vllm with rollout=student and the
+    teacher in process: only the student is served, distillspec.rollout.student_server); else an EngineClient
+    (see the module docstring)."""
+    if spec.engine != C.ROLLOUT_ENGINE_VLLM or not spec.serves_teacher_logprobs():
         yield None
         return
     from distillspec.serving.server import ManagedServer, connect
