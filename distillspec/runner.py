@@ -194,14 +194,15 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
         # the curve's prompts are all the eval prompts: the evaluations before and after training are its ends
         covers_eval = bool(eval_items) and train.eval_num >= len(eval_items)
-        with served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir, cfg, device) as engine:
+        with served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir, cfg, device) as engine, \
+                served_student(rollout, pair, tokenizer, train_items, train, task, run_dir, cfg, device) as student:
             summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
                                   objective=objective, rollout=rollout, train=train, sd=sd,
                                   trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
                                   seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
                                   initial_eval=before.metrics if before is not None and covers_eval else None,
                                   final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval,
-                                  engine=engine)
+                                  engine=engine, student_engine=student)
         out["train"] = summary
         phase_done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
         if not summary.get("is_global_zero", True):
@@ -266,6 +267,20 @@ def served_teacher(rollout, pair, models, tokenizer, train_items, train, task, r
         if engine is not None:
             verify_served_teacher(engine, models.target, tokenizer, train_items[0].input_ids, pair.target)
         yield engine
+
+
+def served_student(rollout, pair, tokenizer, train_items, train, task, run_dir: Path, cfg: DictConfig, device):
+    """The student's vLLM server for on-policy rollouts (distillspec.rollout.student_server), or None."""
+    from distillspec.rollout.student_server import student_engine
+
+    dtype = pair.dtype  # the draft's (target_dtype is the target's alone)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return student_engine(rollout, run_dir=run_dir, tokenizer=tokenizer, dtype=dtype,
+                          prompt_lens=[len(it.input_ids) for it in train_items],
+                          batch_prompts=train.batch_size * train.accumulate,
+                          max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
+                          world_size=world_size(cfg.trainer), lora_rank=train.lora_rank)
 
 
 def log_summary(out: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ tests is our side (settings, start and stop, requests, the teacher cache, the ch
 real one. FAKE_VLLM_PERTURB=<x> adds x * N(0, 1) noise to its logits (a server with other weights);
 FAKE_VLLM_DIE_AFTER=<n> kills the server at its (n+1)-th completions request (an engine dying mid-run);
 FAKE_VLLM_MODE=crash exits at start-up (a model that fails to load); FAKE_VLLM_PIDFILE=<file> gets its pid.
+With VLLM_SERVER_DEV_MODE=1 it also answers POST /collective_rpc reload_weights (reloads the safetensors of
+kwargs.weights_path) and /reset_prefix_cache, as vLLM's dev mode does.
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ SERVER = textwrap.dedent('''\
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/tokenize":
                 return self._send({{"tokens": tok(req["prompt"], add_special_tokens=False)["input_ids"]}})
+            if self.path in ("/collective_rpc", "/reset_prefix_cache"):
+                if os.environ.get("VLLM_SERVER_DEV_MODE") != "1":  # vLLM attaches these routes in dev mode only
+                    self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+                    return
+                if self.path == "/collective_rpc":
+                    assert req["method"] == "reload_weights", req
+                    import glob
+                    from safetensors.torch import load_file
+                    state = {{}}
+                    for f in sorted(glob.glob(os.path.join(req["kwargs"]["weights_path"], "*.safetensors"))):
+                        state.update(load_file(f))
+                    model.load_state_dict(state, strict=False)
+                    model.tie_weights()
+                    print("reloaded weights from", req["kwargs"]["weights_path"], flush=True)
+                return self._send(None)
             requests += 1
             print("completions request", requests, flush=True)
             if requests > int(os.environ.get("FAKE_VLLM_DIE_AFTER", "1000000")):
@@ -90,8 +107,16 @@ SERVER = textwrap.dedent('''\
                 ids, out, tops, reason = list(p), [], [], "length"
                 for _ in range(req["max_tokens"]):
                     lp = logprobs(ids)[-1]
-                    probs = torch.softmax(lp / max(req.get("temperature") or 1.0, 1e-3), -1)
-                    t = int(torch.multinomial(probs, 1, generator=gen))
+                    if not req.get("temperature"):  # greedy
+                        t = int(lp.argmax())
+                    else:
+                        probs = torch.softmax(lp / req["temperature"], -1)
+                        top_p = float(req.get("top_p") or 1.0)
+                        if top_p < 1.0:  # keep the smallest set of most likely tokens holding top_p
+                            sp, si = probs.sort(descending=True)
+                            drop = (sp.cumsum(-1) - sp) >= top_p
+                            probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+                        t = int(torch.multinomial(probs, 1, generator=gen))
                     out.append(t)
                     tops.append({{f"token_id:{{k}}": v for k, v in top(lp, req.get("logprobs") or 1, t).items()}})
                     ids.append(t)

@@ -92,14 +92,15 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
                 rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
                 seed: int, resume: bool, eval_max_new_tokens: int,
                 initial_eval: dict[str, float] | None = None, final_eval_follows: bool = False,
-                engine=None) -> dict[str, Any]:
+                engine=None, student_engine=None) -> dict[str, Any]:
     """Distil `models.draft` towards `models.target`; returns a summary (steps, eval history, draft dir).
 
     The acceptance curve (`summary["eval_history"]`) is measured every train.eval_every steps on the first
     train.eval_num eval prompts. `initial_eval`: the untrained draft's metrics on those prompts, used as the
     step-0 point instead of re-measuring. `final_eval_follows`: the caller evaluates the trained draft on the
     same prompts right after training, so the periodic evaluation at the last step is skipped (the caller adds
-    that point; see runner.run). `engine`: a served teacher that makes the teacher data (rollout.engine=vllm).
+    that point; see runner.run). `engine`: a served teacher that makes the teacher data (rollout.engine=vllm);
+    `student_engine`: the student's vLLM server for on-policy rollouts (distillspec.rollout.student_server).
 
     Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
     data and RNG are functions of the step). The trained draft is saved (atomically) to run_dir/draft.
@@ -140,6 +141,7 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
                            evaluator=evaluator, eval_loader=eval_loader,
                            skip_eval_at=train.max_steps if final_eval_follows else None)
     module.sampler.engine = engine
+    module.sampler.student_engine = student_engine
     if initial_eval is not None and evaluator is not None:  # the untrained draft's evaluation is the step-0 point
         module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,

@@ -153,6 +153,20 @@ class EngineClient:
                         for d in choice["prompt_logprobs"]])
         return out
 
+    def reload_weights(self, weights_dir: str | Path) -> None:
+        """The served model's weights reloaded in place from the safetensors in `weights_dir` (vLLM's dev-mode
+        POST /collective_rpc reload_weights; the server needs VLLM_SERVER_DEV_MODE=1), then its prefix cache
+        dropped (cached KV of the old weights must not be reused)."""
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(weights_dir)}}
+        try:
+            self._request("/collective_rpc", body, timeout=max(self.timeout, 600.0))
+            self._request("/reset_prefix_cache", {})
+        except EngineError as exc:
+            if "HTTP 404" in str(exc):
+                raise EngineError(f"vLLM server {self.url} has no /collective_rpc: start it with "
+                                  "VLLM_SERVER_DEV_MODE=1 to let the trainer push the student's weights") from None
+            raise
+
     def sample(self, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_tokens: int,
                top_k_logprobs: int = 0, stop_token_ids: Sequence[int] = (), seed: int | None = None,
                ) -> list["Sample"]:
