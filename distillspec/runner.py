@@ -113,6 +113,10 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
         check_loss_temperature(objective.temperature)
     training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
+    from distillspec import teacherless
+
+    teacherless.check_settings(rollout, objective, train, cfg.stage)  # teacher_location=server: no teacher here
+    served = training and teacherless.serves_scores(rollout)
     if cfg.draft_checkpoint is not None:
         if training:
             raise ConfigError("draft_checkpoint is for stage=eval (evaluate a given draft); "
@@ -155,8 +159,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
     check_token_budgets(pair, task, train, sd, rollout, train_items, eval_items)  # before models load or run
 
-    # 3. Models, loggers.
-    models = pair.load(device)
+    # 3. Models, loggers (teacher_location=server: the draft only; the target is measured in a child process).
+    models = teacherless.load_student(pair, device, train_items[0].input_ids) if served else pair.load(device)
     from distillspec.lit.loggers import build_loggers
 
     run_name = f"{cfg.name}/{run_dir.name}" if run_dir.name else str(cfg.name)
@@ -176,16 +180,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
     # 4. The untrained draft on the same prompts, for the before/after comparison (train_eval only).
     before = None
-    if cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items:
-        # acceptance only: the distilled draft's speed is the result; timing the untrained one (SD at ~1 token
-        # per block, and the target-only rounds again) would cost minutes of the demo for a context number
-        before = evaluate_plain(models, tokenizer, task, eval_items,
-                                dataclasses.replace(sd, measure_speedup=False, draft_quality=False),
-                                eval_tokens, cfg.seed, device)
-        out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
-                         "per_example": before.per_example}
-        log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
-                 C.ALPHA_TOK, before.metrics.get(C.ALPHA_TOK, 0.0))
+    compare = cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items
+    if compare and not served:  # teacher_location=server: after training, with pair.draft reloaded (step 6)
+        before = untrained_eval(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, out)
         phase_done("untrained_eval")
 
     # 5. Train.
@@ -209,6 +206,14 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
 
     # 6. Evaluate with batched SD.
+    if served and cfg.stage != C.STAGE_TRAIN:  # the target is loaded now, once, for both evaluations
+        teacherless.load_target(pair, models, device)
+        phase_done("target_load")
+        if compare:
+            untrained = dataclasses.replace(models, draft=teacherless.load_untrained_draft(pair, device))
+            before = untrained_eval(untrained, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, out)
+            del untrained
+            phase_done("untrained_eval")
     if cfg.stage != C.STAGE_TRAIN:
         report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
                           trainer_factory, step=(out.get("train") or {}).get("steps"))
@@ -313,6 +318,20 @@ def write_before_after(out: dict[str, Any], report, run_dir: Path) -> None:
     history = (out.get("train") or {}).get("eval_history", [])
     before_after_plot(history, out["before"]["entropy_bins"], report.entropy_bins, run_dir / PLOT_FILE)
     log.info("before / after distillation (%s, %s):\n%s", run_dir / TABLE_FILE, run_dir / PLOT_FILE, table)
+
+
+def untrained_eval(models, tokenizer, task, eval_items, sd, eval_tokens: int, seed: int, device, out: dict):
+    """The untrained draft's SD evaluation for the before/after comparison, stored in out["before"]."""
+    # acceptance only: the distilled draft's speed is the result; timing the untrained one (SD at ~1 token
+    # per block, and the target-only rounds again) would cost minutes of the demo for a context number
+    before = evaluate_plain(models, tokenizer, task, eval_items,
+                            dataclasses.replace(sd, measure_speedup=False, draft_quality=False),
+                            eval_tokens, seed, device)
+    out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
+                     "per_example": before.per_example}
+    log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
+             C.ALPHA_TOK, before.metrics.get(C.ALPHA_TOK, 0.0))
+    return before
 
 
 def evaluate_plain(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, device):

@@ -136,11 +136,18 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
         evaluator = SDEvaluator(student, models.sd_target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed,
                                 speed_repeats=1)
         eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
-    module = DistillModule(student, models.target, train_items, objective, rollout, train, eos_ids,
+    served = rollout.teacher_location == C.TEACHER_SERVED  # the target is a ServedTarget: not loaded here
+    module = DistillModule(student, None if served else models.target, train_items, objective, rollout, train, eos_ids,
                            tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
                            evaluator=evaluator, eval_loader=eval_loader,
                            skip_eval_at=train.max_steps if final_eval_follows else None)
     module.sampler.engine = engine
+    if served:  # the teacher server scores the on-policy rollouts; models.target names its weights (store key)
+        from distillspec.rollout.served_scores import ServedScores
+        from distillspec.rollout.target_probe import logits_dim
+
+        module.sampler.teacher = models.target
+        module.sampler.teacher_scores = ServedScores(engine, min(rollout.cache_top_k, logits_dim(models.target)))
     module.sampler.student_engine = student_engine
     if initial_eval is not None and evaluator is not None:  # the untrained draft's evaluation is the step-0 point
         module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]

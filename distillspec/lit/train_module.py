@@ -74,8 +74,9 @@ class DistillModule(L.LightningModule):
                  train: TrainSpec, eos_ids: list[int], pad_id: int, max_new_tokens: int, seed: int = 0,
                  evaluator=None, eval_loader=None, skip_eval_at: int | None = None) -> None:
         super().__init__()
-        self.student, self.teacher = student, teacher
-        self.teacher.eval().requires_grad_(False)
+        self.student, self.teacher = student, teacher  # teacher None: every rollout is sparse (teacher_location=server)
+        if teacher is not None:
+            self.teacher.eval().requires_grad_(False)
         self.items, self.objective, self.train_spec = items, objective, train
         self.sampler = RolloutSampler(rollout, student, teacher, eos_ids, pad_id, max_new_tokens)
         self.pad_id, self.seed = pad_id, seed
@@ -187,6 +188,8 @@ class DistillModule(L.LightningModule):
                 tb = teacher_buckets(r.topk_logp, r.tail_logp)  # (B, T, k + 1): the sparse teacher's entropy
                 bin_sums = bin_sums + entropy_bin_sums(per_tok, -(tb.exp() * tb).sum(-1), mask)
                 continue
+            if self.teacher is None:
+                raise RuntimeError(f"a {r.source!r} rollout needs the teacher's full distributions, and none is loaded")
             with torch.no_grad():
                 t_logits = completion_logits(self.teacher, r)
             s_logits = completion_logits(self.student, r)

@@ -23,6 +23,7 @@ import torch
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
+from distillspec.rollout.target_probe import ServedTarget
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens:
 def verify_served_teacher(client, teacher, tokenizer, probe_ids: Sequence[int], target_name: str) -> float:
     """ConfigError unless the served model is the configured target: the same tokens for PROBE_TEXT, and
     log-probs of `probe_ids` (a training prompt) within MAX_PROBE_DIFF (mean |Δ log p|) of `teacher`'s.
-    Returns that mean difference."""
+    `teacher`: the target model, or (rollout.teacher_location=server) a ServedTarget whose probe log-probs a
+    child process computed on `probe_ids` (distillspec.rollout.target_probe). Returns that mean difference."""
     card = client.model()
     served, ours = client.tokenize(PROBE_TEXT), tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     if served != list(ours):
@@ -92,9 +94,14 @@ def verify_served_teacher(client, teacher, tokenizer, probe_ids: Sequence[int], 
                           "model")
     seq = [int(t) for t in probe_ids]
     rows = client.score([seq], top_k=1)[0]
-    device = next(teacher.parameters()).device
-    lp = torch.log_softmax(teacher(torch.tensor([seq], device=device)).logits[0, :-1].float(), -1)
-    mine = lp.gather(-1, torch.tensor(seq[1:], device=device)[:, None])[:, 0].cpu()
+    if isinstance(teacher, ServedTarget):  # teacher_location=server: measured in a child process, not loaded here
+        if teacher.probe_ids != seq:
+            raise ValueError("the target was measured on another probe sequence than the one verified")
+        mine = torch.tensor(teacher.probe_logprobs)
+    else:
+        device = next(teacher.parameters()).device
+        lp = torch.log_softmax(teacher(torch.tensor([seq], device=device)).logits[0, :-1].float(), -1)
+        mine = lp.gather(-1, torch.tensor(seq[1:], device=device)[:, None])[:, 0].cpu()
     theirs = torch.tensor([row[t] for row, t in zip(rows[1:], seq[1:])])
     diff = float((mine - theirs).abs().mean())
     if not diff <= MAX_PROBE_DIFF:

@@ -58,6 +58,16 @@ def _entry(tokens: Sequence[int], rows: Sequence[dict[int, float]], top_k: int) 
                             tail_logp=tail)
 
 
+def scored_entries(client, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                   top_k: int) -> list[CachedCompletion]:
+    """The served teacher's top-k log-probs (prompt_logprobs, temperature 1) of each completion given its prompt:
+    one CachedCompletion per (prompt, completion) pair, its position j the distribution that predicts
+    completion token j. One request for all pairs (EngineClient.score)."""
+    seqs = [[int(t) for t in p] + [int(t) for t in c] for p, c in zip(prompts, completions)]
+    return [_entry(seq[len(p):], rows[len(p):], top_k)
+            for p, seq, rows in zip(prompts, seqs, client.score(seqs, top_k))]
+
+
 def served_entries(client, items: Sequence, source: str, *, top_k: int, sample_temperature: float, top_p: float,
                    max_new_tokens: int, eos_ids: list[int], batch_size: int,
                    progress: bool = True) -> dict[int, CachedCompletion]:
@@ -83,10 +93,8 @@ def served_entries(client, items: Sequence, source: str, *, top_k: int, sample_t
             else:
                 comp, lengths = fixed_completions([items[i].target_ids for i in idx], max_new_tokens, eos_ids[0],
                                                   torch.device("cpu"))
-                seqs = [p + comp[r, : int(lengths[r])].tolist() for r, p in enumerate(prompts)]
-                for r, (i, rows) in enumerate(zip(idx, client.score(seqs, top_k))):
-                    n = int(lengths[r])
-                    out[i] = _entry(seqs[r][len(prompts[r]):], rows[len(prompts[r]): len(prompts[r]) + n], top_k)
+                completions = [comp[r, : int(lengths[r])].tolist() for r in range(len(idx))]
+                out.update(zip(idx, scored_entries(client, prompts, completions, top_k)))
             bar.update(len(idx))
     finally:
         bar.close()

@@ -87,6 +87,7 @@ class TeacherCache:
         `teacher` still names the weights: the served model is checked to be it
         (distillspec.rollout.engine.verify_served_teacher)."""
         from distillspec.rollout import cache_store
+        from distillspec.rollout.target_probe import logits_dim, weights_fingerprint
 
         path = None
         settings = self.settings(seed, batch_size)
@@ -94,7 +95,7 @@ class TeacherCache:
             settings.update(engine="vllm", vllm_version=engine.version(),
                             engine_args=[str(a) for a in engine_args])
         if store is not None:
-            key = cache_store.cache_key(settings, self.items, cache_store.model_fingerprint(teacher), device)
+            key = cache_store.cache_key(settings, self.items, weights_fingerprint(teacher), device)
             path = Path(store) / f"{key}.pt"
             stored = cache_store.load(path)
             if stored is not None and set(stored) == set(range(len(self.items))):
@@ -104,7 +105,7 @@ class TeacherCache:
         if engine is not None:
             from distillspec.rollout.served_teacher import served_entries
 
-            vocab = teacher.get_output_embeddings().weight.shape[0]
+            vocab = logits_dim(teacher)  # teacher: a model, or a ServedTarget (not loaded here)
             self.entries = served_entries(engine, self.items, self.source, top_k=min(self.top_k, vocab),
                                           sample_temperature=self.sample_temperature, top_p=self.top_p,
                                           max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,

@@ -142,16 +142,17 @@ class EngineClient:
     # -- teacher scores and samples
     def score(self, sequences: Sequence[Sequence[int]], top_k: int) -> list[list[dict[int, float] | None]]:
         """The served model's log-probs (temperature 1) over each sequence: for sequence s, entry t (t >= 1) is
-        {token id: log p(token | s[:t])} for the top-`top_k` tokens and s[t] itself; entry 0 is None."""
-        name = self.model()["id"]
-        out = []
-        for seq in sequences:
-            body = {"model": name, "prompt": [int(t) for t in seq], "max_tokens": 1, "temperature": 0.0,
-                    "prompt_logprobs": int(top_k), "add_special_tokens": False}
-            choice = self._request("/v1/completions", body)["choices"][0]
-            out.append([None if d is None else {int(k): float(v["logprob"]) for k, v in d.items()}
-                        for d in choice["prompt_logprobs"]])
-        return out
+        {token id: log p(token | s[:t])} for the top-`top_k` tokens and s[t] itself; entry 0 is None.
+        One request for all sequences (a list of token-id prompts; vLLM batches them)."""
+        if not sequences:
+            return []
+        body = {"model": self.model()["id"], "prompt": [[int(t) for t in seq] for seq in sequences],
+                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(top_k), "add_special_tokens": False}
+        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        if len(choices) != len(sequences):
+            raise EngineError(f"vLLM answered {len(choices)} choices for {len(sequences)} scored sequences")
+        return [[None if d is None else {int(k): float(v["logprob"]) for k, v in d.items()}
+                 for d in c["prompt_logprobs"]] for c in choices]
 
     def reload_weights(self, weights_dir: str | Path) -> None:
         """The served model's weights reloaded in place from the safetensors in `weights_dir` (vLLM's dev-mode

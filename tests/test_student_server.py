@@ -1,0 +1,90 @@
+"""Student rollouts on vLLM (issue 27): a served student samples the on-policy data and its weights follow
+training (distillspec.rollout.student_server), against the fake serving env (tests/fake_vllm.py). What is ours
+is tested: the sync (save, reload, when), the rollouts' layout, the run's wiring, start, stop and faults.
+make test-vllm runs the same sync check on the real vLLM (tests/test_vllm_engine.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+from fake_vllm import make_fake_env
+from student_sync import train_and_compare
+
+from distillspec import constants as C
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ARGS = TINY + ["stage=train", "rollout=student", "rollout.engine=vllm", "train.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def fake_python(tmp_path_factory):
+    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
+
+
+def _run(run_dir, *extra, env=None):
+    return subprocess.run([sys.executable, "run.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def _servers_alive(fake_python) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", f"{fake_python.parent}/vllm serve"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "pgrep" not in ln]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_served_students_greedy_continuations_equal_ours_after_training(fake_python, tiny_pair_dirs, tmp_path,
+                                                                        monkeypatch, sync):
+    """After 3 steps trained on its own served samples, the served student's greedy continuations of 8 prompts
+    equal the in-process student's token for token; with the syncs skipped they do not (the check has teeth)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = train_and_compare(fake_python, tiny_pair_dirs[0], tmp_path / "run", sync=sync, lr=3e-2)
+    assert out["ours"] != out["before"], "training did not change the greedy outputs: the check would be empty"
+    if sync:
+        assert out["served"] == out["ours"] and out["syncs"] == 4
+    else:
+        assert out["served"] != out["ours"] and out["syncs"] == 1
+
+
+def test_a_run_with_student_rollouts_on_vllm_syncs_every_step_and_stops_its_server(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (run_dir / "vllm_logs" / "student-server.log").read_text()
+    # started from the step-0 student, then reloaded before steps 1 and 2
+    assert log.count("reloaded weights from") == 2 and log.count("completions request") == 3 * 1, log[-2000:]
+    assert not (run_dir / "vllm_logs" / "teacher-server.log").exists()  # the teacher stays in process
+    assert (run_dir / "draft" / "config.json").is_file() and not _servers_alive(fake_python)
+
+
+def test_sync_every_n_steps(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}", "rollout.vllm_sync_every=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = (run_dir / "vllm_logs" / "student-server.log").read_text()
+    assert log.count("reloaded weights from") == 1  # at step 2 (step 0 started it)
+
+
+def test_a_student_server_dying_mid_run_stops_the_run_and_a_rerun_resumes(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}", env={"FAKE_VLLM_DIE_AFTER": "1"})
+    assert p.returncode == C.EXIT_ENGINE_ERROR, p.stderr[-3000:]
+    err = p.stderr.strip().splitlines()[-1]
+    log = run_dir / "vllm_logs" / "student-server.log"
+    assert "the vLLM server for" in err and str(log) in err and "exited" in err, err
+    assert (run_dir / "checkpoints").is_dir() and not _servers_alive(fake_python)
+    p = _run(run_dir, f"rollout.vllm_python={fake_python}")  # the same command again: resumes
+    assert p.returncode == 0, p.stderr[-3000:]
+    train = json.loads((run_dir / C.METRICS_FILE).read_text())["train"]
+    assert train["resumed_from"] is not None and train["steps"] == 3 and (run_dir / "draft" / "config.json").is_file()
+
+
+def test_student_rollouts_on_vllm_refuse_what_they_cannot_do(tmp_path):
+    for extra, want in {("train.lora_rank=4",): "train.lora_rank=4: the server reloads full weights",
+                        ("trainer.devices=2",): "with 2 training processes"}.items():
+        p = _run(tmp_path / "x", *extra, f"rollout.vllm_python={sys.executable}")
+        assert p.returncode == C.EXIT_CONFIG_ERROR and want in p.stderr, (extra, p.stderr[-2000:])
