@@ -127,6 +127,21 @@ def test_on_policy_training_never_loads_the_teacher(fake_python, tmp_path, stage
     assert list(metrics["phase_seconds"]) == ["training", "target_load", "untrained_eval", "final_eval"]
 
 
+def test_a_teacher_server_dying_mid_training_stops_the_run_and_a_rerun_resumes(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    # teacher server: the probe is request 1, step 0's scores request 2; it dies at step 1's (3), after step 0's
+    # checkpoint (the student server makes 2 requests in 2 steps: it does not reach its limit)
+    p = _run(run_dir, "stage=train", f"rollout.vllm_python={fake_python}", env={"FAKE_VLLM_DIE_AFTER": "2"})
+    assert p.returncode == C.EXIT_ENGINE_ERROR, p.stderr[-3000:]
+    log = run_dir / "vllm_logs" / "teacher-server.log"
+    err = p.stderr.strip().splitlines()[-1]
+    assert "error: the vLLM server for" in err and str(log) in err and "fake engine died" in log.read_text()
+    p = _run(run_dir, "stage=train", f"rollout.vllm_python={fake_python}")  # the same command again
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in (run_dir / "run.log").read_text()
+    assert json.loads((run_dir / C.METRICS_FILE).read_text())["train"]["steps"] == 2
+
+
 def test_what_needs_the_teacher_in_process_is_refused_at_once(tmp_path):
     cases = {("stage=train_eval", "train.eval_every=1"): "train.eval_every=1 with rollout.teacher_location=server",
              ("div=speckd",): "div.gate (the SpecKD gate: div=speckd)",

@@ -88,3 +88,27 @@ def test_student_rollouts_on_vllm_refuse_what_they_cannot_do(tmp_path):
                         ("trainer.devices=2",): "with 2 training processes"}.items():
         p = _run(tmp_path / "x", *extra, f"rollout.vllm_python={sys.executable}")
         assert p.returncode == C.EXIT_CONFIG_ERROR and want in p.stderr, (extra, p.stderr[-2000:])
+
+
+def test_a_tied_student_is_saved_untied_for_vllm(tiny_pair_dirs, tmp_path):
+    """vLLM 0.32's in-place reload leaves a tied output head on old weights (make test-vllm shows it): the
+    served copy is written untied, its head a tensor of its own equal to the embedding."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillspec.rollout.student_server import StudentServer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0], dtype=torch.float32)
+    assert student.config.tie_word_embeddings
+    server = StudentServer(python=tmp_path / "py", run_dir=tmp_path, tokenizer=AutoTokenizer.from_pretrained(
+        tiny_pair_dirs[0]), dtype="float32", max_model_len=64, sync_every=1)
+    with torch.no_grad():
+        student.get_input_embeddings().weight.add_(1.0)
+    server._save(student)
+    state = load_file(str(server.weights_dir / "model.safetensors"))
+    config = json.loads((server.weights_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert torch.equal(state["lm_head.weight"], student.get_input_embeddings().weight)
+    assert torch.equal(state["model.embed_tokens.weight"], student.get_input_embeddings().weight)
+    assert set(state) == set(student.state_dict())

@@ -260,3 +260,67 @@ def test_training_on_served_teacher_data_reaches_the_same_acceptance(target_dir,
     print(f"\nα_expected after 20 steps: hf {alphas['hf']:.3f}, vllm {alphas['vllm']:.3f}")
     assert alphas["hf"] > 0.3 and alphas["vllm"] > 0.3  # both trained (untrained: 0.045)
     assert abs(alphas["hf"] - alphas["vllm"]) <= E2E_TOL
+
+
+# Student rollouts: the served student's weights follow training (distillspec.rollout.student_server).
+@pytest.mark.parametrize("sync", [True, False])
+def test_served_student_follows_training(target_dir, tmp_path, sync):
+    """After 3 AdamW steps on its own served samples, synced as the trainer syncs, vLLM's greedy continuations
+    of 8 prompts equal the in-process student's token for token (float32); with the syncs skipped they do not."""
+    from distillspec.models.offline import ensure_truncated_draft
+    from student_sync import train_and_compare
+
+    out = train_and_compare(VLLM_PY, ensure_truncated_draft(4), tmp_path / "run", sync=sync, lr=3e-3)
+    changed = sum(a != b for a, b in zip(out["ours"], out["before"]))
+    same = sum(a == b for a, b in zip(out["served"], out["ours"]))
+    print(f"\nsync={sync}: training changed {changed} of 8 greedy continuations; served == ours on {same} of 8")
+    assert changed > 0, "training did not change the greedy outputs: the check would be empty"
+    if sync:
+        assert out["served"] == out["ours"]
+    else:
+        assert out["served"] != out["ours"]
+
+
+# On-policy teacher scores (rollout.teacher_location=server: distillspec.rollout.served_scores).
+def test_served_scores_of_student_rollouts_equal_our_teacher_forward(server, teacher):
+    """Student samples of 4 prompts (the offline pair's draft, T 1, left-padded batch, ragged lengths): the teacher
+    server's top-k at every completion position equals our forward's (TeacherCache's `_topk`), the same ids where
+    the k-th is not tied within TOL, |Δ log p| <= TOL; the tail masses within TOL; zeros past each length."""
+    from transformers import AutoModelForCausalLM
+
+    from distillspec.lit.data import left_pad
+    from distillspec.models.forward import completion_logits
+    from distillspec.models.offline import ensure_truncated_draft
+    from distillspec.rollout.sequences import assemble
+    from distillspec.rollout.served_scores import ServedScores
+    from distillspec.rollout.teacher_cache import _topk
+    from distillspec.sd.baseline import autoregressive_generate
+
+    model, tok = teacher
+    student = AutoModelForCausalLM.from_pretrained(ensure_truncated_draft(4), dtype=torch.float32).eval()
+    ids, mask = left_pad([it.input_ids for it in _items(tok)], tok.pad_token_id)
+    res = autoregressive_generate(student, ids, mask, 32, temperature=1.0, top_p=1.0,
+                                  generator=torch.Generator().manual_seed(0), eos_token_id=[tok.eos_token_id],
+                                  pad_token_id=tok.pad_token_id)
+    lengths = torch.minimum(res.lengths, torch.tensor([32, 27, 21, 12]))  # ragged, as rows ended by EOS are
+    roll = assemble(ids, mask, res.tokens, lengths, tok.pad_token_id, "student")
+    served = ServedScores(server, TOP_K)(roll)
+    with torch.no_grad():
+        logits = completion_logits(model, roll)  # (B, T, V)
+    vals, idx, tail = _topk(logits, TOP_K, 1.0)
+    full = torch.log_softmax(logits.float(), -1)
+    m = roll.completion_mask()
+    assert not served.topk_idx[~m].any() and not served.topk_logp[~m].any() and not served.tail_logp[~m].any()
+    worst, ties = 0.0, 0
+    assert torch.allclose(served.tail_logp[m].exp(), tail[m].exp(), atol=TOL)  # tail masses (as the fixed test)
+    for b, t in m.nonzero().tolist():
+        s_idx = served.topk_idx[b, t]
+        worst = max(worst, float((served.topk_logp[b, t] - full[b, t, s_idx]).abs().max()))
+        diff = set(s_idx.tolist()) ^ set(idx[b, t].tolist())
+        if diff:
+            kth = vals[b, t, -1].item()
+            assert all(abs(full[b, t, d].item() - kth) <= TOL for d in diff), (b, t, diff)
+            ties += 1
+    print(f"\n{int(m.sum())} positions of {len(lengths)} student rollouts (lengths {lengths.tolist()}), "
+          f"top-{TOP_K}: max |Δ log p| = {worst:.2e}, tie swaps at the k-th id: {ties}")
+    assert worst <= TOL and int(m.sum()) > 60

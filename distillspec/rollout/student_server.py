@@ -59,11 +59,35 @@ class StudentServer:
 
     # -- weights
     def _save(self, student) -> None:
-        """The student's weights (and, once, the tokenizer) as a model dir vLLM can load."""
+        """The student's weights (and, once, its config and the tokenizer) as a model dir vLLM can load.
+
+        A student with tied input and output embeddings (SmolLM2, Qwen3-0.6B) is served untied, with its
+        output head written as its own tensor: vLLM 0.32's in-place `reload_weights` reloads the embedding but
+        leaves a tied head on the old weights (measured: the served greedy outputs then differ from the
+        student's; tests/test_vllm_engine.py::test_served_student_follows_training). Untied, both are loaded
+        from the file; the served model computes the same function."""
+        from safetensors.torch import save_file
+
         self.weights_dir.mkdir(parents=True, exist_ok=True)
-        student.save_pretrained(self.weights_dir, safe_serialization=True)
-        if not (self.weights_dir / "tokenizer_config.json").exists():
+        state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
+        head = _output_head_name(student)
+        tied = bool(getattr(student.config, "tie_word_embeddings", False))
+        if tied and head is not None:
+            state[head] = student.get_input_embeddings().weight.detach().to("cpu").clone()
+        seen: dict[int, str] = {}
+        for k in list(state):  # any other shared storage: safetensors stores each tensor once
+            ptr = state[k].data_ptr()
+            if ptr in seen:
+                state[k] = state[k].clone()
+            seen.setdefault(ptr, k)
+        if not (self.weights_dir / "config.json").exists():
+            config = student.config.to_dict()
+            config["tie_word_embeddings"] = False if (tied and head is not None) else config.get("tie_word_embeddings")
+            type(student.config).from_dict(config).save_pretrained(self.weights_dir)
             self.tokenizer.save_pretrained(self.weights_dir)
+        tmp = self.weights_dir / "model.safetensors.partial"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.weights_dir / "model.safetensors")
 
     def maybe_sync(self, step: int, student) -> bool:
         """Push `student`'s weights when `sync_every` steps have passed since the last push (or none was made).
@@ -119,6 +143,15 @@ class StudentServer:
         for r, s in enumerate(samples):
             comp[r, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
         return comp, lengths
+
+
+def _output_head_name(model) -> str | None:
+    """The state-dict name of `model`'s output head weight (e.g. "lm_head.weight"), or None."""
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is head:
+            return f"{name}.weight"
+    return None
 
 
 @contextlib.contextmanager

@@ -161,7 +161,14 @@ class EngineClient:
         body = {"method": "reload_weights", "kwargs": {"weights_path": str(weights_dir)}}
         try:
             self._request("/collective_rpc", body, timeout=max(self.timeout, 600.0))
-            self._request("/reset_prefix_cache", {})
+            for _ in range(20):  # it refuses while blocks are held (running requests): none run between steps
+                answer = self._request("/reset_prefix_cache", {})
+                if not isinstance(answer, dict) or answer.get("success", True):
+                    break
+                time.sleep(0.25)
+            else:
+                raise EngineError(f"vLLM server {self.url} did not drop its prefix cache after a weight reload "
+                                  "(KV of the old weights would be reused); its log: " + str(self.log))
         except EngineError as exc:
             if "HTTP 404" in str(exc):
                 raise EngineError(f"vLLM server {self.url} has no /collective_rpc: start it with "
