@@ -74,6 +74,9 @@ TRAIN_TEACHER_ENTROPY = "train/teacher_entropy"
 TRAIN_ALIGNMENT = "train/alignment"     # mean 1 - TV(p, q) on the rollouts: cheap alpha estimate
 TRAIN_COMPLETION_TOKENS = "train/completion_tokens"
 TRAIN_LR = "train/lr"
+TRAIN_STEP_SECONDS = "train/step_seconds"        # wall time of the step: sync, rollouts, teacher, loss, optimizer
+TRAIN_ROLLOUT_SECONDS = "train/rollout_seconds"  # ...of which making the step's sequences (sync included)
+TRAIN_SYNC_SECONDS = "train/sync_seconds"        # ...of which pushing the student's weights to vLLM (0: none)
 TRAIN_BETA_MEAN = "train/beta_mean"     # div=adaptive: mean per-token beta over completion tokens
 TRAIN_BLOCK_WEIGHT_MEAN = "train/block_weight_mean"  # div.block_weighting: mean reach probability
 TRAIN_DIV_BY_ENTROPY = "train/div_by_entropy/"        # + "<lo>-<hi>" nats: mean divergence per teacher-entropy bin

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -163,9 +164,12 @@ class DistillModule(L.LightningModule):
             self.periodic_eval(step)
         gen = self.step_generator(step)
         self.show_phase("rollouts")
+        t_start = time.perf_counter()
         self.sampler.before_step(step)
+        t_synced = time.perf_counter()
         rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
                     for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
+        t_rolled = time.perf_counter()
         self.show_phase("loss")
         tokens = torch.tensor(float(sum(r.num_tokens for r in rollouts)), device=self.device)
         total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
@@ -232,7 +236,8 @@ class DistillModule(L.LightningModule):
         n = max(float(total), 1.0)
         stats = {C.TRAIN_LOSS: sums[0] / n, C.TRAIN_DIVERGENCE: sums[1] / n, C.TRAIN_TEACHER_ENTROPY: sums[2] / n,
                  C.TRAIN_ALIGNMENT: sums[3] / n, C.TRAIN_COMPLETION_TOKENS: total,
-                 C.TRAIN_LR: torch.tensor(lr)}
+                 C.TRAIN_LR: torch.tensor(lr), C.TRAIN_STEP_SECONDS: time.perf_counter() - t_start,
+                 C.TRAIN_ROLLOUT_SECONDS: t_rolled - t_start, C.TRAIN_SYNC_SECONDS: t_synced - t_start}
         if obj.gate is not None:
             stats[C.TRAIN_TAR] = sums[4] / n
         if obj.block_weighting != "none":
