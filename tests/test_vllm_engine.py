@@ -1,4 +1,5 @@
-"""vLLM as the teacher's engine (issue 27): a served teacher's scores and samples against our own forward.
+"""vLLM as the generation engine (issue 27): a served teacher's scores and samples against our own forward, and a
+served student's weights against the trained student.
 
 One `vllm serve` of the offline SmolLM2-135M target in float32, started from the serving env by
 `distillspec.serving.server.ManagedServer` (the code a run uses), on a free loopback port:
