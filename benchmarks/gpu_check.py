@@ -15,9 +15,16 @@ time budget; a section that fails is reported and the others still run):
   3. loss     chunked loss peak memory on the 151,936 vocabulary, B x T = 16 x 312 (gpucheck/checks.py)
   4. train    on-policy distillation steps, 0.6B student / 4B teacher: tokens/s, peak memory; 8-bit teacher
               with bitsandbytes; TRL GKDTrainer with trl + datasets (gpucheck/train.py)
-  5. decode   the SmolLM pair, our engine only, if time is left
+  5. rollout  issue 27, generation on vLLM (gpucheck/rollout.py): teacher data tokens/s, ours (TeacherCache.build)
+              vs a vLLM teacher server; on-policy steps hf vs a vLLM student server (step s, weight-sync s,
+              rollout tokens/s); the training process's peak GPU memory, teacher in process vs served. Needs a
+              serving python with CUDA vLLM (DISTILLSPEC_VLLM_PYTHON, else .venv-vllm/bin/python); without one,
+              or without CUDA, its status says "skipped: <reason>". --smoke skips it (two vLLM CPU start-ups
+              take minutes); --smoke --rollout-vllm runs it on CPU with tiny shapes (make test-vllm does)
+  6. decode   the SmolLM pair, our engine only, if time is left
 Needs torch, transformers, lightning (present on the project's GPU machines); optional wheels to bring for
-the optional rows: bitsandbytes (8-bit teacher), trl + datasets (TRL comparison). No hydra/omegaconf.
+the optional rows: bitsandbytes (8-bit teacher), trl + datasets (TRL comparison); a vLLM env for the rollout
+section. No hydra/omegaconf.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ sys.path.insert(0, str(REPO))  # this checkout's distillspec, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpucheck/
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # the rollout section's vLLM servers: no network here
 
 OPTIONAL = ("lightning", "peft", "bitsandbytes", "trl", "datasets")
 # section -> wall-clock cap in seconds (full run); the overall --budget-s bounds them all
-CAPS = {"decode": 210, "equal": 45, "loss": 40, "train": 120, "decode_smollm": 120}
+CAPS = {"decode": 210, "equal": 45, "loss": 40, "train": 120, "rollout": 150, "decode_smollm": 120}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,11 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: all (smoke: all but decode_smollm, the same code as decode)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate / assisted rows")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison even when trl imports")
+    p.add_argument("--rollout-vllm", action="store_true",
+                   help="with --smoke: run the rollout section's vLLM servers on CPU (minutes; needs .venv-vllm)")
     args = p.parse_args(argv)
     if args.sections is None:
         args.sections = [s for s in CAPS if not (args.smoke and s == "decode_smollm")]
     if args.budget_s <= 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.rollout_vllm and not args.smoke:
+        p.error("--rollout-vllm is for --smoke runs (on a CUDA machine the rollout section runs whenever the "
+                "serving python imports vLLM)")
     return args
 
 
@@ -66,11 +79,15 @@ def settings(smoke: bool) -> dict:
         return {"decode": dict(batch_sizes=(1, 3), prompt_len=12, new_tokens=8, gamma=3, b1_prompts=1, repeats=1),
                 "equal": dict(batch=4, prompt_len=12, new_tokens=16, gamma=3),
                 "loss": dict(batch=2, tokens=8, vocab=512),
-                "train": dict(batch=2, prompt_len=8, new_tokens=8, steps=1)}
+                "train": dict(batch=2, prompt_len=8, new_tokens=8, steps=1),
+                "rollout": dict(prompts=4, prompt_len=8, new_tokens=8, top_k=16, data_batch=2, step_batch=2,
+                                step_new_tokens=8, rounds=1)}
     return {"decode": dict(batch_sizes=(1, 16), prompt_len=128, new_tokens=128, gamma=5, b1_prompts=2, repeats=10),
             "equal": dict(batch=8, prompt_len=64, new_tokens=64, gamma=5),
             "loss": dict(batch=16, tokens=312, vocab=151_936),
-            "train": dict(batch=8, prompt_len=64, new_tokens=128, steps=2)}
+            "train": dict(batch=8, prompt_len=64, new_tokens=128, steps=2),
+            "rollout": dict(prompts=96, prompt_len=64, new_tokens=64, top_k=64, data_batch=48, step_batch=16,
+                            step_new_tokens=128, rounds=2)}
 
 
 def environment(ctx) -> dict:
@@ -125,6 +142,8 @@ def report(results: dict) -> str:
             ["implementation", "batch", "new tokens", "steps", "tokens", "s", "tok/s", "peak GiB"],
             [[r["implementation"], r["batch"], r["new_tokens"], r["steps"], r["completion_tokens"], r["seconds"],
               r["tokens_per_s"], r["peak_gib"]] for r in t["rows"]]) + "".join(f"\nskipped: {s}" for s in t["skipped"]))
+    if isinstance(results.get("rollout"), dict) and "status" in results["rollout"]:
+        out.append(rollout_report(results["rollout"]))
     for key, val in results.items():
         if isinstance(val, dict) and "error" in val:
             out.append(f"\n## {key}: ERROR\n{val['error']}")
@@ -133,11 +152,32 @@ def report(results: dict) -> str:
     return "\n".join(out)
 
 
+def rollout_report(r: dict) -> str:
+    """The rollout section's table (or its skip reason)."""
+    from gpucheck.common import md_table
+
+    head = f"\n## Rollouts on vLLM (issue 27; {' <- '.join(r['shapes'])}): {r['status']}"
+    if not r["rows"]:
+        return head + "".join(f"\nskipped: {s}" for s in r["skipped"])
+    cols = ["tokens", "seconds", "tokens_per_s", "step_s", "sync_s", "teacher_score_s", "peak_gib"]
+    table = md_table(["part", "configuration", "tokens", "s", "tok/s", "step s", "sync s", "teacher s", "peak GiB",
+                      "note"], [[x["part"], x["configuration"], *(x.get(c) for c in cols), x.get("note", "")]
+                                for x in r["rows"]])
+    starts = r.get("server_start_s") or {}
+    extra = {"vLLM": r.get("vllm"), "server start s": ", ".join(f"{k} {v:.0f}" for k, v in starts.items()) or None,
+             "student syncs": r.get("student_syncs"),
+             "teacher freed before the served rows": r.get("teacher_freed"),
+             **{k: v for k, v in r["summary"].items() if v is not None}}
+    return "\n".join([head, table, "; ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in extra.items() if v is not None)]
+                     + [f"skipped: {s}" for s in r["skipped"]] + [f"FAILED: {e}" for e in r["errors"]])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from gpucheck import checks, decode, train
+    from gpucheck import checks, decode, rollout, train
     from gpucheck.common import Ctx, TimeGuard
 
     if not args.smoke and not torch.cuda.is_available():
@@ -155,6 +195,7 @@ def main(argv=None) -> int:
         "equal": lambda g: checks.greedy_equality(ctx, g, **kw["equal"]),
         "loss": lambda g: checks.loss_memory(ctx, g, **kw["loss"]),
         "train": lambda g: train.run(ctx, g, trl=not args.no_trl, **kw["train"]),
+        "rollout": lambda g: rollout.run(ctx, g, cpu_vllm=args.rollout_vllm, **kw["rollout"]),
         "decode_smollm": lambda g: decode.run(ctx, g, pair="smollm", hf=False, **kw["decode"]),
     }
     failed = []
@@ -169,6 +210,8 @@ def main(argv=None) -> int:
         except Exception:  # report it and go on with the other sections
             results[name] = {"error": traceback.format_exc()[-3000:]}
             failed.append(name)
+        if isinstance(results[name], dict) and results[name].get("errors"):  # parts of a section that failed
+            failed.append(f"{name} ({len(results[name]['errors'])} part(s))")
         results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
     results["total_seconds"] = time.perf_counter() - guard.t0
     text = report(results)

@@ -39,6 +39,11 @@ def test_smoke_runs_every_section_without_gpu_machine_absentees(smoke):
     for section in ("decode", "equal", "loss", "train"):
         assert "error" not in res[section], res[section]
     assert "| goal | target | measured | result |" in printed
+    # the rollout section (vLLM servers) is skipped on a CPU smoke run, saying why and how to run it anyway
+    ro = res["rollout"]
+    assert ro["status"].startswith("skipped: no CUDA (--smoke starts no vLLM servers") and "--rollout-vllm" in ro["status"]
+    assert ro["rows"] == [] and ro["errors"] == [] and ro["vllm"] is None
+    assert f"## Rollouts on vLLM (issue 27; qwen3-0.6b <- qwen3-4b): {ro['status']}" in printed
 
 
 def test_forced_acceptance_paths(smoke):
@@ -88,6 +93,87 @@ def test_time_guard_skips_rows_it_has_no_time_for():
     assert out["rows"] == [] and out["costs"] == []
     assert {"target B=1", "sd_all B=2", "call costs B=2"} <= set(out["skipped"])
     assert {g["pass"] for g in out["goals"]} == {"not measured"}
+
+
+def test_rollout_section_skips_without_a_vllm_python(monkeypatch):
+    """On a CUDA machine without a serving python that imports vLLM, the status names the missing python."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpucheck import rollout
+    from gpucheck.common import Ctx, TimeGuard
+
+    monkeypatch.setenv("DISTILLSPEC_VLLM_PYTHON", "/nonexistent/bin/python")
+    ctx = Ctx(device=torch.device("cuda", 0), dtype=torch.bfloat16, smoke=False)  # never touched: skipped first
+    out = rollout.run(ctx, TimeGuard(60))
+    assert out["status"].startswith("skipped: no vLLM serving python (serving env python /nonexistent/bin/python "
+                                    "not found") and "DISTILLSPEC_VLLM_PYTHON" in out["status"]
+    assert out["rows"] == [] and out["python"] == "/nonexistent/bin/python"
+
+
+def test_rollout_section_parts_and_helpers():
+    """A failing part is a row with its error and the next part still runs; ratios need both sides; the
+    placeholder tokenizer covers the whole vocabulary with the given EOS."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpucheck import rollout
+    from gpucheck.common import Ctx, TimeGuard
+
+    runner = rollout.Runner(Ctx(device=torch.device("cpu"), dtype=torch.float32, smoke=True), TimeGuard(60))
+    assert runner.part("bad", lambda: 1 / 0) is None and runner.part("good", lambda: 7) == 7
+    assert runner.errors == ["bad: ZeroDivisionError: division by zero"] and runner.rows[0]["configuration"] == "FAILED"
+    assert rollout.Runner(runner.ctx, TimeGuard(0)).part("late", lambda: 7) is None
+    rows = [{"key": "data_ours", "tokens_per_s": 100.0}, {"key": "data_vllm", "tokens_per_s": 250.0},
+            {"key": "steps_vllm", "peak_gib": 20.0}]
+    summ = rollout.summary(rows)
+    assert summ["teacher_data_vllm_vs_ours"] == 2.5 and summ["peak_gib_saved"] is None
+    tok = rollout.vocab_tokenizer(512, 511)
+    assert len(tok) == 512 and tok.eos_token_id == 511 and tok.pad_token_id == 0
+    assert tok("<3> <511>", add_special_tokens=False)["input_ids"] == [3, 511] and tok.decode([3, 4]) == "<3> <4>"
+
+
+def test_rollout_vllm_flag_needs_smoke():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(["--rollout-vllm"])
+    assert exc.value.code == 2
+    assert gpu_check.parse_args(["--smoke", "--rollout-vllm"]).rollout_vllm
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_rollout_section_on_cpu_vllm(tmp_path):
+    """--smoke --rollout-vllm: the rollout section's code against the real serving env on CPU, tiny shapes: a
+    teacher server (random weights of its own) and a student server synced every step (~70 s here)."""
+    import os
+
+    from distillspec.errors import ConfigError
+    from distillspec.serving.env import check_serving_python
+    from distillspec.serving.jobs import default_vllm_python
+
+    try:
+        check_serving_python(default_vllm_python())
+    except ConfigError as exc:
+        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--smoke", "--rollout-vllm", "--sections", "rollout",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    ro = json.loads(out.read_text())["rollout"]
+    assert ro["status"] == "ran" and ro["errors"] == [] and ro["skipped"] == [], ro
+    rows = {r["key"]: r for r in ro["rows"]}
+    assert list(rows) == ["data_ours", "steps_hf", "steps_vllm", "data_vllm", "steps_vllm_served"]
+    for key in ("data_ours", "data_vllm"):  # 4 prompts x up to 8 tokens (an EOS may end a row early)
+        assert 4 <= rows[key]["tokens"] <= 32 and rows[key]["tokens_per_s"] > 0
+    for key in ("steps_hf", "steps_vllm", "steps_vllm_served"):  # 1 timed round of 2 prompts x up to 8 tokens
+        assert rows[key]["steps_timed"] == 1 and 2 <= rows[key]["tokens"] <= 16 and rows[key]["step_s"] > 0
+    assert rows["steps_hf"]["sync_s"] == 0 and rows["steps_vllm"]["sync_s"] > 0
+    assert rows["steps_vllm_served"]["teacher_score_s"] > 0
+    # the first sync started the server; then one per optimizer step of the two vLLM rows (rounds 0 and 1 each)
+    assert ro["student_syncs"] == 4 and set(ro["server_start_s"]) == {"student", "teacher"}
+    assert ro["teacher_freed"] is True  # the served rows ran without the teacher in this process
+    assert ro["summary"]["teacher_data_vllm_vs_ours"] > 0 and ro["summary"]["peak_gib_saved"] is None  # CPU
 
 
 def test_full_check_without_cuda_says_so(tmp_path):
