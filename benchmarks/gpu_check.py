@@ -136,7 +136,7 @@ def report(results: dict) -> str:
             ["divergence", "B", "T", "V", "chunk", "peak above inputs GiB", "grad GiB", "s", "note"],
             [[r["divergence"], r["B"], r["T"], r["V"], r["chunk_size"], r.get("peak_above_inputs_gib"),
               r.get("grad_gib"), r.get("seconds"), r.get("skipped", "")] for r in results["loss"]]))
-    if isinstance(results.get("train"), dict):
+    if isinstance(results.get("train"), dict) and "rows" in results["train"]:
         t = results["train"]
         out.append(f"\n## Distillation step ({' <- '.join(t['shapes'])})\n" + md_table(
             ["implementation", "batch", "new tokens", "steps", "tokens", "s", "tok/s", "peak GiB"],
@@ -147,7 +147,7 @@ def report(results: dict) -> str:
     for key, val in results.items():
         if isinstance(val, dict) and "error" in val:
             out.append(f"\n## {key}: ERROR\n{val['error']}")
-        if isinstance(val, dict) and val.get("skipped") and key.startswith("decode"):
+        if isinstance(val, dict) and val.get("skipped") and (key.startswith("decode") or set(val) == {"skipped"}):
             out.append(f"\n{key} skipped by the time guard: {', '.join(val['skipped'])}")
     return "\n".join(out)
 

@@ -176,6 +176,19 @@ def test_rollout_section_on_cpu_vllm(tmp_path):
     assert ro["summary"]["teacher_data_vllm_vs_ours"] > 0 and ro["summary"]["peak_gib_saved"] is None  # CPU
 
 
+def test_spent_budget_skips_sections_and_still_writes_json(tmp_path):
+    """Sections the overall budget has no time for are reported as skipped (the report used to fail on the
+    train section's missing rows, so nothing was written)."""
+    out = tmp_path / "x.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--budget-s", "0.001", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for name in ("decode", "equal", "loss", "train", "rollout"):
+        assert res[name] == {"skipped": ["time guard (overall budget spent)"]}
+        assert f"{name} skipped by the time guard: time guard (overall budget spent)" in proc.stdout
+
+
 def test_full_check_without_cuda_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the full check would run")
