@@ -79,8 +79,12 @@ def skip_reason(ctx: Ctx, cpu_vllm: bool, timeout: float = 120.0) -> tuple[str |
     except ConfigError as exc:
         return f"skipped: no vLLM serving python ({exc}; or set {VLLM_PY_ENV})", python, None
     if ctx.device.type == "cuda":  # a CPU build of vLLM (e.g. a carried .venv-vllm from a CPU machine) would
-        p = subprocess.run([str(python), "-c", CUDA_PROBE], capture_output=True, text=True, timeout=timeout)
-        if p.stdout.strip().splitlines()[-1:] != ["True"]:  # run the 4B teacher on the CPU: not a GPU number
+        try:
+            seen = subprocess.run([str(python), "-c", CUDA_PROBE], capture_output=True, text=True,
+                                  timeout=timeout).stdout.strip().splitlines()[-1:]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            seen = [f"{type(exc).__name__}"]
+        if seen != ["True"]:  # run the 4B teacher on the CPU: not a GPU number
             return (f"skipped: the vLLM serving python {python} (vLLM {version}) sees no CUDA (a CPU build?); "
                     f"give a CUDA one with {VLLM_PY_ENV}"), python, version
     return None, python, version
