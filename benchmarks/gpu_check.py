@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                    # on a CUDA machine (sized for ~6-7 min on an H100; estimated)
     python benchmarks/gpu_check.py --json $OUT/gpu_check.json --budget-s 400
     python benchmarks/gpu_check.py --smoke            # the same code on CPU with tiny shapes (seconds; in make test)
+    python benchmarks/gpu_check.py --sections rollout # one section (the rollout one: vLLM servers, cap 150 s)
     make gpu-check ARGS="--json /path/out.json"
 
 Nothing is downloaded: models are built from the configs in distillspec/models/configs (Qwen3-0.6B / 4B,
