@@ -108,7 +108,7 @@ def test_a_tied_student_is_saved_untied_for_vllm(tiny_pair_dirs, tmp_path):
     server._save(student)
     state = load_file(str(server.weights_dir / "model.safetensors"))
     config = json.loads((server.weights_dir / "config.json").read_text())
-    assert config["tie_word_embeddings"] is False
+    assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
     assert torch.equal(state["lm_head.weight"], student.get_input_embeddings().weight)
     assert torch.equal(state["model.embed_tokens.weight"], student.get_input_embeddings().weight)
     assert set(state) == set(student.state_dict())

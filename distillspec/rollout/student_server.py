@@ -83,6 +83,8 @@ class StudentServer:
         if not (self.weights_dir / "config.json").exists():
             config = student.config.to_dict()
             config["tie_word_embeddings"] = False if (tied and head is not None) else config.get("tie_word_embeddings")
+            if not config.get("architectures"):  # a model built from a config has none; vLLM picks its class by it
+                config["architectures"] = [type(student).__name__]
             type(student.config).from_dict(config).save_pretrained(self.weights_dir)
             self.tokenizer.save_pretrained(self.weights_dir)
         tmp = self.weights_dir / "model.safetensors.partial"
