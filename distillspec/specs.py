@@ -297,6 +297,11 @@ class RolloutSpec:
 
     def _check_teacher_location(self) -> None:
         check_choice("rollout.teacher_location", self.teacher_location, TEACHER_LOCATIONS)
+        if self.vllm_url and self.engine == ROLLOUT_ENGINE_VLLM and not self.serves_teacher_logprobs():
+            raise ConfigError(f"rollout.vllm_url={self.vllm_url!r} is the teacher's server, but this run asks it for "
+                              f"nothing (rollout.source={self.source!r} with rollout.teacher_location=process: the "
+                              "teacher scores in this process, the student is served by a server the run starts); "
+                              "set rollout.teacher_location=server to use it, or drop rollout.vllm_url")
         if self.vllm_sync_every < 1:
             raise ConfigError(f"rollout.vllm_sync_every={self.vllm_sync_every!r}; valid: an integer >= 1 (optimizer "
                               "steps between pushes of the student's weights into its vLLM server)")

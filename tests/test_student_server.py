@@ -85,7 +85,9 @@ def test_a_student_server_dying_mid_run_stops_the_run_and_a_rerun_resumes(fake_p
 
 def test_student_rollouts_on_vllm_refuse_what_they_cannot_do(tmp_path):
     for extra, want in {("train.lora_rank=4",): "train.lora_rank=4: the server reloads full weights",
-                        ("trainer.devices=2",): "with 2 training processes"}.items():
+                        ("trainer.devices=2",): "with 2 training processes",
+                        ("rollout.vllm_url=http://127.0.0.1:9",): "is the teacher's server, but this run asks it for "
+                                                                   "nothing"}.items():
         p = _run(tmp_path / "x", *extra, f"rollout.vllm_python={sys.executable}")
         assert p.returncode == C.EXIT_CONFIG_ERROR and want in p.stderr, (extra, p.stderr[-2000:])
 
