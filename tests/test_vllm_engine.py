@@ -328,30 +328,44 @@ def test_served_scores_of_student_rollouts_equal_our_teacher_forward(server, tea
 
 
 # End to end, on-policy: the same short run with student rollouts from our loop and from a vLLM student server
-# (synced every step). Measured (2026-12-05, 20 steps, 48 prompts, 16 eval prompts): α_expected hf 0.0577, vLLM
-# 0.0573 (untrained 0.045: on-policy data from this 4-layer draft moves acceptance little in 20 steps, so this
-# checks that the two engines agree and that the syncs happen, not how much on-policy training gains).
+# (synced every step), three seeds each. vLLM's rollouts are not our sampler's (and not seeded per request), so a
+# single pair differs by the run-to-run spread. Measured (2026-12-05, 2-core Intel Xeon, this config): α_expected
+# hf seeds 0-5: 0.142 0.124 0.095 0.087 0.071 0.109 (mean 0.105, sd 0.026); vLLM seeds 0-5: 0.129 0.148 0.095
+# 0.107 0.110 0.080 (mean 0.111, sd 0.024), and seed 0 again 0.090 and 0.155; untrained 0.040. A one-pair
+# tolerance of 0.03 failed in CI (hf 0.142, vLLM 0.090). With sd 0.025 per run, the difference of two 3-seed
+# means has sd 0.020: the tolerance is 3 of those. Both means must also clear the untrained 0.040 by 0.02 (3
+# sd of a 3-seed mean below the measured means); student rollouts a broken served path made (wrong tokens, a
+# stale student) fall out of one or the other. The syncs themselves are checked by the reload count here and,
+# token for token, by test_served_student_follows_training.
 E2E_STUDENT = ["rollout=student", "train.max_steps=6", "train.num_train=16", "train.max_new_tokens=32",
                "train.eval_every=0", "sd.num_eval=8", "sd.measure_speedup=false", "sd.draft_quality=false",
                "compare_untrained=false"]
-E2E_STUDENT_TOL = 0.03
+E2E_STUDENT_SEEDS = (0, 1, 2)
+E2E_STUDENT_TOL = 0.06      # |Δ| of the two engines' 3-seed mean α_expected
+E2E_STUDENT_TRAINED = 0.06  # each engine's mean α_expected must exceed this (untrained: 0.040)
 
 
 def test_training_on_served_student_rollouts_reaches_the_same_acceptance(target_dir, tmp_path):
     import json
+    import statistics
     import subprocess
     import sys
 
     from conftest import REPO
 
-    alphas = {}
-    for engine in ("hf", "vllm"):
-        run_dir = tmp_path / engine
-        p = subprocess.run([sys.executable, "run.py", *E2E_STUDENT, f"rollout.engine={engine}",
-                            f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=1500)
-        assert p.returncode == 0, p.stderr[-3000:]
-        alphas[engine] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["sd/alpha_expected"]
-    log = (tmp_path / "vllm" / "vllm_logs" / "student-server.log").read_text()
-    print(f"\nα_expected after 6 on-policy steps: hf {alphas['hf']:.4f}, vllm {alphas['vllm']:.4f}")
-    assert log.count("Reloading and processing weights took") == 5  # before steps 1-5 (step 0 started it)
-    assert abs(alphas["hf"] - alphas["vllm"]) <= E2E_STUDENT_TOL
+    alphas = {"hf": [], "vllm": []}
+    for engine in alphas:
+        for seed in E2E_STUDENT_SEEDS:
+            run_dir = tmp_path / f"{engine}-{seed}"
+            p = subprocess.run([sys.executable, "run.py", *E2E_STUDENT, f"rollout.engine={engine}", f"seed={seed}",
+                                f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+            assert p.returncode == 0, p.stderr[-3000:]
+            alphas[engine].append(json.loads((run_dir / "metrics.json").read_text())["metrics"]["sd/alpha_expected"])
+            if engine == "vllm":
+                log = (run_dir / "vllm_logs" / "student-server.log").read_text()
+                assert log.count("Reloading and processing weights took") == 5  # before steps 1-5 (step 0 started it)
+    mean = {e: statistics.mean(a) for e, a in alphas.items()}
+    print(f"\nα_expected after 6 on-policy steps, seeds {E2E_STUDENT_SEEDS}: "
+          + "; ".join(f"{e} {' '.join(f'{a:.4f}' for a in alphas[e])} (mean {mean[e]:.4f})" for e in alphas))
+    assert mean["hf"] > E2E_STUDENT_TRAINED and mean["vllm"] > E2E_STUDENT_TRAINED
+    assert abs(mean["hf"] - mean["vllm"]) <= E2E_STUDENT_TOL
