@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -162,7 +161,9 @@ def main() -> None:
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    from sd_table import cpu_name  # the script's folder is on sys.path
+
+    res: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
                  "threads": a.threads, "prompts": a.prompts, "max_new_tokens": a.max_new_tokens}
     try:
         import torch
