@@ -76,6 +76,19 @@ def test_started_server_answers_and_is_stopped_at_block_end(fake_env, tmp_path, 
     assert f"fake vllm serving {target}" in (tmp_path / "vllm.log").read_text()
 
 
+def test_server_does_not_inherit_the_training_shells_thread_counts(fake_env, tmp_path, monkeypatch):
+    # vLLM's CPU backend sizes its own threads; an inherited OMP_NUM_THREADS made it 5x slower (server.py)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    monkeypatch.setenv("DISTILLSPEC_SOME_SETTING", "kept")
+    for extra, want in (({}, None), ({"OMP_NUM_THREADS": "3"}, "3")):
+        with ManagedServer("m", python=fake_env, log=tmp_path / "vllm.log", env=extra):
+            pid = int((tmp_path / "server.pid").read_text())
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        assert env.get("OMP_NUM_THREADS") == want and "MKL_NUM_THREADS" not in env
+        assert env["DISTILLSPEC_SOME_SETTING"] == "kept"
+
+
 def test_server_is_stopped_when_the_block_raises(fake_env, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with ManagedServer("m", python=fake_env, log=tmp_path / "vllm.log"):

@@ -144,7 +144,9 @@ def run_vllm(python: Path, job: dict, log_dir: Path, timeout: float) -> dict[str
     job_file, out_file, log_file = (log_dir / f"{tag}.{s}" for s in ("job.json", "out.json", "log"))
     out_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    from distillspec.serving.env import server_env
+
+    env = server_env(os.environ, {"PYTHONPATH": str(REPO)})
     t0 = time.perf_counter()
     reason = None
     try:

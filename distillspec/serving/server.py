@@ -249,7 +249,9 @@ class ManagedServer(contextlib.AbstractContextManager):
         port = self.port if self.port is not None else free_port()
         self.argv = self.command(port)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.extra_env}
+        from distillspec.serving.env import server_env
+
+        env = server_env(os.environ, self.extra_env)
         if "--kv-cache-memory-bytes" not in self.args:  # unset on a CPU, vLLM wants 92 % of the machine's memory
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         with open(self.log, "ab") as logf:
