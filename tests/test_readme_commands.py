@@ -38,7 +38,7 @@ NOT_RUN_OFFLINE = {
     "experiment=skd_speckd": "full-size pairs from the Hub, GPU",
     "experiment=adaptive_reference": "full-size pairs from the Hub, GPU",
     "pair.target=": "your own models: a local directory and a Hub id (docs/configuration.md)",
-    "rollout.engine=vllm": "needs the serving env (make vllm): make test-vllm runs it (tests/test_vllm_engine.py)",
+    "rollout.engine=vllm": "needs the serving env (make vllm): make test-vllm runs it (tests/test_readme_vllm.py)",
 }
 
 
