@@ -71,6 +71,28 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 
+def require_serving_env() -> None:
+    """Skip (or fail under DISTILLSPEC_REQUIRE_VLLM=1, as make test-vllm sets) unless the serving env imports vllm."""
+    from distillspec.errors import ConfigError
+    from distillspec.serving.env import check_serving_python
+    from distillspec.serving.jobs import default_vllm_python
+
+    try:
+        check_serving_python(default_vllm_python())
+    except ConfigError as exc:
+        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def fake_python(tmp_path_factory) -> Path:
+    """The python of a fake serving env (tests/fake_vllm.py), one per test module."""
+    from fake_vllm import make_fake_env
+
+    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
+
+
 def load_script(relpath: str, name: str):
     """A script of the repo that is not a package module (run.py, benchmarks/*.py), imported as module `name`."""
     spec = importlib.util.spec_from_file_location(name, REPO / relpath)

@@ -12,6 +12,8 @@ kwargs.weights_path) and /reset_prefix_cache, as vLLM's dev mode does.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -128,6 +130,20 @@ SERVER = textwrap.dedent('''\
             self._send({{"choices": choices}})
     http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 ''')
+
+
+def run_py(args: list[str], run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ARGS EXTRA hydra.run.dir=RUN_DIR` in the repo, one thread, env added to the environment."""
+    repo = Path(__file__).resolve().parents[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "run.py", *args, *extra, f"hydra.run.dir={run_dir}"], cwd=repo,
+                          env={**base, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def servers_alive(fake_python: Path) -> list[str]:
+    """The fake env's server processes still running."""
+    out = subprocess.run(["pgrep", "-af", f"{fake_python.parent}/vllm serve"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "pgrep" not in ln]
 
 
 def make_fake_env(root: Path) -> Path:

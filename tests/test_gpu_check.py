@@ -144,18 +144,9 @@ def test_rollout_vllm_flag_needs_smoke():
 def test_rollout_section_on_cpu_vllm(tmp_path):
     """--smoke --rollout-vllm: the rollout section's code against the real serving env on CPU, tiny shapes: a
     teacher server (random weights of its own) and a student server synced every step (~70 s here)."""
-    import os
+    from conftest import require_serving_env
 
-    from distillspec.errors import ConfigError
-    from distillspec.serving.env import check_serving_python
-    from distillspec.serving.jobs import default_vllm_python
-
-    try:
-        check_serving_python(default_vllm_python())
-    except ConfigError as exc:
-        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    require_serving_env()
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--smoke", "--rollout-vllm", "--sections", "rollout",
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=800)

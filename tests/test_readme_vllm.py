@@ -9,17 +9,13 @@ it short: the servers the run starts, their logs in the run dir and the run's me
 from __future__ import annotations
 
 import json
-import os
 import shlex
 
 import pytest
-
+from conftest import require_serving_env
 from test_readme_commands import _key, _run, readme_commands, user_repo  # noqa: F401 - user_repo is a fixture
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError
-from distillspec.serving.env import check_serving_python
-from distillspec.serving.jobs import default_vllm_python
 
 pytestmark = [pytest.mark.real_model, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
@@ -36,12 +32,7 @@ def test_the_docs_have_vllm_commands_to_run():
 
 @pytest.mark.parametrize("cmd", VLLM_COMMANDS)
 def test_vllm_command_runs_verbatim(user_repo, cmd):  # noqa: F811 - the imported fixture
-    try:
-        check_serving_python(default_vllm_python())
-    except ConfigError as exc:
-        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    require_serving_env()
     argv = shlex.split(cmd)
     own = {_key(a) for a in argv[2:] if "=" in a}
     before = set((user_repo / "outputs").rglob(C.METRICS_FILE))

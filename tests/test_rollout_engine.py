@@ -6,36 +6,20 @@ checked against the configured target, the entries it makes. make test-vllm runs
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
-import pytest
 import torch
-from conftest import REPO, TINY
-from fake_vllm import make_fake_env
+from conftest import TINY
+from fake_vllm import run_py, servers_alive
 
 from distillspec import constants as C
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ARGS = TINY + ["stage=train", "rollout=teacher", "rollout.engine=vllm", "+rollout.cache_store=false"]
 
 
-@pytest.fixture(scope="module")
-def fake_python(tmp_path_factory):
-    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
-
-
 def _run(run_dir, *extra, env=None):
-    return subprocess.run([sys.executable, "run.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return run_py(ARGS, run_dir, *extra, env=env)
 
-
-def _servers_alive(fake_python) -> list[str]:
-    """This fake env's server processes still running."""
-    out = subprocess.run(["pgrep", "-af", f"{fake_python.parent}/vllm serve"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "pgrep" not in ln]
 
 
 def test_a_run_takes_its_teacher_data_from_the_server_it_starts_and_stops_it(fake_python, tmp_path):
@@ -49,7 +33,7 @@ def test_a_run_takes_its_teacher_data_from_the_server_it_starts_and_stops_it(fak
     # stopped once the teacher data is made (nothing else uses it), before training steps
     assert text.index("stopped the vLLM server") < text.index("trained draft saved")
     assert (run_dir / "draft" / "config.json").is_file()
-    assert not _servers_alive(fake_python), "the teacher server outlived the run"
+    assert not servers_alive(fake_python), "the teacher server outlived the run"
 
 
 def test_a_server_with_other_weights_is_refused_by_name_before_training(fake_python, tmp_path):
@@ -58,7 +42,7 @@ def test_a_server_with_other_weights_is_refused_by_name_before_training(fake_pyt
     assert p.returncode == C.EXIT_CONFIG_ERROR, p.stderr[-3000:]
     err = p.stderr.strip().splitlines()[-1]
     assert "whose log-probs differ from the configured target 'tiny:target'" in err
-    assert not (run_dir / "checkpoints").exists() and not _servers_alive(fake_python)
+    assert not (run_dir / "checkpoints").exists() and not servers_alive(fake_python)
 
 
 def test_settings_vllm_cannot_serve_are_refused_at_once(tmp_path):
@@ -130,19 +114,17 @@ def test_a_server_dying_mid_run_stops_the_run_naming_its_log_and_a_rerun_finishe
     assert "fake engine died" in log.read_text()
     p = _run(run_dir, f"rollout.vllm_python={fake_python}")  # the same command again
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (run_dir / "draft" / "config.json").is_file() and not _servers_alive(fake_python)
+    assert (run_dir / "draft" / "config.json").is_file() and not servers_alive(fake_python)
 
 
 def test_stored_served_data_is_reused_only_for_the_same_server_arguments(fake_python, tmp_path):
     """The teacher-data store: a second run with the same settings loads the first's served data; other
     `vllm serve` arguments (e.g. another --seed) make other data."""
     args = [a for a in ARGS if a != "+rollout.cache_store=false"]
-    env = {**ENV, "DISTILLSPEC_TEACHER_DATA": str(tmp_path / "store")}
+    env = {"DISTILLSPEC_TEACHER_DATA": str(tmp_path / "store")}
 
     def run(name, *extra):
-        p = subprocess.run([sys.executable, "run.py", *args, f"rollout.vllm_python={fake_python}", *extra,
-                            f"hydra.run.dir={tmp_path / name}"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=600)
+        p = run_py(args, tmp_path / name, f"rollout.vllm_python={fake_python}", *extra, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
         return (tmp_path / name / "run.log").read_text()
 

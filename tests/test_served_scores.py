@@ -5,27 +5,18 @@ API, on the tiny pair); make test-vllm compares the real vLLM (tests/test_vllm_e
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, TINY
-from fake_vllm import make_fake_env
+from conftest import TINY
+from fake_vllm import run_py
 
 from distillspec import constants as C
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SERVED = TINY + ["rollout=student", "rollout.engine=vllm", "rollout.teacher_location=server",
                  "+rollout.cache_store=false"]
-
-
-@pytest.fixture(scope="module")
-def fake_python(tmp_path_factory):
-    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
 
 
 def _rollout(pad_id: int = 0):
@@ -87,8 +78,7 @@ def test_the_target_is_measured_in_a_child_process(tiny_pair_dirs):
 
 
 def _run(run_dir, *extra, env=None):
-    return subprocess.run([sys.executable, "run.py", *SERVED, *extra, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return run_py(SERVED, run_dir, *extra, env=env)
 
 
 def _loads(text: str, path: str) -> list[int]:

@@ -6,34 +6,20 @@ make test-vllm runs the same sync check on the real vLLM (tests/test_vllm_engine
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY
-from fake_vllm import make_fake_env
+from conftest import TINY
+from fake_vllm import run_py, servers_alive
 from student_sync import train_and_compare
 
 from distillspec import constants as C
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ARGS = TINY + ["stage=train", "rollout=student", "rollout.engine=vllm", "train.max_steps=3"]
 
 
-@pytest.fixture(scope="module")
-def fake_python(tmp_path_factory):
-    return make_fake_env(tmp_path_factory.mktemp("fake_vllm_env"))
-
-
 def _run(run_dir, *extra, env=None):
-    return subprocess.run([sys.executable, "run.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
-
-
-def _servers_alive(fake_python) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", f"{fake_python.parent}/vllm serve"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "pgrep" not in ln]
+    return run_py(ARGS, run_dir, *extra, env=env)
 
 
 @pytest.mark.parametrize("sync", [True, False])
@@ -58,7 +44,7 @@ def test_a_run_with_student_rollouts_on_vllm_syncs_every_step_and_stops_its_serv
     # started from the step-0 student, then reloaded before steps 1 and 2
     assert log.count("reloaded weights from") == 2 and log.count("completions request") == 3 * 1, log[-2000:]
     assert not (run_dir / "vllm_logs" / "teacher-server.log").exists()  # the teacher stays in process
-    assert (run_dir / "draft" / "config.json").is_file() and not _servers_alive(fake_python)
+    assert (run_dir / "draft" / "config.json").is_file() and not servers_alive(fake_python)
 
 
 def test_sync_every_n_steps(fake_python, tmp_path):
@@ -76,7 +62,7 @@ def test_a_student_server_dying_mid_run_stops_the_run_and_a_rerun_resumes(fake_p
     err = p.stderr.strip().splitlines()[-1]
     log = run_dir / "vllm_logs" / "student-server.log"
     assert "the vLLM server for" in err and str(log) in err and "exited" in err, err
-    assert (run_dir / "checkpoints").is_dir() and not _servers_alive(fake_python)
+    assert (run_dir / "checkpoints").is_dir() and not servers_alive(fake_python)
     p = _run(run_dir, f"rollout.vllm_python={fake_python}")  # the same command again: resumes
     assert p.returncode == 0, p.stderr[-3000:]
     train = json.loads((run_dir / C.METRICS_FILE).read_text())["train"]

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, require_serving_env
 
 from distillspec.serving import stats
 from distillspec.serving.check import RESULT_FILE, TABLE_FILE
@@ -29,7 +29,6 @@ from distillspec.serving.compare import RATE_TOLERANCE
 from distillspec.serving.jobs import default_vllm_python
 
 VLLM_PY = default_vllm_python()
-REQUIRE = os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1"
 # Short runs: a few trained steps, 6 eval prompts. Greedy (sd=greedy) for exact agreement; the demo's
 # nucleus sampling (T 0.6, top-p 0.95) for the T > 0 check.
 TRAIN = ["train.max_steps=4", "train.num_train=8", "train.batch_size=4", "train.eval_every=0",
@@ -39,17 +38,7 @@ EVAL = ["sd.num_eval=6", "sd.max_new_tokens=48", "sd.measure_speedup=false", "sd
 
 def _serving_env() -> None:
     """Skip (or fail under DISTILLSPEC_REQUIRE_VLLM=1) unless the serving env imports vllm."""
-    why = None
-    if not VLLM_PY.is_file():
-        why = f"no serving environment at {VLLM_PY}: run `make vllm`"
-    else:
-        p = subprocess.run([str(VLLM_PY), "-c", "import vllm"], capture_output=True, text=True, timeout=300)
-        if p.returncode != 0:
-            why = f"`import vllm` fails in {VLLM_PY}: {p.stderr.strip().splitlines()[-1:]}"
-    if why:
-        if REQUIRE:
-            pytest.fail(why)
-        pytest.skip(why)
+    require_serving_env()
 
 
 # Each vLLM process loads for about a minute on 2 cores; the T > 0 check starts seven of them.

@@ -13,13 +13,10 @@ One `vllm serve` of the offline SmolLM2-135M target in float32, started from the
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import require_serving_env
 
-from distillspec.errors import ConfigError
-from distillspec.serving.env import check_serving_python
 from distillspec.serving.jobs import default_vllm_python
 from distillspec.serving.server import ManagedServer
 
@@ -35,12 +32,7 @@ MAX_NEW = 200  # the offline target's worked answers end within this (its EOS is
 def target_dir():
     from distillspec.models.offline import ensure_smollm2
 
-    try:
-        check_serving_python(VLLM_PY)
-    except ConfigError as exc:
-        if os.environ.get("DISTILLSPEC_REQUIRE_VLLM") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    require_serving_env()
     return ensure_smollm2()
 
 
