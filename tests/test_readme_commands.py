@@ -25,7 +25,7 @@ from conftest import REPO, SHARED_DATA, TINY
 
 from distillspec import constants as C
 
-SECTIONS = ("## Running", "## Experiments and reports")
+SECTIONS = ("## Running", "## Experiments and reports", "## Serving and generating with vLLM")
 COMMAND_PREFIXES = ("python run.py", "python -m distillspec")
 LAUNCHERS = ("srun ",)  # `srun python run.py ...` (docs/gpu.md) is collected as its python command
 # Commands that need the Hugging Face Hub, a GPU or a cluster (checked by substring), with the reason.

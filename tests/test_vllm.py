@@ -150,12 +150,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
 def readme_serve_line() -> str:
     """The README's `vllm serve` command (the demo's paths)."""
     text = (REPO / "README.md").read_text()
-    lines = [ln.split("  #", 1)[0].strip() for ln in text.splitlines() if ln.lstrip().startswith(".venv-vllm/bin/vllm serve")]
+    lines = [ln.split("  #", 1)[0].strip() for ln in text.splitlines() if ".venv-vllm/bin/vllm serve" in ln]
     assert lines, "the README shows no `.venv-vllm/bin/vllm serve` line"
-    return lines[0]
+    env, _, cmd = lines[0].partition(".venv-vllm/bin/vllm serve")
+    assert env.strip() == f"{KV_ENV}=4", env  # copied on a CPU, the line must bound vLLM's KV cache
+    return ".venv-vllm/bin/vllm serve" + cmd
 
 
 def test_vllm_serve_with_trained_draft(greedy_run, workdir):
@@ -171,7 +176,7 @@ def test_vllm_serve_with_trained_draft(greedy_run, workdir):
     argv[argv.index("--speculative-config") + 1] = json.dumps(spec)
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     log = open(workdir / "serve.log", "w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    env = {**os.environ, KV_ENV: "4"}
     server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     base = f"http://127.0.0.1:{port}"
     try:
