@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STEP_ARGS = ["stage=train", "rollout=student", "train.eval_every=0", "compare_untrained=false",
-             "+rollout.cache_store=false", "logger=csv"]
+             "rollout.cache_store=false", "logger=csv"]
 
 
 def run_child(argv: list[str], env: dict[str, str]) -> tuple[int, float, str, str]:

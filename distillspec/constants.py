@@ -94,7 +94,7 @@ RESUME_FORCE = "force"                  # resume=force: continue a run dir altho
 STAGE_TRAIN = "train"
 STAGE_EVAL = "eval"
 STAGE_TRAIN_EVAL = "train_eval"
-STAGE_PLAN = "plan"                     # memory plan only: nothing is loaded (also `+dry_run=true`)
+STAGE_PLAN = "plan"                     # memory plan only: nothing is loaded (also `dry_run=true`)
 STAGES = (STAGE_TRAIN_EVAL, STAGE_TRAIN, STAGE_EVAL, STAGE_PLAN)
 PLAN_FILE = "plan.json"
 ERROR_FILE = "error.json"               # a failed sweep job: {job, error_type, message, exit_code} in its run dir

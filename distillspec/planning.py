@@ -1,4 +1,4 @@
-"""GPU memory planning before anything is loaded: `python run.py stage=plan ...` (or `+dry_run=true`).
+"""GPU memory planning before anything is loaded: `python run.py stage=plan ...` (or `dry_run=true`).
 
 From the two models' configs (no weights: `distillspec.models.shapes.count_parameters` builds them on the
 meta device) and the configured batch and lengths, estimate the peak GPU memory of one training process

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
@@ -336,7 +336,6 @@ class TrainSpec:
     eval_num: int = 8
     lora_rank: int = 0
     freeze_embeddings: bool = False  # keep the (tied) embedding / output head fixed: train the layers and norms
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -352,6 +351,3 @@ class TrainSpec:
             check_range("train.grad_clip", self.grad_clip, lo=0.0)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"train.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
-
-    def to_dict(self) -> dict:
-        return asdict(self)

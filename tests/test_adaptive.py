@@ -260,7 +260,7 @@ def test_adaptive_trains_with_gate_block_weights_and_skd(tmp_path):
     per-step stats reach the CSV log."""
     from conftest import TINY, run_cfg
 
-    gate = "+div.gate={top_k:5,mode:greedy,num_candidates:1,beta:0.1}"
+    gate = "div.gate={top_k:5,mode:greedy,num_candidates:1,beta:0.1}"
     out = run_cfg(TINY + ["div=adaptive_reversed", "rollout=skd", gate, "div.block_weighting=block_avg",
                           "stage=train"], tmp_path)
     assert out["train"]["steps"] == 2

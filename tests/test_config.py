@@ -155,3 +155,35 @@ def test_mix_on_a_non_mixed_source_is_refused(rollout):
     mixed = compose_cfg(["rollout=mixed", "rollout.source=student"])  # the mixed config's weights, another source
     with pytest.raises(ConfigError, match="is set but rollout.source='student'"):
         build(mixed.rollout, "rollout")
+
+
+def _settable(cls) -> set[str]:
+    """The keyword parameters a config node of `_target_: cls` may set (dataclass fields, or every keyword of the
+    __init__ methods along the class's MRO)."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            names |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
+                      if n != "self" and p.kind is p.KEYWORD_ONLY}
+    return names
+
+
+@pytest.mark.parametrize("group", ["task", "pair", "div", "rollout", "sd"])
+def test_every_setting_is_in_the_yaml(group):
+    """The YAML is the one source of settings: every option of a group holds every field its `_target_` takes, so
+    each is overridable without `+` (a field added to a spec fails here until its YAML names it)."""
+    from hydra.utils import get_class
+
+    for f in sorted((CONF_DIR / group).glob("*.yaml")):
+        node = compose_cfg([f"{group}={f.stem}"])[group]
+        missing = sorted(_settable(get_class(node._target_)) - set(node))
+        assert not missing, f"conf/{group}/{f.stem}.yaml (with conf/config.yaml's {group}:) lacks {missing}"
+    train = compose_cfg().train
+    from distillspec.specs import TrainSpec
+
+    assert not sorted(_settable(TrainSpec) - set(train)), "conf/config.yaml's train: lacks TrainSpec fields"

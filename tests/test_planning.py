@@ -1,4 +1,4 @@
-"""Memory planning before loading (`stage=plan`, `+dry_run=true`), repo model shapes, and the
+"""Memory planning before loading (`stage=plan`, `dry_run=true`), repo model shapes, and the
 clear error for an 8-bit teacher where bitsandbytes is not installed."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_stage_plan_loads_nothing(tmp_path, no_loading, caplog):
     """The reference Qwen experiment planned on a CPU machine: no Hub, no weights, no CUDA (8-bit teacher)."""
     with caplog.at_level("INFO", logger="distillspec"):
         out = run_cfg(TINY + ["experiment=reference_qwen_gsm8k", "pair=qwen3", "pair.target_quantization=8bit",
-                              "stage=plan", "+plan_cards=[48]"], tmp_path)
+                              "stage=plan", "plan_cards=[48]"], tmp_path)
     assert f"wrote the memory plan to {tmp_path / C.PLAN_FILE}" in caplog.text  # issue 19, item 6: say where
     saved = json.loads((tmp_path / C.PLAN_FILE).read_text())
     assert saved == json.loads(json.dumps(out))
@@ -99,7 +99,7 @@ def test_stage_plan_loads_nothing(tmp_path, no_loading, caplog):
 
 
 def test_dry_run_flag_on_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, "run.py", *TINY, "pair=qwen3", "+dry_run=true",
+    proc = subprocess.run([sys.executable, "run.py", *TINY, "pair=qwen3", "dry_run=true",
                            f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| as configured |" in proc.stdout and "fits 80 GB" in proc.stdout

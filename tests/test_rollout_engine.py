@@ -14,7 +14,7 @@ from fake_vllm import run_py, servers_alive
 
 from distillspec import constants as C
 
-ARGS = TINY + ["stage=train", "rollout=teacher", "rollout.engine=vllm", "+rollout.cache_store=false"]
+ARGS = TINY + ["stage=train", "rollout=teacher", "rollout.engine=vllm", "rollout.cache_store=false"]
 
 
 def _run(run_dir, *extra, env=None):
@@ -51,7 +51,7 @@ def test_settings_vllm_cannot_serve_are_refused_at_once(tmp_path):
              ("rollout.cache_top_k=0",): "rollout.cache_top_k=0 turns it off",
              ("rollout.vllm_sync_every=0",): "rollout.vllm_sync_every=0; valid: an integer >= 1",
              ("rollout.teacher_location=gpu1",): "unknown rollout.teacher_location 'gpu1'; valid choices: process, server",
-             ("rollout.teacher_location=server", "+rollout.teacher_logits=dense"): "gives the teacher's top-k log-probs only",
+             ("rollout.teacher_location=server", "rollout.teacher_logits=dense"): "gives the teacher's top-k log-probs only",
              ("rollout.teacher_location=server", "rollout.engine=hf"): "rollout.teacher_location=server needs rollout.engine=vllm",
              ("rollout.vllm_url=localhost:8000",): "is not an http(s) URL",
              ("rollout.vllm_port=70000",): "rollout.vllm_port=70000 is out of range",
@@ -120,7 +120,7 @@ def test_a_server_dying_mid_run_stops_the_run_naming_its_log_and_a_rerun_finishe
 def test_stored_served_data_is_reused_only_for_the_same_server_arguments(fake_python, tmp_path):
     """The teacher-data store: a second run with the same settings loads the first's served data; other
     `vllm serve` arguments (e.g. another --seed) make other data."""
-    args = [a for a in ARGS if a != "+rollout.cache_store=false"]
+    args = [a for a in ARGS if a != "rollout.cache_store=false"]
     env = {"DISTILLSPEC_TEACHER_DATA": str(tmp_path / "store")}
 
     def run(name, *extra):

@@ -16,7 +16,7 @@ from fake_vllm import run_py
 from distillspec import constants as C
 
 SERVED = TINY + ["rollout=student", "rollout.engine=vllm", "rollout.teacher_location=server",
-                 "+rollout.cache_store=false"]
+                 "rollout.cache_store=false"]
 
 
 def _rollout(pad_id: int = 0):

@@ -246,7 +246,7 @@ def test_training_on_served_teacher_data_reaches_the_same_acceptance(target_dir,
     alphas = {}
     for engine in ("hf", "vllm"):
         run_dir = tmp_path / engine
-        p = subprocess.run([sys.executable, "run.py", *E2E, f"rollout.engine={engine}", "+rollout.cache_store=false",
+        p = subprocess.run([sys.executable, "run.py", *E2E, f"rollout.engine={engine}", "rollout.cache_store=false",
                             f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=1500)
         assert p.returncode == 0, p.stderr[-3000:]
         alphas[engine] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["sd/alpha_expected"]
