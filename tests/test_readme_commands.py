@@ -1,7 +1,8 @@
 """The documented commands, run verbatim as a user types them, in a temp copy of the repo.
 
-Every `python run.py ...` / `python -m distillspec.report ...` line of the README's "Running" and
-"Experiments and reports" sections and of every bash block in docs/*.md is either run here (shrunk only by
+Every `python run.py ...` / `python -m distillspec.report ...` line of the README's "Running", "Experiments and
+reports" and vLLM sections and of every bash block in docs/*.md, and every `python run.py ...` printed inline in
+the README or docs/, is either run here (shrunk only by
 *appended* overrides: the tiny pair, a few prompts and steps, one point of an experiment's grid; `stage=plan`
 loads no model and runs as typed) with the default output directories (`outputs/`, `multirun/` under the
 copy), or listed in NOT_RUN_OFFLINE with the reason. A documented command that is neither fails the test, so
@@ -55,15 +56,27 @@ def _bash_commands(text: str) -> list[str]:
     return out
 
 
+def _inline_commands(text: str) -> list[str]:
+    """The `python run.py ...` commands printed inline (in single backticks, outside fenced blocks), whitespace
+    joined; a line that only describes a command (`python run.py stage=eval ...`) is not one."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    cmds = [" ".join(m.split()) for m in re.findall(r"(?<!`)`(python run\.py[^`]*)`", text)]
+    return [c for c in cmds if "..." not in c]
+
+
 def readme_commands() -> list[str]:
-    """The commands of the README's SECTIONS, then of every docs/*.md (by name), each once, in that order:
-    later ones may use what earlier ones wrote (the report reads the README's offline_reference sweep)."""
+    """The commands of the README's SECTIONS, then of every docs/*.md (by name), then the inline ones of the
+    README and docs, each once, in that order: later ones may use what earlier ones wrote (the report reads the
+    README's offline_reference sweep)."""
     text = (REPO / "README.md").read_text()
+    docs = [doc.read_text() for doc in sorted((REPO / "docs").glob("*.md"))]
     out: list[str] = []
     for section in SECTIONS:
         out += _bash_commands(text.split(section, 1)[1].split("\n## ", 1)[0])
-    for doc in sorted((REPO / "docs").glob("*.md")):
-        out += _bash_commands(doc.read_text())
+    for doc in docs:
+        out += _bash_commands(doc)
+    for doc in [text, *docs]:
+        out += _inline_commands(doc)
     return list(dict.fromkeys(out))
 
 
@@ -135,10 +148,11 @@ def test_readme_command_runs_verbatim(user_repo, cmd):
     """One documented command (in readme_commands() order: later ones use what earlier ones wrote)."""
     if ("gsm8k_local" in cmd or "experiment=offline_adaptive" in cmd) and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not beside the repo")
-    if "<run>" in cmd:  # the README's placeholder: a run dir the first command wrote
+    demo_draft = "outputs/arithmetic-offline/draft"  # the demo's draft (here the shrunk demo's, on the tiny pair)
+    if "<run>" in cmd or demo_draft in cmd:  # the README's placeholder: a run dir the first command wrote
         drafts = sorted((user_repo / "outputs").glob("*/*/draft"))
         assert drafts, "no outputs/<run>/draft from `python run.py`"
-        cmd = cmd.replace("outputs/<run>/draft", str(drafts[0].relative_to(user_repo)))
+        cmd = cmd.replace("outputs/<run>/draft", demo_draft).replace(demo_draft, str(drafts[0].relative_to(user_repo)))
     if "<name>" in cmd:
         cmd = cmd.replace("multirun/<name>", "multirun/offline_reference")
     proc = _run(shrink(cmd), user_repo)
