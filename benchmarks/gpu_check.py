@@ -10,13 +10,13 @@ Nothing is downloaded: models are built from the configs in distillspec/models/c
 SmolLM-360M / 1.7B shapes) with random weights, in bf16 directly on the GPU. Sections (each guarded by a
 time budget; a section that fails is reported and the others still run):
   1. decode   forced-acceptance speed table (gpucheck/decode.py): SD all/none accepted vs target-only
-              vs HF generate / assisted generation, B = 1 and 16, per-call costs, c, issue 13's goals;
+              vs HF generate / assisted generation, B = 1 and 16, per-call costs, c, the engine's GPU goals;
               our rows on the dynamic KV cache, the static one, and (CUDA) static + CUDA graphs
   2. equal    greedy SD == greedy target decoding on the GPU, fp32 (gpucheck/checks.py), per cache path
   3. loss     chunked loss peak memory on the 151,936 vocabulary, B x T = 16 x 312 (gpucheck/checks.py)
   4. train    on-policy distillation steps, 0.6B student / 4B teacher: tokens/s, peak memory; 8-bit teacher
               with bitsandbytes; TRL GKDTrainer with trl + datasets (gpucheck/train.py)
-  5. rollout  issue 27, generation on vLLM (gpucheck/rollout.py): teacher data tokens/s, ours (TeacherCache.build)
+  5. rollout  generation on vLLM (gpucheck/rollout.py): teacher data tokens/s, ours (TeacherCache.build)
               vs a vLLM teacher server; on-policy steps hf vs a vLLM student server (step s, weight-sync s,
               rollout tokens/s); the training process's peak GPU memory, teacher in process vs served. Needs a
               serving python with CUDA vLLM (DISTILLSPEC_VLLM_PYTHON, else .venv-vllm/bin/python); without one,
@@ -157,7 +157,7 @@ def rollout_report(r: dict) -> str:
     """The rollout section's table (or its skip reason)."""
     from gpucheck.common import md_table
 
-    head = f"\n## Rollouts on vLLM (issue 27; {' <- '.join(r['shapes'])}): {r['status']}"
+    head = f"\n## Rollouts on vLLM ({' <- '.join(r['shapes'])}): {r['status']}"
     if not r["rows"]:
         return head + "".join(f"\nskipped: {s}" for s in r["skipped"])
     cols = ["tokens", "seconds", "tokens_per_s", "step_s", "sync_s", "teacher_score_s", "peak_gib"]

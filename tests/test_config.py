@@ -137,7 +137,7 @@ def test_run_name_uses_model_names_when_the_pair_is_given_by_paths_or_ids():
 
 @pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "mixed", "skd"])
 def test_cache_top_k_is_in_every_rollout_config(rollout):
-    """Issue 19, item 6: rollout.cache_top_k needed '+' although conf/config.yaml names it."""
+    """rollout.cache_top_k is overridable without '+' for every rollout option."""
     from distillspec.specs import RolloutSpec
 
     cfg = compose_cfg([f"rollout={rollout}"])
@@ -147,7 +147,7 @@ def test_cache_top_k_is_in_every_rollout_config(rollout):
 
 @pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "skd"])
 def test_mix_on_a_non_mixed_source_is_refused(rollout):
-    """Issue 28: +rollout.mix.* with a non-mixed source was silently ignored, even student=0.9 teacher=0.9."""
+    """rollout.mix.* with a non-mixed source is refused, not ignored (even student=0.9 teacher=0.9)."""
     cfg = compose_cfg([f"rollout={rollout}", "+rollout.mix.student=0.9", "+rollout.mix.teacher=0.9"])
     with pytest.raises(ConfigError, match=rf"rollout.mix=\{{'student': 0.9, 'teacher': 0.9\}} is set but "
                                           rf"rollout.source='{rollout}'; the mix applies only to rollout.source=mixed"):

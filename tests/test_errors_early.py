@@ -1,4 +1,4 @@
-"""Issue 9, items 6, 8, 10: bad paths, damaged files and unknown trainer settings fail with one line naming
+"""Bad paths, damaged files and unknown trainer settings fail with one line naming
 the value and the fix, before models load; offline GSM8K fails fast; interrupted cache builds are cleaned."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_interrupted_cache_builds_are_cleaned(tmp_path):
 @pytest.mark.parametrize("bad", ["sd.gamma=0", "rollout.temperature=nan", "train.lr=abc", "sd.kv=paged",
                                  "div.divergence=kl", "sd.lenience=x", "task.num_eval=0"])
 def test_bad_settings_fail_before_the_heavy_imports(tmp_path, bad):
-    """Issue 19, item 7: `import lightning` (and transformers' model classes) ran before any setting was checked,
+    """`import lightning` (and transformers' model classes) ran before any setting was checked,
     so a typo cost ~10 s; then torch (~2 s) still ran first. Now the specs and the task are built without torch,
     lightning or transformers: `python run.py <typo>` fails in under a second (0.7-0.9 s on the dev machine)."""
     import subprocess
@@ -147,7 +147,7 @@ def test_bad_settings_fail_before_the_heavy_imports(tmp_path, bad):
      "rollout.mix={'student': 0.9, 'teacher': 0.9} is set but rollout.source='teacher'"),
 ])
 def test_pair_and_mix_settings_fail_before_the_heavy_imports(tmp_path, args, needle):
-    """Issue 28: pair.draft=/nonexistent and pair.target_quantization=3bit were refused only after Lightning's
+    """pair.draft=/nonexistent and pair.target_quantization=3bit are refused before Lightning's
     import (6-8 s), 3bit listing "None" among the choices; pair.verify_full_precision=true without a quantized
     target and +rollout.mix.* on a non-mixed source were accepted and did nothing. Now each is refused in about a
     second, naming the setting, before torch is imported, and no run dir is left behind."""
@@ -177,7 +177,7 @@ def test_valid_model_names_still_pass_the_early_check(tiny_pair_dirs):
 
 
 def test_too_many_new_tokens_are_refused_before_models_load(tmp_path, no_model_loading):
-    """Issue 28: train.max_new_tokens=100000 was refused only after the untrained evaluation (the first rollout
+    """train.max_new_tokens=100000 is refused before the untrained evaluation (the first rollout
     overflowed the context), left csv/ behind, and named neither the setting nor a valid value."""
     with pytest.raises(ConfigError, match=r"^train.max_new_tokens=100000 does not fit the context of 'tiny:target' "
                                           r"\(4096 positions\): the longest prompt has (\d+) tokens; valid: "

@@ -1,4 +1,4 @@
-"""The package's import graph has no circles (issue 28, "The house").
+"""The package's import graph has no circles.
 
 Every `import` / `from ... import` in distillspec/**/*.py counts: module-level, inside functions, and under
 `if TYPE_CHECKING:`. `from pkg import name` is an arrow to the module pkg.name when that is a module of the

@@ -258,8 +258,8 @@ def _fake_model(out):
 
 
 def test_built_models_load_from_a_read_only_cache(tmp_path, monkeypatch):
-    """Issue 28, item 6: a second user of a shared cache loads its built models; pair=tiny took `.tiny.lock`
-    (PermissionError) even when both models were built."""
+    """A second user of a shared cache loads its built models without taking `.tiny.lock` (a PermissionError in a
+    cache they cannot write)."""
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
     built = resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")
     offline._build_cached(tmp_path / "m", _fake_model)
@@ -275,8 +275,8 @@ def test_built_models_load_from_a_read_only_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny:target", "offline:smollm2-135m", "offline:smollm2-135m-L4",
                                   "offline:smollm2-135m-L4-warm"])
 def test_a_build_in_a_read_only_cache_says_to_set_the_cache_dir(tmp_path, monkeypatch, name):
-    """Issue 28, item 6: a model that needs building in a cache this user cannot write is one line naming the
-    cache and DISTILLSPEC_CACHE (was a PermissionError traceback from the lock file)."""
+    """A model that needs building in a cache this user cannot write is one line naming the cache and
+    DISTILLSPEC_CACHE, not a PermissionError traceback from the lock file."""
     cache = tmp_path / "shared"
     cache.mkdir()
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(cache))
@@ -289,8 +289,8 @@ def test_a_build_in_a_read_only_cache_says_to_set_the_cache_dir(tmp_path, monkey
 
 
 def test_cached_models_are_readable_by_other_users(tmp_path, monkeypatch):
-    """Issue 28, item 6: model.safetensors was written 0600 (transformers; mkdtemp for the dir) while the cache
-    is shared: files get the umask's modes (0644, dirs 0755 under umask 022)."""
+    """The cache is shared: built files get the umask's modes (0644, dirs 0755 under umask 022), not the 0600 that
+    transformers and mkdtemp give."""
     import os
 
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
@@ -307,7 +307,7 @@ def test_cached_models_are_readable_by_other_users(tmp_path, monkeypatch):
 
 
 def test_a_process_waiting_for_a_build_says_so(tmp_path, monkeypatch, caplog):
-    """Issue 28: a process waiting for another's build logged nothing for the whole build; it logs the wait."""
+    """A process waiting for another's build logs the wait."""
     monkeypatch.setattr(offline, "WAIT_LOG_S", 0.2)
     final = tmp_path / "model"
     started = threading.Event()

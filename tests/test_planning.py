@@ -88,7 +88,7 @@ def test_stage_plan_loads_nothing(tmp_path, no_loading, caplog):
     with caplog.at_level("INFO", logger="distillspec"):
         out = run_cfg(TINY + ["experiment=reference_qwen_gsm8k", "pair=qwen3", "pair.target_quantization=8bit",
                               "stage=plan", "plan_cards=[48]"], tmp_path)
-    assert f"wrote the memory plan to {tmp_path / C.PLAN_FILE}" in caplog.text  # issue 19, item 6: say where
+    assert f"wrote the memory plan to {tmp_path / C.PLAN_FILE}" in caplog.text  # it says where
     saved = json.loads((tmp_path / C.PLAN_FILE).read_text())
     assert saved == json.loads(json.dumps(out))
     assert not (tmp_path / C.METRICS_FILE).exists()

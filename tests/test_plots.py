@@ -1,4 +1,4 @@
-"""Issue 9, item 16: the figures speak to a person. Entropy tick labels do not overlap, the positions legend reads
+"""The figures speak to a person. Entropy tick labels do not overlap, the positions legend reads
 6 (not 6.0), γ ticks are the integer γ values (no 4.8 ... 5.2 around a single γ), step ticks are whole numbers, and
 no title, axis label or legend shows a raw metric key (`metric = sd/tau`, `sd/alpha_tok`, `gamma`, `value`)."""
 
@@ -179,7 +179,7 @@ def test_lossless_sd_output_quality_is_not_plotted_as_the_drafts():
 
 
 def test_entropy_figure_draws_one_line_per_gamma():
-    """Issue 19, item 6: points of jobs with different γ were joined into one line per method."""
+    """Points of jobs with different γ are not joined into one line per method."""
     df = pd.DataFrame([_row("rkl/teacher", gamma=g, i=0) for g in (3, 5)])  # the same bins' entropies
     fig = rp.entropy_figure(df)
     lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata())]
@@ -188,7 +188,7 @@ def test_entropy_figure_draws_one_line_per_gamma():
 
 
 def test_before_after_figure_without_a_curve_warns_nothing(tmp_path, monkeypatch):
-    """Issue 19, item 6: train.eval_every=0 (no periodic evaluation) gave matplotlib's 'No artists with labels'."""
+    """train.eval_every=0 (no periodic evaluation) plots without matplotlib's 'No artists with labels'."""
     import warnings
 
     from distillspec.before_after import before_after_plot

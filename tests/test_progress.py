@@ -1,4 +1,4 @@
-"""Issue 9, item 15: what a run prints. The training bar reads `training step n/max_steps` (not Lightning's
+"""What a run prints. The training bar reads `training step n/max_steps` (not Lightning's
 `Epoch 0/-2`), also after a resume; teacher rollouts and periodic SD evaluations show bars; Lightning's tip and
 library deprecation noise are gone, and each Lightning message is printed once."""
 

@@ -138,7 +138,7 @@ def test_verify_full_precision_distils_against_8bit_and_verifies_with_float32(tm
     from distillspec.models.loading import PairSpec
 
     with pytest.raises(ConfigError, match="pair.verify_full_precision=true needs a quantized teacher"):
-        PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True)  # issue 28: was a no-op
+        PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True)  # would do nothing
 
 
 def test_full_precision_eval_command():

@@ -1,6 +1,5 @@
-"""Issue 19, item 4: a read-only outputs/<name>/ or run dir is refused in one line naming the directory, before
-Hydra creates or logs into it (it gave a PermissionError traceback, or 32 lines ending in "Unable to configure
-handler 'file'").
+"""A read-only outputs/<name>/ or run dir is refused in one line naming the directory, before Hydra creates or
+logs into it (not a PermissionError traceback, nor Hydra's "Unable to configure handler 'file'").
 
 As root, chmod does not stop writes, so the read-only directory is simulated: the launched run.py sees
 os.access(<that dir>, W_OK) false (the check the start-up uses); everything else is the real entry point."""
@@ -69,7 +68,7 @@ def test_check_run_dir_writable_names_the_nearest_existing_directory(tmp_path, m
 
 
 def test_refused_run_leaves_no_run_dir(tmp_path):
-    """Issue 19, item 6: a run refused by validation left outputs/<name>/<overrides>/ behind (.hydra, run.log)."""
+    """A run refused by validation leaves no outputs/<name>/<overrides>/ behind (.hydra, run.log)."""
     run_dir = tmp_path / "outputs" / "exp" / "job"
     (tmp_path / "outputs").mkdir()
     out = subprocess.run([sys.executable, "run.py", "pair=tiny", "sd.gamma=0", f"hydra.run.dir={run_dir}"], cwd=REPO,

@@ -112,8 +112,7 @@ def _fake_job(job_dir, alpha):
 
 
 def test_a_damaged_job_is_listed_as_unreadable_and_the_others_are_reported(tmp_path, caplog):
-    """Issue 28, item 4: one damaged metrics.json (or config.yaml) killed the report with a JSONDecodeError naming
-    no file, and nothing was written for the other jobs."""
+    """One damaged metrics.json (or config.yaml) is named in one line and the other jobs are still reported."""
     sweep = tmp_path / "sweep"
     _fake_job(sweep / "0_good", 0.5)
     _fake_job(sweep / "1_cut", 0.6)
@@ -138,7 +137,7 @@ def test_a_damaged_job_is_listed_as_unreadable_and_the_others_are_reported(tmp_p
 
 
 def test_report_on_a_read_only_sweep_dir_says_to_pass_out(tmp_path, monkeypatch, capsys):
-    """Issue 28: a read-only sweep dir gave a PermissionError traceback with no hint about --out. (As root chmod
+    """A read-only sweep dir is refused in one line that names --out. (As root chmod
     does not stop writes: the read-only directory is simulated through os.access, which the check reads.)"""
     import os
 

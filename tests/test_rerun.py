@@ -1,4 +1,4 @@
-"""Issue 9, items 3, 4, 7, 9: what rerunning a command does to its run dir. Finished runs are reported, not
+"""What rerunning a command does to its run dir. Finished runs are reported, not
 redone, and keep their logs; a resumed run keeps earlier CSV rows; damaged checkpoints are skipped; a changed
 config is refused unless resume=force; names cannot leave outputs/."""
 
@@ -86,7 +86,7 @@ def test_truncated_checkpoint_falls_back_to_previous_then_starts_over(tmp_path, 
     out = run_cfg(args, tmp_path)
     assert out["train"]["resumed_from"] is None and out["train"]["steps"] == 2
     assert "starts over" in caplog.text
-    # issue 19, item 2: starting over resets the CSV log (the earlier attempt's rows were kept: steps twice)
+    # starting over resets the CSV log (keeping the earlier attempt's rows would log steps twice)
     assert _train_steps(tmp_path) == [0, 1]
     assert "dropped 2 row(s) of" in caplog.text
 
@@ -166,8 +166,8 @@ def test_a_key_added_to_conf_with_its_old_default_is_no_change():
 
 
 def test_damaged_run_config_or_metrics_is_named_in_one_line(tmp_path):
-    """Issue 28, item 4: a damaged run_config.json / metrics.json (outside damage: both are written atomically)
-    killed a rerun with a bare json.decoder.JSONDecodeError naming no file."""
+    """A damaged run_config.json / metrics.json (outside damage: both are written atomically) stops a rerun in one
+    line naming the file, not a bare json.decoder.JSONDecodeError."""
     import subprocess
     import sys
 

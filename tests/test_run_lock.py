@@ -1,6 +1,5 @@
-"""Issue 28, item 1: the same command launched twice at once. The second launch ran too: it cut the first's live
-CSV ("training starts from step 0: dropped 36 row(s)"), duplicated steps and left a stray last-v1.ckpt, and both
-exited 0. Now a run dir holds run.lock (an OS lock held for the launch's life): a second launch is refused at
+"""The same command launched twice at once. Without a lock the second launch would cut the first's live CSV,
+duplicate steps and leave a stray last-v1.ckpt. A run dir holds run.lock (an OS lock held for the launch's life): a second launch is refused at
 once (exit 2) naming the live pid, before Hydra writes into the dir; a killed launch's lock is taken over; a
 sweep job held by another launch is recorded as failed (in the sweep's failures.jsonl only) and the sweep goes
 on; DDP ranks > 0 take no lock."""

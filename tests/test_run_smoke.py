@@ -32,10 +32,10 @@ def test_train_eval_writes_metrics(tmp_path):
     assert (tmp_path / "draft" / "config.json").exists()
     assert (tmp_path / "csv" / "metrics.csv").exists()
     assert out["metrics"] == m
-    # wall time per phase of the launch, in order (issue 19: the demo prints them at the end)
+    # wall time per phase of the launch, in order (the demo prints them at the end)
     assert list(saved["phase_seconds"]) == ["untrained_eval", "training", "final_eval"]
     assert all(v >= 0 for v in saved["phase_seconds"].values())
-    # issue 19, item 6: the final SD evaluation's row is at the final training step (it was at step 0)
+    # the final SD evaluation's row is at the final training step
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         final_rows = [r for r in csv.DictReader(f) if r.get(C.ALPHA_TOK)]
     assert [int(float(r["step"])) for r in final_rows] == [2]
@@ -46,7 +46,7 @@ def test_train_eval_writes_metrics(tmp_path):
     before = saved["before"]
     assert len(before["per_example"]) == len(json.loads((tmp_path / "per_example.json").read_text()))
     assert 0.0 <= before["metrics"][C.ALPHA_EXPECTED] <= 1.0
-    assert C.SPEEDUP not in before["metrics"] and C.SPEEDUP in m  # issue 19: the untrained draft is not timed
+    assert C.SPEEDUP not in before["metrics"] and C.SPEEDUP in m  # the untrained draft is not timed
     table = (tmp_path / "before_after.md").read_text()
     assert "untrained draft" in table and "α_expected" in table and table.count("[") >= 8
     assert (tmp_path / "before_after.png").stat().st_size > 10_000

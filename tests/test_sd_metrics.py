@@ -170,7 +170,7 @@ def test_entropy_bins_counts_only_recorded_positions():
     assert b["count"] == 3 and b["acceptance"] == pytest.approx(2 / 3)
 
 
-# Issue 19, item 1: counts that cannot happen (more accepted drafted tokens than output or drafted tokens,
+# Counts that cannot happen (more accepted drafted tokens than output or drafted tokens,
 # e.g. alpha_seq 1.25 from a NaN draft) are an error, never a reported value.
 @pytest.mark.parametrize("fn", [sd_metrics, per_example_metrics])
 def test_more_accepted_than_output_tokens_is_an_error(fn):

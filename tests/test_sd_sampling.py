@@ -176,7 +176,7 @@ def test_lenience_rejects_bad_values():
 @pytest.mark.parametrize("rule", ["rejection", "greedy", "topk"])
 @pytest.mark.parametrize("bad", ["p", "q"])
 def test_verify_block_refuses_non_finite_probabilities(rule, bad):
-    """Issue 19, item 1: a NaN draft distribution made every drafted token 'accepted' (alpha_tok 1.0)."""
+    """A NaN draft distribution is an error, never an acceptance (it would make every drafted token 'accepted')."""
     from distillspec.errors import NonFiniteError
 
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""SKD rollouts (issue 9, items 11-12): the student proposes every token and the teacher only replaces
+"""SKD rollouts: the student proposes every token and the teacher only replaces
 proposals outside its top-K; no teacher token after a fully accepted block; at T = 0 both are greedy."""
 
 from __future__ import annotations

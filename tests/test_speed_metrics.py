@@ -1,4 +1,4 @@
-"""Speed metrics that can be trusted (issue 14) and the verify-cost ratio / auto gamma (issue 10).
+"""Speed metrics that can be trusted, and the verify-cost ratio / auto gamma.
 
 Real one-time and per-call costs are simulated on the tiny pair with forward pre-hooks that sleep, so
 each test knows what the right answer is and fails when the evaluator books the time in the wrong place.

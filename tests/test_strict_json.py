@@ -1,4 +1,4 @@
-"""Issue 19, item 1: results are written as strict JSON (non-finite floats become null), never bare NaN."""
+"""Results are written as strict JSON (non-finite floats become null), never bare NaN."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 19, item 3: one bad job no longer stops a Hydra multirun. A failed job is recorded (its error.json, the
+"""One bad job does not stop a Hydra multirun. A failed job is recorded (its error.json, the
 sweep's failures.jsonl), the others run, the launch exits non-zero naming it, the report shows it as a failed row,
 and a rerun of the sweep runs it again while finished jobs report their saved results."""
 

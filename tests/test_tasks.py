@@ -329,7 +329,7 @@ def test_every_task_config_has_chat_template_kwargs(task):
 
 @pytest.mark.parametrize("experiment", QWEN3_EXPERIMENTS)
 def test_qwen3_experiments_state_their_thinking_mode(experiment):
-    """Issue 28: the experiments on the Qwen3 pair turn its thinking mode off (the study's non-thinking target)."""
+    """The experiments on the Qwen3 pair turn its thinking mode off (the study's non-thinking target)."""
     from conftest import compose_cfg
 
     cfg = compose_cfg([f"experiment={experiment}"])

@@ -239,8 +239,8 @@ def _read_only(monkeypatch, store):
 
 
 def test_damaged_entry_in_a_read_only_store_is_reported_and_skipped(pair, tmp_path, monkeypatch, caplog):
-    """Issue 28, item 5: a damaged entry in a store the run cannot write (another user's, a read-only mount) is
-    rebuilt in memory with warnings; removing it raised OSError(EROFS) and aborted the run."""
+    """A damaged entry in a store the run cannot write (another user's, a read-only mount) is rebuilt in memory
+    with warnings; the run goes on (removing it raises OSError(EROFS))."""
     first = stored_cache(pair, tmp_path)
     (path,) = tmp_path.glob("*.pt")
     path.write_bytes(path.read_bytes()[:100])
@@ -254,8 +254,8 @@ def test_damaged_entry_in_a_read_only_store_is_reported_and_skipped(pair, tmp_pa
 
 @pytest.mark.parametrize("damage", ["missing field", "wrong shape", "not a dict"])
 def test_entry_missing_a_field_is_rebuilt(pair, tmp_path, caplog, damage):
-    """Issue 28: an entry that loads but lacks a field (or has mismatched shapes) is unreadable like a truncated
-    one: reported and rebuilt (it gave `TypeError: CachedCompletion.__init__() missing ...`)."""
+    """An entry that loads but lacks a field (or has mismatched shapes) is unreadable like a truncated one:
+    reported and rebuilt, not a `TypeError: CachedCompletion.__init__() missing ...`."""
     from distillspec.rollout import cache_store
 
     first = stored_cache(pair, tmp_path)
@@ -276,8 +276,7 @@ def test_entry_missing_a_field_is_rebuilt(pair, tmp_path, caplog, damage):
 
 
 def test_store_entries_are_readable_by_other_users(pair, tmp_path):
-    """Issue 28, item 6: entries were written 0600 (mkstemp), so other users of a shared store could not read them
-    and rebuilt them; an entry gets the umask's mode."""
+    """An entry gets the umask's mode (not mkstemp's 0600), so other users of a shared store read it."""
     import os
 
     old = os.umask(0o022)

@@ -1,4 +1,4 @@
-"""Issue 9, item 2: NaN/inf, underflowing temperatures and non-numeric values are refused by name;
+"""NaN/inf, underflowing temperatures and non-numeric values are refused by name;
 training stops at the first non-finite loss or gradient and never saves a non-finite draft."""
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def test_bad_kv_options_are_named(over, match):
 
 @pytest.mark.parametrize("lr, clip", [("1e10", "1.0"), ("1e30", "0")])
 def test_blown_up_update_stops_and_saves_no_draft(tmp_path, lr, clip):
-    """Issue 19, item 1: lr=1e10 left both logged losses finite but the last update made the draft's outputs NaN;
-    it was saved and scored alpha_tok 1.0. Issue 28: lr=1e30 with grad_clip=0 saved and scored a draft with
-    |w| = 1e30 (finite outputs) without a word. Now the first update that grows the trained weights' norm past
+    """lr=1e10 can leave both logged losses finite while the last update makes the draft's outputs NaN, and
+    lr=1e30 with grad_clip=0 gives a draft with |w| = 1e30 and finite outputs. The first update that grows the
+    trained weights' norm past
     WEIGHT_GROWTH_LIMIT x stops the run (NonFiniteError, run.py: exit 3) before it is checkpointed: no draft, no
     metrics, no checkpoint. (Step 0 trains at lr / warmup_steps, so the blow-up comes at step 0.)"""
     from distillspec import constants as C
@@ -167,7 +167,7 @@ def test_weight_growth_check_warns_then_stops(caplog):
 
 
 def test_lr_schedule_trains_from_step_0():
-    """Issue 28: with warm-up, step 0 trained at lr 0 (transformers' schedule starts its ramp at 0)."""
+    """With warm-up, step 0 trains at lr / warmup_steps, never at 0 (transformers' schedule starts its ramp at 0)."""
     import math
 
     from distillspec.lit.train_module import lr_factor
@@ -180,8 +180,8 @@ def test_lr_schedule_trains_from_step_0():
 
 
 def test_one_step_with_warmup_changes_the_draft_and_logs_the_lr_it_used(tmp_path):
-    """Issue 28: `train.max_steps=1` (warm-up 3) saved a draft bit-identical to the untrained one, and train/lr
-    logged the next step's value. Now step 0 trains at lr / 3, and train/lr is the lr of the step it is logged at."""
+    """`train.max_steps=1` (warm-up 3) trains once, at lr / 3: the saved draft differs from the untrained one, and
+    train/lr is the lr of the step it is logged at."""
     import csv
     from pathlib import Path
 
@@ -228,7 +228,7 @@ def test_finite_update_check_names_a_non_finite_parameter():
     (["rollout.mix.fixed=-0.5", "rollout.mix.student=1.0"], r"'fixed': -0.5"),
 ])
 def test_mixed_rollout_weights_must_be_fractions_summing_to_one(overrides, match):
-    """Issue 19, item 5: rollout.mix.student=1.5 silently ran as 0.75 / 0.25."""
+    """rollout.mix.student=1.5 is refused (normalising it would silently run 0.75 / 0.25)."""
     cfg = compose_cfg(["rollout=mixed", *overrides])
     with pytest.raises(ConfigError, match=match) as exc:
         build(cfg.rollout, "rollout")

@@ -1,4 +1,4 @@
-"""The warm draft's build process (issue 28): its waiter reports progress, and the build dies with its parent.
+"""The warm draft's build process: its waiter reports progress, and the build dies with its parent.
 A fake build command stands in for the ~8 min training run."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """experiment=offline_warm's cells: the warm_cell group generated from conf/ (distillspec.warm_cells) composes
-exactly what its 29 hand-written files did, and the sweep still runs the same 23 jobs (issue 28, "The house")."""
+exactly what 29 hand-written files would, and the sweep runs its 23 jobs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The competent offline draft (issue 20): offline:smollm2-135m-L4-warm is a training run of the project's own
+"""The competent offline draft: offline:smollm2-135m-L4-warm is a training run of the project's own
 recipe, cached like the other offline models and rebuilt when missing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Section 1: decoding speed with forced acceptance (issues 12 and 13).
+"""Section 1: decoding speed with forced acceptance.
 
 Target and drafts are real-size random models with every layer's o_proj/down_proj zeroed
 (`common.force_token_map`), so each model's next token is a fixed function of its input token:
@@ -29,7 +29,7 @@ import torch
 
 from gpucheck.common import PAIRS, Ctx, TimeGuard, batches, build, force_token_map, ragged_prompts, release, timed
 
-# Issue 13's goals: (label, row key of the measured ratio, comparison, threshold)
+# The engine's GPU goals: (label, row key of the measured ratio, comparison, threshold)
 GOALS = [
     ("B=1: SD all-accepted / target-only (ours)", "b1_sd_vs_target", ">=", 3.0),
     ("B=1: SD all-accepted / HF assisted all-accepted", "b1_sd_vs_hf", ">=", 2.0),

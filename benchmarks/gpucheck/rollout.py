@@ -1,4 +1,4 @@
-"""Section 5: rollouts on vLLM (issue 27), `rollout.engine=vllm` against our own loop, at full size.
+"""Section 5: rollouts on vLLM, `rollout.engine=vllm` against our own loop, at full size.
 
 Student = the small shape (Qwen3-0.6B), teacher = the big one (Qwen3-4B), random weights, in ctx.dtype (bf16).
 vLLM servers from the serving env (`distillspec.serving.server.ManagedServer` / `distillspec.rollout.
