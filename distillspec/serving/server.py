@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 900.0       # model load on a CPU takes ~20-60 s; a large model on a GPU minutes
+# SIGTERM to SIGKILL for an engine whose server is gone (killed, crashed): it has no one to shut down for, and its
+# graceful exit took 11.5 s once orphaned (vLLM 0.32 CPU, 2-core machine under load)
+ORPHAN_GRACE_S = 2.0
 
 
 def check_port_free(port: int, host: str = LOOPBACK) -> None:
@@ -184,10 +187,13 @@ class ManagedServer(contextlib.AbstractContextManager):
 
     def stop(self, grace: float = 15.0) -> None:
         """Stop the server and every process of its group (vLLM's engine processes), whatever state the server
-        process is in (running, exited, killed): SIGTERM, then SIGKILL after `grace` s. Idempotent."""
+        process is in (running, exited, killed): SIGTERM, then SIGKILL after `grace` s (ORPHAN_GRACE_S when the
+        server has already exited). Idempotent."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if proc.poll() is not None:
+            grace = min(grace, ORPHAN_GRACE_S)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             if proc.poll() is not None and not _group_alive(proc.pid):
                 break
