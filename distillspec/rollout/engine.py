@@ -74,10 +74,12 @@ def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens:
                           "server; start one (docs/serving.md) and pass rollout.vllm_url=http://host:port")
     from distillspec.serving.env import serving_vllm_version
     from distillspec.serving.jobs import default_vllm_python
-    from distillspec.serving.server import LazyClient
+    from distillspec.serving.server import LazyClient, check_port_free
 
     python = Path(spec.vllm_python) if spec.vllm_python else default_vllm_python()
     version = serving_vllm_version(python)  # a python without vLLM: one line, before any work
+    if spec.vllm_port is not None:
+        check_port_free(spec.vllm_port)  # refused now, not when the server starts
     server = teacher_server(spec, python, target=target, dtype=dtype, run_dir=run_dir, prompt_lens=prompt_lens,
                             max_new_tokens=max_new_tokens, seed=seed)
 
@@ -91,8 +93,8 @@ def rollout_engine(spec, *, target: str, dtype: str, run_dir: Path, prompt_lens:
         yield client
     finally:
         client.close()
-        if not client.needed:
-            log.info("the vLLM teacher server was not started: this run asked it for nothing (stored teacher data)")
+    if not client.needed:
+        log.info("the vLLM teacher server was not started: this run asked it for nothing (stored teacher data)")
 
 
 def teacher_server(spec, python: Path, *, target: str, dtype: str, run_dir: Path, prompt_lens: Sequence[int],
