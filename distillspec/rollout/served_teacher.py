@@ -1,4 +1,4 @@
-"""Teacher data from a served teacher (vLLM over HTTP, `distillspec.serving.server`): the same entries
+"""Teacher data from a served teacher (vLLM over HTTP, `distillspec.serving.client`): the same entries
 `TeacherCache` computes in-process, in its format (`CachedCompletion`).
 
   * teacher samples (`source="teacher"`): vLLM samples each prompt's completion at the rollout's T and top-p
