@@ -268,9 +268,9 @@ def served_teacher(rollout, pair, models, tokenizer, train_items, train, task, r
     with rollout_engine(rollout, target=pair.target, dtype=dtype, run_dir=run_dir,
                         prompt_lens=[len(it.input_ids) for it in train_items],
                         max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
-                        world_size=world_size(cfg.trainer)) as engine:
-        if engine is not None:
-            verify_served_teacher(engine, models.target, tokenizer, train_items[0].input_ids, pair.target)
+                        world_size=world_size(cfg.trainer),
+                        verify=lambda client: verify_served_teacher(client, models.target, tokenizer,
+                                                                    train_items[0].input_ids, pair.target)) as engine:
         yield engine
 
 

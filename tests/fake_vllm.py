@@ -5,7 +5,10 @@ on MODEL (the tiny pair): /health, /version, /v1/models, /tokenize, and /v1/comp
 tests is our side (settings, start and stop, requests, the teacher cache, the checks). make test-vllm runs the
 real one. FAKE_VLLM_PERTURB=<x> adds x * N(0, 1) noise to its logits (a server with other weights);
 FAKE_VLLM_DIE_AFTER=<n> kills the server at its (n+1)-th completions request (an engine dying mid-run);
-FAKE_VLLM_MODE=crash exits at start-up (a model that fails to load); FAKE_VLLM_PIDFILE=<file> gets its pid.
+FAKE_VLLM_MODE=crash exits at start-up (a model that fails to load); FAKE_VLLM_PIDFILE=<file> gets its pid;
+FAKE_VLLM_CHILDREN=<n> starts n processes in its process group (vLLM's EngineCore and Worker; their pids go to
+<pidfile>.children); FAKE_VLLM_START_DELAY=<s> waits s seconds before it answers (a model load). As vLLM, it
+refuses more log-probs than its --max-logprobs (default 20) with HTTP 400.
 With VLLM_SERVER_DEV_MODE=1 it also answers POST /collective_rpc reload_weights (reloads the safetensors of
 kwargs.weights_path) and /reset_prefix_cache, as vLLM's dev mode does.
 """
@@ -33,12 +36,19 @@ SERVER = textwrap.dedent('''\
     if os.environ.get("FAKE_VLLM_PIDFILE"):
         with open(os.environ["FAKE_VLLM_PIDFILE"], "w") as f:
             f.write(str(os.getpid()))
+    import subprocess, time
+    children = [subprocess.Popen(["sleep", "600"]) for _ in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")))]
+    if children:  # vLLM's EngineCore and Worker: processes of the server's process group
+        with open(os.environ["FAKE_VLLM_PIDFILE"] + ".children", "w") as f:
+            f.write(" ".join(str(c.pid) for c in children))
+    time.sleep(float(os.environ.get("FAKE_VLLM_START_DELAY", "0")))  # a model load
     torch.set_num_threads(1)
     model = tok = None
     if os.path.isdir(name):  # a model dir (another name: a server that only answers /health and /v1/models)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(name)
     noise = float(os.environ.get("FAKE_VLLM_PERTURB", "0"))
+    max_logprobs = int(args[args.index("--max-logprobs") + 1]) if "--max-logprobs" in args else 20  # vLLM's default
     gen = torch.Generator().manual_seed(int(args[args.index("--seed") + 1]) if "--seed" in args else 0)
     requests = 0
 
@@ -62,6 +72,13 @@ SERVER = textwrap.dedent('''\
         def _send(self, obj):
             body = json.dumps(obj).encode()
             self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def _error(self, code, message, param=None):  # vLLM's error body
+            body = json.dumps({{"error": {{"message": message, "type": "BadRequestError", "param": param,
+                                          "code": code}}}}).encode()
+            self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -92,6 +109,10 @@ SERVER = textwrap.dedent('''\
                     model.tie_weights()
                     print("reloaded weights from", req["kwargs"]["weights_path"], flush=True)
                 return self._send(None)
+            for key, what in (("prompt_logprobs", "prompt"), ("logprobs", "sample")):
+                if (req.get(key) or 0) > max_logprobs:
+                    return self._error(400, f"Requested {{what}} logprobs of {{req[key]}}, which is greater than "
+                                            f"max allowed: {{max_logprobs}}", key)
             requests += 1
             print("completions request", requests, flush=True)
             if requests > int(os.environ.get("FAKE_VLLM_DIE_AFTER", "1000000")):

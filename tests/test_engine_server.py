@@ -8,12 +8,16 @@ dead server is reported with its log, a port in use and a silent URL fail fast i
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +27,8 @@ from fake_vllm import make_fake_env
 
 from distillspec.errors import ConfigError, EngineError
 from distillspec.serving.env import check_serving_python
-from distillspec.serving.server import EngineClient, ManagedServer, check_port_free, connect, free_port
+from distillspec.serving.client import EngineClient, connect
+from distillspec.serving.server import ManagedServer, check_port_free, free_port
 
 @pytest.fixture()
 def fake_env(tmp_path, monkeypatch) -> Path:
@@ -184,7 +189,7 @@ def test_missing_or_broken_serving_env_says_make_vllm(tmp_path):
 
 
 def test_client_reads_token_ids_of_samples():
-    from distillspec.serving.server import Sample
+    from distillspec.serving.client import Sample
 
     s = Sample.from_choice({"finish_reason": "stop", "logprobs": {
         "tokens": ["token_id:5", "token_id:2"],
@@ -225,3 +230,82 @@ def test_a_server_that_drops_a_request_and_then_exits_is_reported_as_exited(tmp_
         assert "engine core died" in msg
     finally:
         srv.stop()
+
+
+def test_kill_9_of_a_server_stops_the_engine_processes_of_its_group(fake_env, tmp_path, monkeypatch):
+    """vLLM's server runs its engine in processes of its own process group (EngineCore, Worker,
+    resource_tracker). When the server itself is killed, its stop still ends the group: within 10 s."""
+    monkeypatch.setenv("FAKE_VLLM_CHILDREN", "2")
+    children: list[int] = []
+    try:
+        with pytest.raises(EngineError, match=r"exited \(code -9\)"):
+            with ManagedServer("m", python=fake_env, log=tmp_path / "vllm.log") as client:
+                children = [int(c) for c in (tmp_path / "server.pid.children").read_text().split()]
+                assert len(children) == 2 and all(_alive(c) for c in children)
+                os.kill(int((tmp_path / "server.pid").read_text()), signal.SIGKILL)
+                client.model()  # the next request finds the server gone
+        assert all(_wait_gone(c, timeout=10.0) for c in children), "the killed server's engine outlived its stop"
+    finally:
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+
+
+def test_a_program_that_is_not_a_python_with_vllm_is_named_in_one_line():
+    """`rollout.vllm_python=/bin/true`: it runs and prints nothing."""
+    with pytest.raises(ConfigError) as err:
+        check_serving_python(Path("/bin/true"))
+    msg = str(err.value)
+    assert "/bin/true is not a python with vLLM" in msg and "make vllm" in msg and "\n" not in msg
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+@contextlib.contextmanager
+def _http_server(directory: Path):
+    """A plain file server (Python's http.server) on a free loopback port: it answers, but is not vLLM."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_url_that_answers_but_is_not_vllm_says_so_in_one_line(tmp_path):
+    with _http_server(tmp_path) as url:  # GET /health: 404 with an HTML page
+        with pytest.raises(ConfigError) as err:
+            connect(url)
+        msg = str(err.value)
+        assert "answered, but is not a vLLM OpenAI server" in msg and "HTTP 404" in msg, msg
+        assert "<" not in msg and "\n" not in msg  # no HTML pasted
+        (tmp_path / "health").write_text("<html><body>ok</body></html>")  # GET /health: 200 with HTML
+        with pytest.raises(ConfigError, match="answered, but is not a vLLM OpenAI server") as err:
+            connect(url)
+        assert "<" not in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"ends in /v1.*drop the /v1 suffix: rollout.vllm_url=http://127.0.0.1:8000$"):
+        connect("http://127.0.0.1:8000/v1")
+
+
+def test_a_server_without_enough_max_logprobs_says_how_to_restart_it(fake_env, tmp_path, tiny_pair_dirs):
+    """A user's `vllm serve` without --max-logprobs allows 20 log-probs per token; the run asks for
+    rollout.cache_top_k (64): one line saying how to restart the server, before any teacher data is made."""
+    from types import SimpleNamespace
+
+    from distillspec.rollout.engine import rollout_engine
+
+    target = str(tiny_pair_dirs[1])
+    with ManagedServer(target, python=fake_env, log=tmp_path / "vllm.log") as client:  # no --max-logprobs
+        with pytest.raises(ConfigError) as err:
+            client.score([[5, 6, 8]], top_k=64)
+        msg = str(err.value)
+        assert "--max-logprobs 64" in msg and "rollout.cache_top_k=20" in msg and "\n" not in msg, msg
+        spec = SimpleNamespace(engine="vllm", vllm_url=client.url, cache_top_k=64, serves_teacher_logprobs=lambda: True)
+        with pytest.raises(ConfigError, match="restart it with --max-logprobs 64"):
+            with rollout_engine(spec, target=target, dtype="float32", run_dir=tmp_path, prompt_lens=[8],
+                                max_new_tokens=8, seed=0):
+                pytest.fail("the run went on with a server that cannot give it its log-probs")

@@ -1,4 +1,4 @@
-"""rollout.engine=vllm (issue 27): the teacher data made by a served teacher, end to end through run.py, against a
+"""rollout.engine=vllm: the teacher data made by a served teacher, end to end through run.py, against a
 fake serving env (tests/fake_vllm.py: transformers behind vLLM's HTTP API, on the tiny pair). What is ours is
 tested here: the settings, the server started from the serving env and stopped at the end, the served model
 checked against the configured target, the entries it makes. make test-vllm runs the real vLLM
@@ -6,10 +6,14 @@ checked against the configured target, the entries it makes. make test-vllm runs
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import torch
-from conftest import TINY
+from conftest import REPO, TINY
 from fake_vllm import run_py, servers_alive
 
 from distillspec import constants as C
@@ -72,9 +76,13 @@ def test_a_server_url_that_does_not_answer_fails_within_seconds(tmp_path):
     assert time.monotonic() - t0 < 120  # run.py start-up and model loading included; the probe itself takes ~0 s
 
 
-def test_a_missing_serving_env_says_make_vllm(tmp_path):
-    p = _run(tmp_path / "run", f"rollout.vllm_python={tmp_path / 'nope' / 'python'}")
-    assert p.returncode == C.EXIT_CONFIG_ERROR and "not found; run `make vllm`" in p.stderr, p.stderr[-2000:]
+def test_a_serving_python_without_vllm_is_one_line_and_leaves_no_run_dir(tmp_path):
+    p = _run(tmp_path / "run", "rollout.vllm_python=/bin/true")
+    assert p.returncode == C.EXIT_CONFIG_ERROR, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()[-1]
+    assert "/bin/true is not a python with vLLM" in err and "make vllm" in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run started: nothing left behind
 
 
 def test_served_entries_of_dataset_outputs_equal_the_in_process_cache(fake_python, tmp_path, tiny_pair_dirs):
@@ -117,9 +125,10 @@ def test_a_server_dying_mid_run_stops_the_run_naming_its_log_and_a_rerun_finishe
     assert (run_dir / "draft" / "config.json").is_file() and not servers_alive(fake_python)
 
 
-def test_stored_served_data_is_reused_only_for_the_same_server_arguments(fake_python, tmp_path):
-    """The teacher-data store: a second run with the same settings loads the first's served data; other
-    `vllm serve` arguments (e.g. another --seed) make other data."""
+def test_stored_served_data_is_reused_without_a_server_and_only_for_the_same_server_arguments(fake_python, tmp_path):
+    """The teacher-data store: a second run with the same settings loads the first's served data and starts no
+    server (vLLM's version, part of the data's key, is read from the serving env); other `vllm serve` arguments
+    (e.g. another --seed) make other data."""
     args = [a for a in ARGS if a != "rollout.cache_store=false"]
     env = {"DISTILLSPEC_TEACHER_DATA": str(tmp_path / "store")}
 
@@ -130,5 +139,26 @@ def test_stored_served_data_is_reused_only_for_the_same_server_arguments(fake_py
 
     assert "teacher data (teacher, 16 prompts) loaded from" not in run("a")
     assert "teacher data (teacher, 16 prompts) loaded from" in run("b")
+    assert not (tmp_path / "b" / "vllm_logs").exists(), "the stored data's run started a teacher server"
     assert "teacher data (teacher, 16 prompts) loaded from" not in run("c", "rollout.vllm_args=[--seed,1]")
     assert len(list((tmp_path / "store").glob("*.pt"))) == 2
+
+
+def test_ctrl_c_while_the_teacher_server_starts_is_one_line_and_stops_it(fake_python, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_VLLM_START_DELAY": "120"}
+    proc = subprocess.Popen([sys.executable, "run.py", *ARGS, f"rollout.vllm_python={fake_python}",
+                             f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = run_dir / "vllm_logs" / "teacher-server.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "fake vllm serving" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert servers_alive(fake_python), "the teacher server did not start"
+    time.sleep(1.0)  # in the readiness wait
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in out + err and "During handling" not in out + err, err[-3000:]
+    assert (out + err).count("KeyboardInterrupt") == 1, out[-3000:]  # one line says it
+    assert not servers_alive(fake_python), "the teacher server outlived the interrupted run"

@@ -1,4 +1,4 @@
-"""rollout.teacher_location=server (issue 27): on-policy teacher scores from the vLLM teacher server, so the training
+"""rollout.teacher_location=server: on-policy teacher scores from the vLLM teacher server, so the training
 process never loads the teacher. Against the fake serving env (tests/fake_vllm.py: transformers behind vLLM's HTTP
 API, on the tiny pair); make test-vllm compares the real vLLM (tests/test_vllm_engine.py)."""
 

@@ -1,11 +1,13 @@
-"""Student rollouts on vLLM (issue 27): a served student samples the on-policy data and its weights follow
+"""Student rollouts on vLLM: a served student samples the on-policy data and its weights follow
 training (distillspec.rollout.student_server), against the fake serving env (tests/fake_vllm.py). What is ours
 is tested: the sync (save, reload, when), the rollouts' layout, the run's wiring, start, stop and faults.
 make test-vllm runs the same sync check on the real vLLM (tests/test_vllm_engine.py)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import pytest
@@ -100,3 +102,59 @@ def test_a_tied_student_is_saved_untied_for_vllm(tiny_pair_dirs, tmp_path):
     assert torch.equal(state["lm_head.weight"], student.get_input_embeddings().weight)
     assert torch.equal(state["model.embed_tokens.weight"], student.get_input_embeddings().weight)
     assert set(state) == set(student.state_dict())
+
+
+def _student_and_server(tiny_pair_dirs, run_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillspec.rollout.student_server import StudentServer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs[0], dtype=torch.float32)
+    server = StudentServer(python=run_dir / "py", run_dir=run_dir, tokenizer=AutoTokenizer.from_pretrained(
+        tiny_pair_dirs[0]), dtype="float32", max_model_len=64, sync_every=1)
+    return student, server
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC], ids=["read-only", "disk-full"])
+def test_an_unwritable_student_dir_is_one_line_naming_it(tiny_pair_dirs, tmp_path, monkeypatch, code):
+    from distillspec.errors import ConfigError
+
+    student, server = _student_and_server(tiny_pair_dirs, tmp_path)
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(ConfigError) as err:
+        server._save(student)
+    msg = str(err.value)
+    assert str(server.weights_dir) in msg and os.strerror(code) in msg and "\n" not in msg, msg
+
+
+def test_a_save_cut_short_by_a_full_disk_leaves_no_half_dir_and_a_rerun_works(tiny_pair_dirs, tmp_path, monkeypatch):
+    """The served student's directory is written whole or not at all: a save that fails half-way through the
+    tokenizer leaves nothing vLLM could load, and the next run's save gives a complete, loadable directory."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    student, server = _student_and_server(tiny_pair_dirs, tmp_path)
+    save = type(server.tokenizer).save_pretrained
+
+    def full_disk(self, directory, *a, **k):  # the tokenizer file written half, then ENOSPC
+        save(self, directory, *a, **k)
+        f = os.path.join(directory, "tokenizer.json")
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(type(server.tokenizer), "save_pretrained", full_disk)
+    with pytest.raises(Exception):
+        server._save(student)
+    assert not server.weights_dir.exists(), "a half-written served student dir was left for the next run"
+    monkeypatch.undo()
+    _, rerun = _student_and_server(tiny_pair_dirs, tmp_path)  # the same command again
+    rerun._save(student)
+    AutoTokenizer.from_pretrained(rerun.weights_dir)
+    AutoConfig.from_pretrained(rerun.weights_dir)
+    assert (rerun.weights_dir / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm_student"]  # no temporary left beside it

@@ -135,9 +135,9 @@ def test_sampled_patched_vllm_accepts_every_self_drafted_token(sampled_run):
 
 @pytest.mark.xfail(reason="vLLM 0.32 CPU build: expand_batch_to_tokens (the rejection sampler's per-token "
                           "temperature / top-k / top-p) returns uninitialised memory; see "
-                          "distillspec/serving/vllm_cpu_fault.py. An XPASS means vLLM fixed it.", strict=False)
+                          "tools/vllm_cpu_fault.py. An XPASS means vLLM fixed it.", strict=False)
 def test_vllm_cpu_expand_batch_to_tokens_minimal_repro(workdir):
-    p = subprocess.run([str(VLLM_PY), "-m", "distillspec.serving.vllm_cpu_fault"], capture_output=True, text=True,
+    p = subprocess.run([str(VLLM_PY), str(REPO / "tools" / "vllm_cpu_fault.py")], capture_output=True, text=True,
                        timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -190,7 +190,7 @@ def test_vllm_serve_with_trained_draft(greedy_run, workdir):
                 time.sleep(3)
         else:
             pytest.fail("vllm serve did not become healthy in 600 s")
-        p = subprocess.run([str(VLLM_PY), "-m", "distillspec.serving.serve_client", base, res["settings"]["target"],
+        p = subprocess.run([str(VLLM_PY), str(REPO / "tests" / "serve_client.py"), base, res["settings"]["target"],
                             "3", "24"], capture_output=True, text=True, timeout=600, cwd=REPO)
         assert p.returncode == 0, p.stderr[-3000:]
         out = json.loads(p.stdout.strip().splitlines()[-1])

@@ -49,7 +49,7 @@ def pair32(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_trained_run_without_its_draft_is_refused(tmp_path, capsys):
-    """Item 2: a train_eval run whose draft/ is gone is not checked with the untrained draft it started from."""
+    """A train_eval run whose draft/ is gone is not checked with the untrained draft it started from."""
     run = _run_dir(tmp_path, {"stage": C.STAGE_TRAIN_EVAL, "draft": "offline:smollm2-135m-L4",
                               "target": "offline:smollm2-135m", "metrics": {C.ALPHA_TOK: 0.5},
                               "train": {"draft_dir": "x/draft"}})
@@ -117,11 +117,14 @@ def test_run_py_prints_no_vllm_commands_for_the_tiny_pair(tiny_pair_dirs, pair32
     assert "make vllm-check RUN=run" in caplog.text and "vllm serve" in caplog.text
 
 
-@pytest.mark.parametrize("kind", ["no_vllm", "not_a_program", "old_vllm"])
+@pytest.mark.parametrize("kind", ["no_vllm", "not_a_program", "bin_true", "old_vllm"])
 def test_serving_python_is_checked_before_any_work(pair32, tmp_path, monkeypatch, kind):
-    """Item 3: a serving python without vLLM (or not a python at all) is refused in one line before any
-    model is loaded."""
-    if kind == "no_vllm":
+    """A serving python without vLLM (or not a python at all, or a program that prints nothing) is refused in
+    one line before any model is loaded."""
+    if kind == "bin_true":  # --vllm-python /bin/true: runs, prints nothing
+        py = Path("/bin/true")
+        match = r"/bin/true is not a python with vLLM \(asked for vLLM's version, it printed nothing\)"
+    elif kind == "no_vllm":
         py = _fake_python(tmp_path / "python", "print(\"ModuleNotFoundError: No module named 'vllm'\", "
                                                "file=sys.stderr); sys.exit(1)")
         match = r"cannot import vllm \(ModuleNotFoundError: No module named 'vllm'\)"
@@ -189,7 +192,7 @@ json.dump(out, open(args[3], "w"))
 
 
 def test_a_failed_vllm_job_is_a_failed_row_and_the_others_are_kept(pair32, tmp_path, monkeypatch, capsys):
-    """Item 8: one vLLM job fails (out of memory); the table is written with that row FAILED, its reason and
+    """One vLLM job fails (out of memory); the table is written with that row FAILED, its reason and
     its kept log; our models are freed before vLLM starts; the KV space is sized, not a fixed 4 GiB."""
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     draft, target = pair32

@@ -1,4 +1,4 @@
-"""vLLM as the generation engine (issue 27): a served teacher's scores and samples against our own forward, and a
+"""vLLM as the generation engine: a served teacher's scores and samples against our own forward, and a
 served student's weights against the trained student.
 
 One `vllm serve` of the offline SmolLM2-135M target in float32, started from the serving env by
@@ -37,12 +37,19 @@ def target_dir():
 
 
 @pytest.fixture(scope="module")
-def server(target_dir, tmp_path_factory):
+def managed(target_dir, tmp_path_factory):
+    """The module's ManagedServer, started; the last test of the module kills it."""
     log = tmp_path_factory.mktemp("vllm_engine") / "vllm-teacher.log"
-    with ManagedServer(str(target_dir), python=VLLM_PY, log=log,
-                       args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-                             "--max-logprobs", "64", "--seed", "0"]) as client:
-        yield client
+    server = ManagedServer(str(target_dir), python=VLLM_PY, log=log,
+                           args=["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                                 "--max-logprobs", "64", "--seed", "0"])
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(managed):
+    return managed.client
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +154,14 @@ def _seed_fault(target_dir, *flags: str) -> dict:
 
     from conftest import REPO
 
-    p = subprocess.run([str(VLLM_PY), "-m", "distillspec.serving.vllm_seed_fault", str(target_dir), *flags],
+    p = subprocess.run([str(VLLM_PY), str(REPO / "tools" / "vllm_seed_fault.py"), str(target_dir), *flags],
                        capture_output=True, text=True, timeout=900, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
 
 
 @pytest.mark.xfail(reason="vLLM 0.32 CPU build: a seeded request whose prompt is prefilled in chunks dies in "
-                          "gen.set_offset (CPU generators have no offset); distillspec/serving/vllm_seed_fault.py. "
+                          "gen.set_offset (CPU generators have no offset); tools/vllm_seed_fault.py. "
                           "An XPASS means vLLM fixed it.", strict=False)
 def test_vllm_cpu_seeded_request_with_chunked_prefill_minimal_repro(target_dir):
     out = _seed_fault(target_dir)
@@ -361,3 +368,41 @@ def test_training_on_served_student_rollouts_reaches_the_same_acceptance(target_
           + "; ".join(f"{e} {' '.join(f'{a:.4f}' for a in alphas[e])} (mean {mean[e]:.4f})" for e in alphas))
     assert mean["hf"] > E2E_STUDENT_TRAINED and mean["vllm"] > E2E_STUDENT_TRAINED
     assert abs(mean["hf"] - mean["vllm"]) <= E2E_STUDENT_TOL
+
+
+def _group(pgid: int) -> list[str]:
+    """`pid name` of every live (not zombie) process of process group `pgid`."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            out.append(f"{d.name} {stat[stat.index('(') + 1:stat.rindex(')')]}")
+    return out
+
+
+def test_kill_9_of_the_server_leaves_no_vllm_process(managed, server):
+    """Last in this module (it kills the module's server). `kill -9` of `vllm serve` orphans its EngineCore and
+    Worker processes; stopping the managed server ends them all: none is alive 10 s later."""
+    import os
+    import signal
+    import time
+
+    from distillspec.errors import EngineError
+
+    pgid = managed.proc.pid
+    before = _group(pgid)
+    assert len(before) >= 2, before  # the API server and its engine process(es)
+    os.kill(pgid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(EngineError, match=r"exited \(code -9\)"):
+        server.tokenize("the next request finds the server gone")
+    managed.stop()
+    while _group(pgid) and time.monotonic() - killed < 10:
+        time.sleep(0.2)
+    assert not _group(pgid), f"alive 10 s after the kill: {_group(pgid)} (before it: {before})"

@@ -1,4 +1,4 @@
-"""Teacher data from a served teacher (vLLM over HTTP, `distillspec.serving.server`): the same entries
+"""Teacher data from a served teacher (vLLM over HTTP, `distillspec.serving.client`): the same entries
 `TeacherCache` computes in-process, in its format (`CachedCompletion`).
 
   * teacher samples (`source="teacher"`): vLLM samples each prompt's completion at the rollout's T and top-p
@@ -10,7 +10,7 @@ vLLM's log-probs are the model's at temperature 1 (prompt log-probs always are),
 loss temperature 1 only; `check_loss_temperature` refuses anything else before any work. The tail mass outside
 the top-k is 1 − Σ top-k (log1mexp of their log-sum-exp), clamped where rounding pushes Σ over 1.
 Requests carry no per-request seed: vLLM 0.32's CPU engine dies on a seeded request whose prompt is prefilled
-in chunks (`distillspec.serving.vllm_seed_fault`); the server's own `--seed` is what there is, so served
+in chunks (`tools/vllm_seed_fault.py`); the server's own `--seed` is what there is, so served
 samples are reproducible for a fresh server and the same request order only. The teacher-data store keeps
 them (its key records the engine and vLLM's version), so a resumed run reloads the same data.
 """
@@ -24,8 +24,6 @@ import torch
 
 from distillspec.errors import ConfigError, EngineError
 from distillspec.rollout.sequences import CachedCompletion, fixed_completions
-
-ENGINE_VLLM = "vllm"
 
 
 def check_loss_temperature(temperature: float) -> None:

@@ -12,7 +12,7 @@ cost is one write and one read of the student per sync, measured by `make bench-
 
 The server starts at the first sync, from the weights of that moment (a resumed run's restored student), on
 loopback from the serving env, and stops with the `with` block (end, error, Ctrl-C). Requests carry no seed
-(vLLM 0.32's CPU engine dies on seeded chunk-prefilled requests: distillspec.serving.vllm_seed_fault), so served
+(vLLM 0.32's CPU engine dies on seeded chunk-prefilled requests: tools/vllm_seed_fault.py), so served
 student rollouts are not a function of the run's seed the way our loop's are.
 """
 
@@ -59,37 +59,51 @@ class StudentServer:
 
     # -- weights
     def _save(self, student) -> None:
-        """The student's weights (and, once, its config and the tokenizer) as a model dir vLLM can load.
+        """The student as a model dir vLLM can load, written whole or not at all: the first save of a run
+        writes config, tokenizer and weights into a temporary dir that then replaces <run>/vllm_student/
+        (whatever an interrupted save left there); later saves replace the weights file (temporary name, then
+        rename). ConfigError in one line naming the directory when it cannot be written (read-only, disk full).
 
         A student with tied input and output embeddings (SmolLM2, Qwen3-0.6B) is served untied, with its
         output head written as its own tensor: vLLM 0.32's in-place `reload_weights` reloads the embedding but
         leaves a tied head on the old weights (measured: the served greedy outputs then differ from the
         student's; tests/test_vllm_engine.py::test_served_student_follows_training). Untied, both are loaded
         from the file; the served model computes the same function."""
-        from safetensors.torch import save_file
+        state, untied = _served_state(student)
+        try:
+            if self.synced_step is None and self.client is None:  # a run's first save: the whole dir
+                self._write_dir(student, state, untied)
+            else:
+                _save_weights(state, self.weights_dir)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the student's weights for vLLM to {self.weights_dir} "
+                              f"({type(exc).__name__}: {exc.strerror or exc}); free space or fix its "
+                              "permissions, then rerun the same command") from None
 
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
-        head = _output_head_name(student)
-        tied = bool(getattr(student.config, "tie_word_embeddings", False))
-        if tied and head is not None:
-            state[head] = student.get_input_embeddings().weight.detach().to("cpu").clone()
-        seen: dict[int, str] = {}
-        for k in list(state):  # any other shared storage: safetensors stores each tensor once
-            ptr = state[k].data_ptr()
-            if ptr in seen:
-                state[k] = state[k].clone()
-            seen.setdefault(ptr, k)
-        if not (self.weights_dir / "config.json").exists():
-            config = student.config.to_dict()
-            config["tie_word_embeddings"] = False if (tied and head is not None) else config.get("tie_word_embeddings")
-            if not config.get("architectures"):  # a model built from a config has none; vLLM picks its class by it
-                config["architectures"] = [type(student).__name__]
-            type(student.config).from_dict(config).save_pretrained(self.weights_dir)
-            self.tokenizer.save_pretrained(self.weights_dir)
-        tmp = self.weights_dir / "model.safetensors.partial"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(self.weights_dir / "model.safetensors")
+    def _write_dir(self, student, state: dict, untied: bool) -> None:
+        """Config, tokenizer and weights into <run>/.vllm_student.partial/, then renamed to weights_dir."""
+        import shutil
+
+        tmp, old = (self.run_dir / f".{STUDENT_DIR}.{what}" for what in ("partial", "old"))
+        for d in (tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
+        config = student.config.to_dict()
+        if untied:
+            config["tie_word_embeddings"] = False
+        if not config.get("architectures"):  # a model built from a config has none; vLLM picks its class by it
+            config["architectures"] = [type(student).__name__]
+        try:
+            tmp.mkdir(parents=True)
+            type(student.config).from_dict(config).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            _save_weights(state, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk keeps none of it
+            raise
+        if self.weights_dir.exists():
+            self.weights_dir.rename(old)
+        tmp.rename(self.weights_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
     def maybe_sync(self, step: int, student) -> bool:
         """Push `student`'s weights when `sync_every` steps have passed since the last push (or none was made).
@@ -120,7 +134,6 @@ class StudentServer:
                 args += ["--kv-cache-memory-bytes", str(kv)]
         self.server = ManagedServer(str(self.weights_dir), python=self.python, log=self.run_dir / SERVER_LOG,
                                     port=self.port, args=args + self.args, env={"VLLM_SERVER_DEV_MODE": "1"})
-        log.info("starting the vLLM student server from %s (log %s)", self.python, self.server.log)
         self.client = self.server.start()
         log.info("vLLM %s serves the student on %s", self.client.version(), self.client.url)
 
@@ -145,6 +158,32 @@ class StudentServer:
         for r, s in enumerate(samples):
             comp[r, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
         return comp, lengths
+
+
+def _served_state(student) -> tuple[dict, bool]:
+    """(state dict on the CPU with every tensor stored once, whether the output head was untied from the
+    input embedding): what `StudentServer._save` writes."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
+    head = _output_head_name(student)
+    untied = bool(getattr(student.config, "tie_word_embeddings", False)) and head is not None
+    if untied:
+        state[head] = student.get_input_embeddings().weight.detach().to("cpu").clone()
+    seen: dict[int, str] = {}
+    for k in list(state):  # any other shared storage: safetensors stores each tensor once
+        ptr = state[k].data_ptr()
+        if ptr in seen:
+            state[k] = state[k].clone()
+        seen.setdefault(ptr, k)
+    return state, untied
+
+
+def _save_weights(state: dict, directory: Path) -> None:
+    """`state` as directory/model.safetensors, whole or not at all (a temporary name, then a rename)."""
+    from safetensors.torch import save_file
+
+    tmp = directory / "model.safetensors.partial"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / "model.safetensors")
 
 
 def _output_head_name(model) -> str | None:
@@ -174,11 +213,11 @@ def student_engine(spec, *, run_dir: Path, tokenizer, dtype: str, prompt_lens: S
         raise ConfigError(f"student rollouts on vLLM with train.lora_rank={lora_rank}: the server reloads full "
                           "weights, and a LoRA student saves adapters only; use train.lora_rank=0 or "
                           "rollout.engine=hf")
-    from distillspec.serving.env import check_serving_python
+    from distillspec.serving.env import serving_vllm_version
     from distillspec.serving.jobs import default_vllm_python
 
     python = Path(spec.vllm_python) if spec.vllm_python else default_vllm_python()
-    check_serving_python(python)  # a missing serving env: one line saying `make vllm`, before any training
+    serving_vllm_version(python)  # a missing serving env: one line saying `make vllm`, before any training
     longest = sorted(prompt_lens, reverse=True)[: max(batch_prompts, 1)]
     server = StudentServer(python=python, run_dir=run_dir, tokenizer=tokenizer, dtype=dtype,
                            max_model_len=_max_model_len(prompt_lens, max_new_tokens), sync_every=spec.vllm_sync_every,

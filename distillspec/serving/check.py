@@ -141,18 +141,53 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
     """Run the check on a finished run dir; returns (and writes) vllm_metrics.json's content."""
     import torch
 
-    from distillspec.evaluation import eos_token_ids
-    from distillspec.jsonio import write_json_atomic
-    from distillspec.models.loading import load_model, load_tokenizer
-    from distillspec.serving.ours import run_ours, tie_analysis
-
     cuda = torch.cuda.is_available()
     info, target_dir, draft_dir = preflight(run_dir, cuda)
     version = probe_vllm_python(python)
     log.info("serving python %s: vLLM %s", python, version)
     task, sd, seed, max_new = build_specs(info)
-    sampled = sd.temperature > 0
-    plan_jobs({}, draft_dir, target_dir, sampled, patch and not cuda, rows)  # a bad --rows: refused now
+    sampled, patch = sd.temperature > 0, patch and not cuda
+    plan_jobs({}, draft_dir, target_dir, sampled, patch, rows)  # a bad --rows: refused now
+
+    ours, prompts, stop_ids = run_ours_rows(info, task, sd, seed, max_new)
+    max_model_len = max(1024, max(map(len, prompts)) + max_new + sd.gamma + 16)
+    base = {"target": target_dir, "gamma": sd.gamma, "prompts": prompts, "temperature": sd.temperature,
+            "top_p": sd.top_p, "max_tokens": max_new, "seed": seed if sampled else None, "stop_token_ids": stop_ids,
+            "dtype": "float32", "warmup_tokens": 8, "max_model_len": max_model_len}
+    vllm_raw = {}
+    for job in plan_jobs(base, draft_dir, target_dir, sampled, patch, rows):
+        models = [target_dir] + ([job["draft"]] if job.get("draft") else [])
+        job["kv_cache_memory_bytes"] = None if cuda else kv_cache_bytes(
+            list(map(len, prompts)), max_new, sd.gamma, max_model_len, models, available_memory())
+        vllm_raw[job["tag"]] = run_vllm(python, job, run_dir / LOG_DIR, timeout)
+    vllm = {k: cmp.vllm_summary(v) for k, v in vllm_raw.items()}
+
+    agreement = agreement_of(info, ours, vllm, vllm_raw, prompts, sampled)
+    strip = lambda d: {k: x for k, x in d.items() if k != "outputs"}  # noqa: E731
+    res = {"run_dir": str(run_dir), "vllm_version": version, "platform": "CUDA" if cuda else "CPU",
+           "settings": {"temperature": sd.temperature, "top_p": sd.top_p, "gamma": sd.gamma, "max_new_tokens": max_new,
+                        "num_prompts": len(prompts), "seed": seed, "first_token": sd.first_token,
+                        "target": target_dir, "draft": draft_dir},
+           "ours": {k: strip(x) for k, x in ours.items()}, "vllm": vllm,
+           "failed": {k: {"reason": v["reason"], "log": v["log"]} for k, v in vllm_raw.items() if v.get("failed")},
+           "vllm_load_s": {k: x["load_s"] for k, x in vllm_raw.items() if "load_s" in x},
+           "table": cmp.side_by_side(ours["run"], ours["aligned"], vllm.get("draft_default", {"skipped": True}),
+                                     sd.gamma),
+           "agreement": agreement, "speed": speed_of(info, vllm),
+           "modes": cmp.mode_rows(ours, vllm, sd.gamma, sd.top_p) if sampled else [],
+           "outputs": {"ours_aligned": ours["aligned"]["outputs"],
+                       **{k: x["outputs"] for k, x in vllm_raw.items() if "outputs" in x}},
+           "commands": {"check": vllm_command(run_dir), "serve": serve_command(target_dir, draft_dir, sd.gamma)}}
+    write_result(run_dir, res)
+    return res
+
+
+def run_ours_rows(info: RunInfo, task, sd, seed: int, max_new: int) -> tuple[dict, list[list[int]], list[int]]:
+    """Our engine on the run's eval prompts: ({"run": the run's block alignment, "aligned": vLLM's, and at
+    T > 0 "self": draft = target}, the prompts' token ids, the stop ids). The models are freed on return."""
+    from distillspec.evaluation import eos_token_ids
+    from distillspec.models.loading import load_model, load_tokenizer
+    from distillspec.serving.ours import run_ours
 
     tokenizer = load_tokenizer(info.target)
     items = task.encode(task.load("eval"), tokenizer, limit=sd.num_eval, seed=seed)
@@ -160,75 +195,78 @@ def check(run_dir: Path, python: Path, timeout: float = 1800.0, patch: bool = Tr
     draft = load_model(info.draft, dtype="float32").eval()
     ours = {"run": run_ours(draft, target, tokenizer, task, items, sd, max_new, seed, sd.first_token),
             "aligned": run_ours(draft, target, tokenizer, task, items, sd, max_new, seed, "prefill")}
-    if sampled:
+    if sd.temperature > 0:
         ours["self"] = run_ours(target, target, tokenizer, task, items, sd, max_new, seed, "prefill")
     stop_ids = eos_token_ids(tokenizer, target)
     del draft, target
     _free_models()  # vLLM gets the memory our models held
+    return ours, [list(map(int, it.input_ids)) for it in items], stop_ids
 
-    prompts = [list(map(int, it.input_ids)) for it in items]
-    max_model_len = max(1024, max(map(len, prompts)) + max_new + sd.gamma + 16)
-    base = {"target": target_dir, "gamma": sd.gamma, "prompts": prompts, "temperature": sd.temperature,
-            "top_p": sd.top_p, "max_tokens": max_new, "seed": seed if sampled else None, "stop_token_ids": stop_ids,
-            "dtype": "float32", "warmup_tokens": 8, "max_model_len": max_model_len}
-    vllm_raw: dict[str, dict] = {}
-    for job in plan_jobs(base, draft_dir, target_dir, sampled, patch and not cuda, rows):
-        models = [target_dir] + ([job["draft"]] if job.get("draft") else [])
-        job["kv_cache_memory_bytes"] = None if cuda else kv_cache_bytes(
-            list(map(len, prompts)), max_new, sd.gamma, max_model_len, models, available_memory())
-        vllm_raw[job["tag"]] = run_vllm(python, job, run_dir / LOG_DIR, timeout)
-    failed = {k: {"reason": v["reason"], "log": v["log"]} for k, v in vllm_raw.items() if v.get("failed")}
-    vllm = {k: cmp.vllm_summary(v) for k, v in vllm_raw.items()}
 
-    g, o_al = sd.gamma, ours["aligned"]
+def agreement_of(info: RunInfo, ours: dict, vllm: dict, vllm_raw: dict, prompts: list[list[int]],
+                 sampled: bool) -> dict[str, Any]:
+    """How vLLM's default draft row agrees with ours in its alignment: mean acceptance length and per-position
+    rates; greedy (not `sampled`) also outputs and exact counters (`greedy_agreement`)."""
+    o_al = ours["aligned"]
     agreement: dict[str, Any] = {"recomputed_matches_run": bool(math.isclose(
         ours["run"]["alpha_tok"], info.metrics["metrics"][C.ALPHA_TOK], abs_tol=1e-9))}
     v = vllm.get("draft_default", {"skipped": True})  # not run: --rows left it out
-    if not v.get("failed") and not v.get("skipped"):
-        agreement.update(
-            vllm_mal=v["mean_acceptance_length"], ours_mal=o_al["mean_acceptance_length"],
-            mal_rel_diff=v["mean_acceptance_length"] / o_al["mean_acceptance_length"] - 1.0,
-            max_pos_diff=max((abs(x - y) for x, y in zip(v["per_position"], o_al["per_position"])), default=0.0))
-    if not sampled and not v.get("failed") and not v.get("skipped"):
-        out_v = vllm_raw["draft_default"]["outputs"]
-        same = cmp.identical_rows(o_al["outputs"], out_v)
-        agreement["identical_rows"] = sum(same)
-        t_only = vllm_raw.get("target_only", {})
-        agreement["identical_rows_target_only"] = sum(cmp.identical_rows(o_al["outputs"], t_only["outputs"])) \
-            if "outputs" in t_only else None
-        mismatched = [i for i, ok in enumerate(same) if not ok]
-        agreement["mismatches"] = []  # rows whose outputs differ, with the target's top-2 gap there (ties)
-        if mismatched:
-            target = load_model(info.target, dtype="float32").eval()
-            agreement["mismatches"] = [dict(row=i, **tie_analysis(target, prompts[i], o_al["outputs"][i], out_v[i]))
-                                       for i in mismatched]
-            del target
-            _free_models()
-        d = agreement["counter_diffs"] = cmp.exact_counter_diffs(o_al, v)
-        agreement["counters_equal"] = not any(d[k] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")) \
-            and not any(d["per_position"])
-    t = vllm.get("target_only", {"skipped": True})
+    if v.get("failed") or v.get("skipped"):
+        return agreement
+    agreement.update(
+        vllm_mal=v["mean_acceptance_length"], ours_mal=o_al["mean_acceptance_length"],
+        mal_rel_diff=v["mean_acceptance_length"] / o_al["mean_acceptance_length"] - 1.0,
+        max_pos_diff=max((abs(x - y) for x, y in zip(v["per_position"], o_al["per_position"])), default=0.0))
+    if not sampled:
+        agreement.update(greedy_agreement(info, o_al, v, vllm_raw, prompts))
+    return agreement
+
+
+def greedy_agreement(info: RunInfo, o_al: dict, v: dict, vllm_raw: dict, prompts: list[list[int]]) -> dict:
+    """At T = 0 both engines decode exactly greedily: identical rows (with and without a draft), each differing
+    row with the target's top-2 gap there (floating-point ties), and the counters' differences."""
+    from distillspec.models.loading import load_model
+    from distillspec.serving.ours import tie_analysis
+
+    out_v = vllm_raw["draft_default"]["outputs"]
+    same = cmp.identical_rows(o_al["outputs"], out_v)
+    t_only = vllm_raw.get("target_only", {})
+    agreement: dict[str, Any] = {
+        "identical_rows": sum(same),
+        "identical_rows_target_only": sum(cmp.identical_rows(o_al["outputs"], t_only["outputs"]))
+        if "outputs" in t_only else None,
+        "mismatches": []}
+    mismatched = [i for i, ok in enumerate(same) if not ok]
+    if mismatched:
+        target = load_model(info.target, dtype="float32").eval()
+        agreement["mismatches"] = [dict(row=i, **tie_analysis(target, prompts[i], o_al["outputs"][i], out_v[i]))
+                                   for i in mismatched]
+        del target
+        _free_models()
+    d = agreement["counter_diffs"] = cmp.exact_counter_diffs(o_al, v)
+    agreement["counters_equal"] = not any(d[k] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")) \
+        and not any(d["per_position"])
+    return agreement
+
+
+def speed_of(info: RunInfo, vllm: dict) -> dict[str, Any]:
+    """vLLM's tokens/s without and with the draft, its speedup, and the run's own speedup."""
+    v, t = vllm.get("draft_default", {}), vllm.get("target_only", {})
     v_ok, t_ok = "tokens_per_s" in v, "tokens_per_s" in t
-    both = v_ok and t_ok
-    speed = {"vllm_target_tokens_per_s": t["tokens_per_s"] if t_ok else None,
-             "vllm_sd_tokens_per_s": v["tokens_per_s"] if v_ok else None,
-             "vllm_speedup": v["tokens_per_s"] / t["tokens_per_s"] if both else None,
-             "ours_speedup": info.metrics["metrics"].get(C.SPEEDUP)}
-    strip = lambda d: {k: x for k, x in d.items() if k != "outputs"}  # noqa: E731
-    res = {"run_dir": str(run_dir), "vllm_version": version, "platform": "CUDA" if cuda else "CPU",
-           "settings": {"temperature": sd.temperature, "top_p": sd.top_p, "gamma": g, "max_new_tokens": max_new,
-                        "num_prompts": len(items), "seed": seed, "first_token": sd.first_token,
-                        "target": target_dir, "draft": draft_dir},
-           "ours": {k: strip(x) for k, x in ours.items()}, "vllm": vllm, "failed": failed,
-           "vllm_load_s": {k: x["load_s"] for k, x in vllm_raw.items() if "load_s" in x},
-           "table": cmp.side_by_side(ours["run"], o_al, v, g), "agreement": agreement, "speed": speed,
-           "modes": cmp.mode_rows(ours, vllm, g, sd.top_p) if sampled else [],
-           "outputs": {"ours_aligned": o_al["outputs"],
-                       **{k: x["outputs"] for k, x in vllm_raw.items() if "outputs" in x}},
-           "commands": {"check": vllm_command(run_dir), "serve": serve_command(target_dir, draft_dir, g)}}
+    return {"vllm_target_tokens_per_s": t["tokens_per_s"] if t_ok else None,
+            "vllm_sd_tokens_per_s": v["tokens_per_s"] if v_ok else None,
+            "vllm_speedup": v["tokens_per_s"] / t["tokens_per_s"] if v_ok and t_ok else None,
+            "ours_speedup": info.metrics["metrics"].get(C.SPEEDUP)}
+
+
+def write_result(run_dir: Path, res: dict[str, Any]) -> None:
+    """vllm_metrics.json and vllm_check.md beside the run's metrics.json, each whole or not at all."""
+    from distillspec.jsonio import write_json_atomic
+
     write_json_atomic(run_dir / RESULT_FILE, res)
-    (run_dir / TABLE_FILE).write_text(render(res))
-    return res
+    tmp = run_dir / (TABLE_FILE + ".tmp")
+    tmp.write_text(render(res))
+    tmp.replace(run_dir / TABLE_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,12 +70,6 @@ def first_mismatch(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def flag(observed: float, expected: float, tolerance: float = RATE_TOLERANCE) -> str:
-    if math.isnan(observed) or math.isnan(expected):
-        return "n/a"
-    return "agrees" if abs(observed - expected) <= tolerance else "DISAGREES"
-
-
 def _f(x: Any, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"

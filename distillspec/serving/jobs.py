@@ -72,7 +72,7 @@ def plan_jobs(base: dict, draft_dir: str, target_dir: str, sampled: bool, patch:
     if sampled:  # vLLM's draft sampling modes matter only at T > 0
         jobs += [dict(base, tag="draft_probabilistic", draft=draft_dir, draft_sample_method="probabilistic")]
         jobs += [dict(base, tag=f"self_{m}", draft=target_dir, draft_sample_method=m) for m in VLLM_MODES]
-        if patch:  # the same with vLLM's CPU expand fault patched (distillspec.serving.vllm_cpu_fault)
+        if patch:  # the same with vLLM's CPU expand fault patched (vllm_runner.patch_expand)
             jobs += [dict(base, tag=f"{who}_probabilistic_patched", draft=d, draft_sample_method="probabilistic",
                           patch_cpu_expand=True) for who, d in (("self", target_dir), ("draft", draft_dir))]
     if rows is not None:
@@ -143,7 +143,9 @@ def run_vllm(python: Path, job: dict, log_dir: Path, timeout: float) -> dict[str
     log_dir.mkdir(parents=True, exist_ok=True)
     job_file, out_file, log_file = (log_dir / f"{tag}.{s}" for s in ("job.json", "out.json", "log"))
     out_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps(job))
+    tmp = job_file.with_name(job_file.name + ".tmp")
+    tmp.write_text(json.dumps(job))
+    tmp.replace(job_file)  # whole or not at all
     from distillspec.serving.env import server_env
 
     env = server_env(os.environ, {"PYTHONPATH": str(REPO)})

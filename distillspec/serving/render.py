@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
 
 from distillspec.serving import compare as cmp
 
@@ -70,8 +69,8 @@ def render(res: dict) -> str:
                   "from this check's per-prompt variance. Standard rejection sampling accepts every drafted token "
                   "when the draft is the target (p = q); our engine is the exact reference and is not tuned "
                   "toward vLLM. The `_patched` rows rerun vLLM with its CPU fault fixed "
-                  "(`distillspec/serving/vllm_cpu_fault.py`: the rejection sampler's per-token temperatures are "
-                  "uninitialised memory on the CPU build), which is the diagnosis: see docs/serving.md."
+                  "(`tools/vllm_cpu_fault.py`: the rejection sampler's per-token temperatures are "
+                  "uninitialised memory on the CPU build), which is the diagnosis: see docs/vllm-cpu-faults.md."
                   + (" At top-p < 1 vLLM's probabilistic q has no top-p (ours has), so those rows have no "
                      "expected value." if s["top_p"] < 1.0 else "")]
     if res.get("failed"):

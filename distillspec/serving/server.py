@@ -1,27 +1,21 @@
-"""A vLLM server for teacher samples and teacher scores, reached over HTTP; vLLM is never imported here.
+"""A vLLM server started from the serving env for the length of a run's need; vLLM is never imported here.
 
-Two ways to get one (issue 27, "how vLLM starts"):
-  * `ManagedServer`: starts `vllm serve` from the serving env (`.venv-vllm`, `make vllm`) on loopback, waits
-    until it answers, and stops it when the `with` block ends: normally, on an error, on Ctrl-C. The engine runs
-    in its own process group, which is terminated (SIGTERM, then SIGKILL) as a whole; on Linux the server also
-    gets SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so `kill -9` of a training run
-    leaves no engine behind. Its log is a file the caller names (kept under the run dir), so an error can
-    point at it after the fact.
-  * `EngineClient(url)`: any OpenAI-compatible vLLM server, e.g. one the user started on other GPUs or nodes
-    (`rollout.vllm_url=http://host:port`). A URL that does not answer is an error within seconds.
+`ManagedServer` starts `vllm serve` from the serving env (`.venv-vllm`, `make vllm`) on loopback, waits until
+it answers, and stops it when the `with` block ends: normally, on an error, on Ctrl-C. The server leads its own
+process group, which holds vLLM's engine processes (EngineCore, Worker, resource_tracker); stopping it signals
+the whole group (SIGTERM, then SIGKILL) and waits until no process of it runs, even when the server itself was
+killed first. On Linux the server also gets SIGTERM when the process that started it dies (PR_SET_PDEATHSIG),
+so `kill -9` of a training run leaves no engine behind. Its log is a file the caller names (kept under the run
+dir), so an error can point at it after the fact.
 
-The client speaks vLLM's completions API with token ids in and out (`return_tokens_as_token_ids`), so no text
-round trip can change a token: `score` gives the teacher's top-k log-probs of given sequences
-(`prompt_logprobs`, TRL's teacher-server request); `sample` gives sampled continuations with the top-k
-log-probs of each sampled position. vLLM's prompt log-probs are always the raw model's (temperature 1:
-`logprobs_mode` does not apply to prompt tokens), which is why a served teacher supports loss temperature 1 only.
+`LazyClient` starts one at the first request that needs it: a run whose teacher data is stored starts none.
+A server the user runs is reached with `distillspec.serving.client.connect(url)`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import signal
@@ -29,21 +23,19 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from distillspec.errors import ConfigError, EngineError
+from distillspec.serving.client import EngineClient, NoAnswerError, Sample
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-CONNECT_TIMEOUT_S = 5.0       # a server that does not answer /health within this is an error, not a hang
-DYING_GRACE_S = 3.0           # after a refused or dropped request, how long a managed server may take to exit
 READY_TIMEOUT_S = 900.0       # model load on a CPU takes ~20-60 s; a large model on a GPU minutes
-TOKEN_ID_PREFIX = "token_id:"  # how vLLM names tokens with return_tokens_as_token_ids
+# SIGTERM to SIGKILL for an engine whose server is gone (killed, crashed): it has no one to shut down for, and its
+# graceful exit took 11.5 s once orphaned (vLLM 0.32 CPU, 2-core machine under load)
+ORPHAN_GRACE_S = 2.0
 
 
 def check_port_free(port: int, host: str = LOOPBACK) -> None:
@@ -82,146 +74,43 @@ def _tail(path: Path, n: int = 5) -> str:
     return " | ".join(lines[-n:])
 
 
-class EngineClient:
-    """HTTP client of one vLLM OpenAI-compatible server at `url` (http://host:port). Standard library only."""
-
-    def __init__(self, url: str, *, timeout: float = 600.0, log: Path | None = None,
-                 alive: Any = None) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.log = log          # the server's log, named in errors (managed servers)
-        self._alive = alive     # callable raising EngineError when a managed server has died
-        self._card: dict[str, Any] | None = None  # the served model's card, asked once (model())
-        self.close = lambda: None  # a managed server's stop (ManagedServer sets it): done with the engine
-
-    # -- transport
-    def _request(self, path: str, body: dict | None = None, *, timeout: float | None = None) -> Any:
-        if self._alive is not None:
-            self._alive()
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of process group `pgid` still runs (a zombie, exited but not reaped, does not)."""
+    procfs = Path("/proc")
+    if not procfs.is_dir():  # no procfs: ask the kernel, which counts zombies too
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:500]
-            raise EngineError(f"vLLM server {self.url}{path} answered HTTP {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            if self._alive is not None:
-                # a dead managed server says so, with its log; a dying one closes its sockets before the
-                # process is gone, so give it a moment to finish exiting
-                self._alive(DYING_GRACE_S)
-            reason = getattr(exc, "reason", exc)
-            where = f"; its log: {self.log}" if self.log else ""
-            raise EngineError(f"vLLM server {self.url} did not answer {path} ({reason}){where}") from None
-        return json.loads(raw) if raw.strip() else None
-
-    def ping(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
-        """EngineError unless GET /health answers within `timeout` seconds."""
-        self._request("/health", timeout=timeout)
-
-    def model(self) -> dict[str, Any]:
-        """The served model's card: {"id": served name, "root": path or id it loaded, "max_model_len": n}."""
-        if self._card is None:
-            data = self._request("/v1/models", timeout=CONNECT_TIMEOUT_S * 6)["data"]
-            if len(data) != 1:
-                raise EngineError(f"vLLM server {self.url} serves {len(data)} models; expected exactly one")
-            self._card = data[0]
-        return self._card
-
-    def version(self) -> str:
-        """The server's vLLM version (GET /version)."""
-        return str(self._request("/version", timeout=CONNECT_TIMEOUT_S * 6)["version"])
-
-    def tokenize(self, text: str) -> list[int]:
-        """The server's tokenizer on `text`, special tokens not added."""
-        out = self._request("/tokenize", {"model": self.model()["id"], "prompt": text, "add_special_tokens": False})
-        return [int(t) for t in out["tokens"]]
-
-    # -- teacher scores and samples
-    def score(self, sequences: Sequence[Sequence[int]], top_k: int) -> list[list[dict[int, float] | None]]:
-        """The served model's log-probs (temperature 1) over each sequence: for sequence s, entry t (t >= 1) is
-        {token id: log p(token | s[:t])} for the top-`top_k` tokens and s[t] itself; entry 0 is None.
-        One request for all sequences (a list of token-id prompts; vLLM batches them)."""
-        if not sequences:
-            return []
-        body = {"model": self.model()["id"], "prompt": [[int(t) for t in seq] for seq in sequences],
-                "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": int(top_k), "add_special_tokens": False}
-        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        if len(choices) != len(sequences):
-            raise EngineError(f"vLLM answered {len(choices)} choices for {len(sequences)} scored sequences")
-        return [[None if d is None else {int(k): float(v["logprob"]) for k, v in d.items()}
-                 for d in c["prompt_logprobs"]] for c in choices]
-
-    def reload_weights(self, weights_dir: str | Path) -> None:
-        """The served model's weights reloaded in place from the safetensors in `weights_dir` (vLLM's dev-mode
-        POST /collective_rpc reload_weights; the server needs VLLM_SERVER_DEV_MODE=1), then its prefix cache
-        dropped (cached KV of the old weights must not be reused)."""
-        body = {"method": "reload_weights", "kwargs": {"weights_path": str(weights_dir)}}
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for d in procfs.iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            self._request("/collective_rpc", body, timeout=max(self.timeout, 600.0))
-            for _ in range(20):  # it refuses while blocks are held (running requests): none run between steps
-                answer = self._request("/reset_prefix_cache", {})
-                if not isinstance(answer, dict) or answer.get("success", True):
-                    break
-                time.sleep(0.25)
-            else:
-                raise EngineError(f"vLLM server {self.url} did not drop its prefix cache after a weight reload "
-                                  "(KV of the old weights would be reused); its log: " + str(self.log))
-        except EngineError as exc:
-            if "HTTP 404" in str(exc):
-                raise EngineError(f"vLLM server {self.url} has no /collective_rpc: start it with "
-                                  "VLLM_SERVER_DEV_MODE=1 to let the trainer push the student's weights") from None
-            raise
-
-    def sample(self, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float, max_tokens: int,
-               top_k_logprobs: int = 0, stop_token_ids: Sequence[int] = (), seed: int | None = None,
-               ) -> list["Sample"]:
-        """One sampled continuation per prompt (token ids) and, when `top_k_logprobs`, the top-k log-probs of
-        each sampled position as vLLM returns them (its `logprobs_mode`)."""
-        name = self.model()["id"]
-        body: dict[str, Any] = {"model": name, "prompt": [[int(t) for t in p] for p in prompts],
-                                "max_tokens": int(max_tokens), "temperature": float(temperature),
-                                "top_p": float(top_p), "stop_token_ids": [int(t) for t in stop_token_ids],
-                                "return_tokens_as_token_ids": True, "return_token_ids": True, "add_special_tokens": False,
-                                "skip_special_tokens": False}
-        if top_k_logprobs:
-            body["logprobs"] = int(top_k_logprobs)
-        if seed is not None:
-            body["seed"] = int(seed)
-        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        return [Sample.from_choice(c) for c in choices]
+            stat = (d / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
-@dataclass
-class Sample:
-    """One sampled continuation: `tokens` (ids) and, per position, {token id: log-prob} (empty without
-    log-probs requested); `finish_reason` is vLLM's ("stop": EOS or a stop id, "length": the token cap)."""
-
-    tokens: list[int]
-    top_logprobs: list[dict[int, float]]
-    finish_reason: str | None
-
-    @staticmethod
-    def from_choice(choice: dict[str, Any]) -> "Sample":
-        lp = choice.get("logprobs") or {}
-        named = [_token_id(t) for t in lp.get("tokens") or []]
-        tokens = [int(t) for t in choice["token_ids"]] if choice.get("token_ids") is not None else named
-        if named and named != tokens:
-            raise EngineError(f"vLLM's token_ids {tokens[:8]}... and its log-prob tokens {named[:8]}... differ")
-        tops = [{_token_id(k): float(v) for k, v in (d or {}).items()} for d in lp.get("top_logprobs") or []]
-        return Sample(tokens=tokens, top_logprobs=tops, finish_reason=choice.get("finish_reason"))
-
-
-def _token_id(name: str) -> int:
-    if not name.startswith(TOKEN_ID_PREFIX):
-        raise EngineError(f"vLLM returned token {name!r} without its id (expected {TOKEN_ID_PREFIX}<n>)")
-    return int(name[len(TOKEN_ID_PREFIX):])
+def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
+    """Reap `proc` (the group's leader) and wait until no process of its group runs; False after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    while _group_alive(proc.pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class ManagedServer(contextlib.AbstractContextManager):
-    """`vllm serve MODEL` from the serving env on loopback, for the length of a `with` block.
+    """`vllm serve MODEL` from the serving env on loopback, for the length of a `with` block (or from `start()`
+    to `stop()`).
 
     `python`: the serving env's interpreter (its sibling `vllm` is the command); `log`: the server's log file;
     `args`: extra `vllm serve` arguments (e.g. ["--dtype", "float32", "--max-logprobs", "64"]).
@@ -241,26 +130,35 @@ class ManagedServer(contextlib.AbstractContextManager):
                 *self.args]
 
     def start(self) -> EngineClient:
-        from distillspec.serving.env import check_serving_python
+        """Start the server and wait until it answers; a failure or an interrupt on the way stops it."""
+        from distillspec.serving.env import check_serving_python, server_env
 
         check_serving_python(self.python)
         if self.port is not None:
             check_port_free(self.port)
         port = self.port if self.port is not None else free_port()
         self.argv = self.command(port)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        from distillspec.serving.env import server_env
-
         env = server_env(os.environ, self.extra_env)
         if "--kv-cache-memory-bytes" not in self.args:  # unset on a CPU, vLLM wants 92 % of the machine's memory
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        with open(self.log, "ab") as logf:
+        log.info("starting vLLM for %s from %s (log %s)", self.model, self.python, self.log)
+        try:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            logf = open(self.log, "ab")
+        except OSError as exc:
+            raise ConfigError(f"cannot write the vLLM server's log {self.log} ({exc.strerror or exc}); free space "
+                              "or fix the run dir's permissions") from None
+        with logf:
             self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
-        self.client = EngineClient(f"http://{LOOPBACK}:{port}", log=self.log, alive=self.check_alive)
-        self.client.close = self.stop
-        self._wait_ready()
+        self.client = EngineClient(f"http://{LOOPBACK}:{port}", log=self.log, alive=self.check_alive,
+                                   on_close=self.stop)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self.client
 
     def _wait_ready(self) -> None:
@@ -268,61 +166,100 @@ class ManagedServer(contextlib.AbstractContextManager):
         while True:
             self.check_alive()
             try:
-                self.client.ping(timeout=2.0)
+                self.client.ping(timeout=2.0, grace=0.0)  # refused while it loads: no grace to wait out
                 return
-            except EngineError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise EngineError(f"vLLM server for {self.model} was not ready after {self.ready_timeout:.0f} s;"
-                                      f" stopped it; its log: {self.log}") from None
-                time.sleep(0.5)
+            except NoAnswerError:
+                pass
+            if time.monotonic() > deadline:
+                raise EngineError(f"vLLM server for {self.model} was not ready after {self.ready_timeout:.0f} s;"
+                                  f" stopped it; its log: {self.log}")
+            time.sleep(0.5)
 
     def check_alive(self, grace: float = 0.0) -> None:
         """EngineError naming the log when the server process has exited (or exits within `grace` s)."""
         if self.proc is not None and grace > 0:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc is not None and self.proc.poll() is not None:
             code = self.proc.returncode
             raise EngineError(f"the vLLM server for {self.model} exited (code {code}); its log: {self.log}"
                               f" (last lines: {_tail(self.log)})")
 
     def stop(self, grace: float = 15.0) -> None:
-        """Terminate the server's process group (SIGTERM, then SIGKILL after `grace` s). Idempotent."""
+        """Stop the server and every process of its group (vLLM's engine processes), whatever state the server
+        process is in (running, exited, killed): SIGTERM, then SIGKILL after `grace` s (ORPHAN_GRACE_S when the
+        server has already exited). Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
+        if proc.poll() is not None:
+            grace = min(grace, ORPHAN_GRACE_S)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
+            if proc.poll() is not None and not _group_alive(proc.pid):
                 break
-            except subprocess.TimeoutExpired:
-                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # start_new_session: the server leads its group, pgid = its pid
+            if _wait_group(proc, wait):
+                break
+        else:
+            log.warning("processes of the vLLM server's group %d outlived SIGKILL (log %s)", proc.pid, self.log)
         log.info("stopped the vLLM server for %s (pid %d; log %s)", self.model, proc.pid, self.log)
 
     def __enter__(self) -> EngineClient:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> EngineClient:
-    """A client of the server at `url` that answered /health within `timeout` s; ConfigError otherwise."""
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"rollout.vllm_url={url!r} is not an http(s) URL; valid: http://host:port")
-    client = EngineClient(url)
-    try:
-        client.ping(timeout=timeout)
-    except EngineError as exc:
-        raise ConfigError(f"rollout.vllm_url={url!r}: no vLLM server answered within {timeout:g} s ({exc}); "
-                          "start one (docs/serving.md) or leave rollout.vllm_url unset to start one here") from None
-    return client
+class LazyClient:
+    """The client of a ManagedServer that is started by the first request needing it, and only then: a run whose
+    teacher data is stored starts no server.
+
+    version: the serving env's vLLM version (read without a server: `serving.env.serving_vllm_version`), which
+    `version()` answers. on_start(client): run once the server answers, before the request that started it
+    (e.g. the check that it serves the configured model); the server is stopped when it raises.
+    """
+
+    def __init__(self, server: ManagedServer, *, version: str,
+                 on_start: Callable[[EngineClient], None] | None = None) -> None:
+        self.server, self._version, self._on_start = server, version, on_start
+        self._client: EngineClient | None = None
+        self._closed = False
+        self.needed = False  # whether a request asked for the server (it was started, or tried to start)
+
+    def client(self) -> EngineClient:
+        """The server's client, the server started (and `on_start` run) first when it is not yet."""
+        if self._closed:
+            raise RuntimeError(f"the vLLM server for {self.server.model} was closed; it serves no more requests")
+        self.needed = True
+        if self._client is None:
+            client = self.server.start()
+            try:
+                if self._on_start is not None:
+                    self._on_start(client)
+            except BaseException:
+                self.server.stop()
+                raise
+            self._client = client
+        return self._client
+
+    def version(self) -> str:
+        return self._version
+
+    def model(self) -> dict[str, Any]:
+        return self.client().model()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.client().tokenize(text)
+
+    def score(self, sequences: Sequence[Sequence[int]], top_k: int) -> list[list[dict[int, float] | None]]:
+        return self.client().score(sequences, top_k)
+
+    def sample(self, prompts: Sequence[Sequence[int]], **kwargs: Any) -> list[Sample]:
+        return self.client().sample(prompts, **kwargs)
+
+    def close(self) -> None:
+        """Done with the engine: the server is stopped if it was started. Idempotent."""
+        self._closed = True
+        self.server.stop()

@@ -7,7 +7,7 @@ Imports vLLM and the standard library only (the serving venv pins its own transf
   prompts (list of token-id lists: the same encoded prompts our engine decodes), temperature, top_p,
   max_tokens, seed (request i uses seed + i; null: unseeded), stop_token_ids, max_model_len, dtype,
   warmup_tokens (an untimed generation first; its counters are subtracted), patch_cpu_expand (true: run the
-  engine in-process and replace vLLM's CPU `expand_batch_to_tokens`, see `vllm_cpu_fault`),
+  engine in-process and replace vLLM's CPU `expand_batch_to_tokens`: `patch_expand`),
   kv_cache_memory_bytes (the KV space, sized by the check; null: vLLM's default; $VLLM_CPU_KVCACHE_SPACE,
   when set, overrides it on the CPU build).
 OUT.json: outputs (token ids per prompt, EOS included when produced), finish_reasons, counters (deltas of
@@ -55,10 +55,26 @@ def _request_metrics(completion) -> dict | None:
             "num_draft_tokens": int(d["num_draft_tokens"])}
 
 
+def patch_expand() -> None:
+    """Replace vLLM's `expand_batch_to_tokens` with a dtype-preserving torch version, engine in-process.
+
+    vLLM 0.32's CPU build swaps the Triton kernel behind it for a C++ one whose wrapper writes into a dropped
+    int64 copy of the output, so the rejection sampler's per-token temperatures, top-k and top-p are
+    uninitialised memory at T > 0 (reproduction: tools/vllm_cpu_fault.py; docs/vllm-cpu-faults.md)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    import vllm.v1.sample.rejection_sampler as rs
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+        y = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+        return y.repeat_interleave(counts, output_size=num_tokens)
+
+    rs.expand_batch_to_tokens = expand_batch_to_tokens
+
+
 def run(job: dict) -> dict:
     if job.get("patch_cpu_expand"):
-        from distillspec.serving.vllm_cpu_fault import patch_expand
-
         patch_expand()
     from vllm import LLM, SamplingParams
     import vllm

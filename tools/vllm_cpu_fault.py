@@ -10,34 +10,19 @@ garbage (often NaN), so acceptance collapses: with the target as its own draft (
 rejection sampling accepts everything) it accepts a few percent. T = 0 returns before this code (greedy
 verification is unaffected), and so does ordinary decoding without speculation.
 
-    python -m distillspec.serving.vllm_cpu_fault        # in the serving env: the minimal reproduction
+    .venv-vllm/bin/python tools/vllm_cpu_fault.py       # in the serving env: the minimal reproduction
 
 prints JSON: the expanded temperatures vLLM returns for [1.0, 0.5, 0.7] x 5 drafted tokens, and whether they
-equal the correct expansion. `patch_expand()` installs a pure-torch `expand_batch_to_tokens` (run the engine
-in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0, so the patch reaches the sampler); `serving.check` uses it for its
-"patched" rows, which show the diagnosis: with the patch, self-drafting accepts every token again.
-Standard library + torch + vLLM only (runs in the serving env).
+equal the correct expansion. The workaround, `distillspec.serving.vllm_runner.patch_expand()`, installs a
+pure-torch `expand_batch_to_tokens` (engine in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0, so the patch reaches
+the sampler); the vLLM check uses it for its "patched" rows, which show the diagnosis: with the patch,
+self-drafting accepts every token again. Standard library + torch + vLLM only (runs in the serving env).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-
-
-def patch_expand() -> None:
-    """Replace vLLM's `expand_batch_to_tokens` with a dtype-preserving torch version, engine in-process."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import torch
-    import vllm.v1.sample.rejection_sampler as rs
-
-    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
-        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
-        y = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
-        return y.repeat_interleave(counts, output_size=num_tokens)
-
-    rs.expand_batch_to_tokens = expand_batch_to_tokens
 
 
 def reproduce() -> dict:

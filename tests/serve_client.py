@@ -1,8 +1,8 @@
 """Talk to a running `vllm serve`: a few chat requests with the `openai` client, then its spec-decode counters.
 
-    python -m distillspec.serving.serve_client BASE_URL MODEL N_REQUESTS MAX_TOKENS
+    .venv-vllm/bin/python tests/serve_client.py BASE_URL MODEL N_REQUESTS MAX_TOKENS
 
-Runs in the serving environment (the `openai` client comes with vLLM). Prints one JSON object: the replies'
+Runs in the serving environment (the `openai` client comes with vLLM); tests/test_vllm.py uses it. Prints one JSON object: the replies'
 texts and usage, and every `vllm:spec_decode*` sample of the server's Prometheus `/metrics` (summed over
 label sets). Loopback only: BASE_URL is http://127.0.0.1:<port>.
 """

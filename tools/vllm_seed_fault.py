@@ -7,14 +7,14 @@ that step: chunked prefill, when the step's token budget (`max_num_batched_token
 for one long prompt or for many prompts sharing a step. `get_offset` exists for CUDA's Philox generators
 only; on a CPU `torch.Generator` it raises `RuntimeError: CPU Generator does not use offset`, and the
 EngineCore dies (the whole server or `LLM` with it). Unseeded requests have no generator and never reach it,
-and neither does a seeded request whose prompt fits in one step. Log-probs and top-p play no part: the issue's
-probe (96 prompts, `max_logprobs=64`, top-p 0.95, seeds) died because 96 prompts overflow one step's budget.
+and neither does a seeded request whose prompt fits in one step. Log-probs and top-p play no part: a probe of 96
+prompts with `max_logprobs=64`, top-p 0.95 and seeds dies because 96 prompts overflow one step's budget.
 
 Workarounds: no per-request seeds (the server's own `--seed` makes a fresh server reproducible for the same
 request order), or chunked prefill off (`enable_chunked_prefill=False` / `--no-enable-chunked-prefill`, with
 `max_num_batched_tokens >= max_model_len`): every prompt is then prefilled whole, in one step.
 
-    python -m distillspec.serving.vllm_seed_fault TARGET_DIR [--no-chunked-prefill] [--unseeded]
+    .venv-vllm/bin/python tools/vllm_seed_fault.py TARGET_DIR [--no-chunked-prefill] [--unseeded]
 
 (in the serving env) prints JSON: whether two seeded requests with long prompts completed, and the error if not.
 Standard library + vLLM only.
