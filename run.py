@@ -137,7 +137,7 @@ def log_serving(out: dict, run_dir: Path, draft_dir: Path, launch_dir: Path, gam
                  vllm_command(rel(run_dir)))
     if gamma:
         log.info("serve it with vLLM:\n  %s", serve_command(resolve_model_path(out["target"]), str(rel(draft_dir)),
-                                                           gamma))
+                                                           gamma, cuda=torch.cuda.is_available()))
 
 
 def check_cli(argv: list[str]) -> None:

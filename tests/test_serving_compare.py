@@ -62,6 +62,8 @@ def test_serve_command_is_loopback_and_names_the_draft():
     cmd = serve_command("/m/target", "outputs/x/draft", 5, port=8123)
     assert "--host 127.0.0.1 --port 8123" in cmd and '"model": "outputs/x/draft"' in cmd
     assert '"num_speculative_tokens": 5' in cmd and '"method": "draft_model"' in cmd
+    assert cmd.startswith("VLLM_CPU_KVCACHE_SPACE=4 .venv-vllm/bin/vllm serve ")  # copied on a CPU: a bounded KV cache
+    assert serve_command("/m/target", "outputs/x/draft", 5, cuda=True).startswith(".venv-vllm/bin/vllm serve ")
 
 
 def test_ratio_ci_is_sd_metrics_bootstrap():

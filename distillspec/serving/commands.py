@@ -20,10 +20,16 @@ def vllm_command(run_dir: Path) -> str:
     return f"make vllm-check RUN={run_dir}"
 
 
-def serve_command(target_dir: str, draft_dir: str, gamma: int, port: int = 8000) -> str:
-    """The `vllm serve` line that serves `draft_dir` as the draft of `target_dir` (serving env's vllm)."""
+CPU_KV_CACHE_GIB = 4  # VLLM_CPU_KVCACHE_SPACE of a printed CPU serve line (vLLM's CPU default: ~92 % of memory)
+
+
+def serve_command(target_dir: str, draft_dir: str, gamma: int, port: int = 8000, cuda: bool = False) -> str:
+    """The `vllm serve` line that serves `draft_dir` as the draft of `target_dir` (serving env's vllm). On a CPU
+    (cuda=False) it bounds vLLM's KV cache with VLLM_CPU_KVCACHE_SPACE, which vLLM's CPU build otherwise sizes to
+    most of the machine's memory."""
     spec = json.dumps({"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": int(gamma)})
-    return (f".venv-vllm/bin/vllm serve {target_dir} --dtype float32 --max-model-len 1024 --enforce-eager "
+    env = "" if cuda else f"VLLM_CPU_KVCACHE_SPACE={CPU_KV_CACHE_GIB} "
+    return (f"{env}.venv-vllm/bin/vllm serve {target_dir} --dtype float32 --max-model-len 1024 --enforce-eager "
             f"--host 127.0.0.1 --port {port} --speculative-config '{spec}'")
 
 
