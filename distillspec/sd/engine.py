@@ -29,14 +29,13 @@ from typing import Sequence
 import torch
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
+from distillspec.errors import ConfigError
 from distillspec.sd.cache import _sync
 from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.decode_state import Block, BlockTrace, DecodeState, SDResult  # noqa: F401 (SDResult: public here)
-from distillspec.sd.sampling import LENIENCES, process_logits, sample, verify_block
+from distillspec.sd.sampling import process_logits, sample, verify_block
 from distillspec.sd.static_cache import check_kv_options, make_kv
 
-ACCEPTANCE_MODES = ("rejection", "topk")
 FIRST_TOKEN_MODES = C.FIRST_TOKEN_MODES
 
 
@@ -86,6 +85,8 @@ class SpeculativeDecoder:
             calls run through torch.compile(mode="reduce-overhead") (CUDA graphs); ConfigError elsewhere.
         first_token: "draft" (blocks start after the prompt) or "prefill" (the target's prefill samples the
             first new token, as in vLLM; blocks start after it). Same output distribution either way.
+    The settings' values are validated where users set them (distillspec.specs: SDSpec, RolloutSpec); this
+    class checks what depends on the models: a shared vocabulary, the KV cache options on their device.
     """
 
     def __init__(self, draft, target, *, gamma: int = 5, temperature: float = 1.0, top_p: float = 1.0,
@@ -93,23 +94,11 @@ class SpeculativeDecoder:
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = 0,
                  compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False,
                  first_token: str = "draft") -> None:
-        if not isinstance(gamma, int) or gamma < 1:
-            raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
-        check_temperature("temperature", temperature)
-        check_number("top_p", top_p)
-        check_number("epsilon", epsilon)
-        if not 0.0 < top_p <= 1.0:
-            raise ConfigError(f"top_p={top_p} is invalid; valid: 0 < top_p <= 1")
-        check_choice("acceptance", acceptance, ACCEPTANCE_MODES)
-        check_choice("first_token", first_token, FIRST_TOKEN_MODES)
-        check_choice("lenience", lenience, LENIENCES)
-        if not 0.0 < epsilon <= 1.0:
-            raise ConfigError(f"epsilon={epsilon} is invalid; valid: 0 < epsilon <= 1")
         vd, vt = _vocab(draft), _vocab(target)
         if vd != vt:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
-        check_kv_options(kv, compile, (draft, target))
+        check_kv_options(kv, compile, (draft, target))  # the cache each model can use on its device
         self.kv, self.compile, self.first_token = kv, compile, first_token
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
