@@ -33,6 +33,7 @@ from distillspec.errors import ConfigError
 from distillspec.sd.cache import _sync
 from distillspec.sd.clock import ForwardTimer
 from distillspec.sd.decode_state import Block, BlockTrace, DecodeState, SDResult  # noqa: F401 (SDResult: public here)
+from distillspec.sd.masks import check_decodable
 from distillspec.sd.sampling import process_logits, sample, verify_block
 from distillspec.sd.static_cache import check_kv_options, make_kv
 
@@ -98,6 +99,8 @@ class SpeculativeDecoder:
         if vd != vt:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
+        for m in (draft, target):
+            check_decodable(m)  # layer types the caches support (distillspec.sd.support)
         check_kv_options(kv, compile, (draft, target))  # the cache each model can use on its device
         self.kv, self.compile, self.first_token = kv, compile, first_token
         self.draft, self.target = draft, target
