@@ -65,7 +65,7 @@ def test_the_window_shapes_the_output(fam):
     context, our engine decodes something else (sliding families only)."""
     if fam.name not in SLIDING:
         pytest.skip("no sliding-window layers")
-    cfg = fam.target.config
+    cfg = fam.target.config.get_text_config()
     cfg.sliding_window = 10_000
     try:
         res = SpeculativeDecoder(fam.target, fam.target, gamma=4, temperature=0, eos_token_id=EOS,
@@ -149,7 +149,7 @@ def test_one_training_step(fam):
 def test_vocabulary_checks(fam):
     tok = fam.tok
     dim = logits_dim(fam.target)
-    assert dim == logits_dim(fam.draft) == fam.target.config.vocab_size
+    assert dim == logits_dim(fam.draft) == fam.target.config.get_text_config().vocab_size
     assert dim > len(tok) if fam.name in PADDED else dim == len(tok)  # padded rows beyond the tokenizer
     check_same_vocab(fam.draft, fam.target, tok, tok, "draft", "target")
     other = BigramLM(torch.zeros(dim + 8, dim + 8))

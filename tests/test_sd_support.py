@@ -16,6 +16,8 @@ from distillspec.models.tiny_families import FAMILIES, family_config
 from distillspec.sd import support
 from tests.sd_stubs import perturbed_pair
 
+VLLM_MIXED_DRAFTS = ("gemma2", "gemma3", "gemma3_mm", "gpt_oss")  # sliding and full layers
+
 UNSUPPORTED = {  # config -> what the refusal names
     "llama4": (lambda: T.Llama4TextConfig(num_hidden_layers=2), "chunked_attention"),
     "qwen3_next": (lambda: T.Qwen3NextConfig(num_hidden_layers=2), "recurrent"),
@@ -82,3 +84,27 @@ def test_training_run_on_an_unsupported_architecture_is_refused_at_launch(tmp_pa
     assert elapsed < 60  # seconds on a loaded 2-core machine: Python start, Hydra, the specs (no torch model)
     assert not store.exists()
     assert not any((tmp_path / "run").rglob("*.ckpt")) and not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vllm_check_says_which_family_pairs_vllm_cannot_serve(family, tmp_path):
+    """serving.commands.vllm_refusal (the vLLM check's preflight) on each family's config as target and draft:
+    Qwen2 with sliding layers after max_window_layers (vLLM's Qwen2 model refuses it) and drafts that mix sliding
+    and full layers (vLLM's draft_model needs one KV cache group) on any device; on the CPU, the matrix's head_dim
+    16, below vLLM's CPU attention. At head_dim 32 the others pass (tests/test_vllm_families.py runs them)."""
+    from distillspec.serving.commands import vllm_refusal
+
+    for head_dim in (16, 32):
+        d = tmp_path / str(head_dim)
+        family_config(family, head_dim=head_dim).save_pretrained(d)
+        why = vllm_refusal({"target": d, "draft": d}, cuda=False)
+        if family == "qwen2_sliding":
+            assert "some layers only" in why and "max_window_layers=1" in why
+        elif family in VLLM_MIXED_DRAFTS:
+            assert "as the draft" in why and "one KV cache group" in why
+            assert vllm_refusal({"target": d, "draft": d}, cuda=True) == why
+        elif head_dim == 16:
+            assert "head_dim 16 is not one of the head sizes" in why
+        else:
+            assert why is None
+        assert (vllm_refusal({"target": d}, cuda=True) is None) == (family != "qwen2_sliding")

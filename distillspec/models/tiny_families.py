@@ -4,7 +4,8 @@ Each family's config keeps what makes the family itself (its layer types and sli
 logits, QK norms, attention sinks and experts, padded vocabularies) at a size that decodes in milliseconds
 on a CPU: hidden 64, 3 layers, the character tokenizer of distillspec.models.tiny (104 tokens). Sliding
 windows are WINDOW = 6 positions, so a 20-token generation crosses them. Families marked padded have
-PADDED_VOCAB logit rows, more than the tokenizer has (as Qwen2 and Phi-3 checkpoints do).
+PADDED_VOCAB logit rows, more than the tokenizer has (as Qwen2 and Phi-3 checkpoints do). gemma3_mm is the
+Gemma 3 text model inside Gemma3ForConditionalGeneration (the 4B-27B checkpoints), with a 1-layer vision tower.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from distillspec.models.tiny import build_char_tokenizer  # noqa: F401 (the fami
 WINDOW = 6
 VOCAB = 104  # the character tokenizer's size
 PADDED_VOCAB = 112
-FAMILIES = ("llama", "qwen2", "qwen2_sliding", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "olmo2", "gpt_oss")
+FAMILIES = ("llama", "qwen2", "qwen2_sliding", "qwen3", "gemma2", "gemma3", "gemma3_mm", "mistral", "phi3", "olmo2",
+            "gpt_oss")
 PADDED = ("qwen2", "phi3")
 GEMMA2_SOFTCAP = 0.5  # small, so the cap bends these random logits (Gemma 2 checkpoints: 30)
-SLIDING = ("qwen2_sliding", "gemma2", "gemma3", "mistral", "phi3", "gpt_oss")  # families whose tiny config has sliding layers
+SLIDING = ("qwen2_sliding", "gemma2", "gemma3", "gemma3_mm", "mistral", "phi3", "gpt_oss")  # families whose tiny config has sliding layers
 
 
 def family_config(family: str, num_layers: int = 3, *, vocab_size: int | None = None, window: int = WINDOW,
@@ -50,6 +52,12 @@ def family_config(family: str, num_layers: int = 3, *, vocab_size: int | None = 
     if family == "gemma3":  # sliding layers with one full layer (5 of 6 sliding at full size)
         types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
         return T.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=window, layer_types=types)
+    if family == "gemma3_mm":  # Gemma 3 4B-27B: the text model inside Gemma3ForConditionalGeneration
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        text = family_config("gemma3", num_layers, vocab_size=vocab_size, window=window, head_dim=head_dim)
+        return T.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                              eos_token_id=1, pad_token_id=0)
     if family == "mistral":  # every layer sliding (Mistral-7B v0.1)
         return T.MistralConfig(**common, sliding_window=window)
     if family == "phi3":  # every layer sliding (Phi-3-mini), padded vocabulary
@@ -73,7 +81,7 @@ def tiny_family_model(family: str, *, seed: int = 0, num_layers: int = 3, **conf
         model = AutoModelForCausalLM.from_config(family_config(family, num_layers, **config))
     if family.startswith("gemma"):  # Gemma scales its (tied) input embeddings by sqrt(hidden); undone here, or
         with torch.no_grad():       # random logits just repeat the input token
-            model.get_input_embeddings().weight.mul_(model.config.hidden_size ** -0.5)
+            model.get_input_embeddings().weight.mul_(model.config.get_text_config().hidden_size ** -0.5)
     return model.float().eval()
 
 

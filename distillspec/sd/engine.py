@@ -133,7 +133,7 @@ class SpeculativeDecoder:
         drf = make_kv(self.draft, B, dev, role="draft", **opts)
         st = DecodeState.start(input_ids, attention_mask, max_new_tokens, self.gamma, self.pad_id, self.eos_ids)
         first_logits = self._prefill(st, tgt, drf, input_ids, attention_mask.long())
-        prefill_seconds = (tgt.timer, drf.timer)  # read at the end: no device wait here
+        prefill_timers = (tgt.timer, drf.timer)  # read at the end: no device wait here
         tgt.timer, drf.timer = ForwardTimer(dev), ForwardTimer(dev)
         if first_logits is not None:
             self._emit_first(st, first_logits, (tgt, drf), generator)
@@ -151,7 +151,7 @@ class SpeculativeDecoder:
         _sync(dev)
         return st.result(self.gamma, self.pad_id, time_total=time.perf_counter() - t_start,
                          time_draft=drf.forward_time, time_target=tgt.forward_time,
-                         time_prefill=sum(t.seconds for t in prefill_seconds), num_draft_calls=drf.calls,
+                         time_prefill=sum(t.seconds for t in prefill_timers), num_draft_calls=drf.calls,
                          num_target_calls=tgt.calls)
 
     def _prefill(self, st: DecodeState, tgt, drf, input_ids: torch.Tensor,
