@@ -109,8 +109,9 @@ class BlockTrace:
         names = [f.name for f in fields(cls)]
         if traces:
             return cls(**{k: torch.cat([getattr(t, k).reshape(-1) for t in traces]) for k in names})
-        dtypes = [torch.long] * 3 + [torch.bool] * 2 + [torch.float32] * 5
-        return cls(**{k: torch.zeros(0, dtype=dt, device=device) for k, dt in zip(names, dtypes)})
+        dtypes = {"row": torch.long, "block": torch.long, "pos": torch.long, "accepted": torch.bool,
+                  "first_rejected": torch.bool}
+        return cls(**{k: torch.zeros(0, dtype=dtypes.get(k, torch.float32), device=device) for k in names})
 
     def as_result_fields(self) -> dict:
         return {f"trace_{f.name}": getattr(self, f.name) for f in fields(self)}
