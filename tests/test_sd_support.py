@@ -16,7 +16,7 @@ from distillspec.models.tiny_families import FAMILIES, family_config
 from distillspec.sd import support
 from tests.sd_stubs import perturbed_pair
 
-VLLM_MIXED_DRAFTS = ("gemma2", "gemma3", "gemma3_mm", "gpt_oss")  # sliding and full layers
+VLLM_MIXED_DRAFTS = ("gemma2", "gemma3", "gpt_oss")  # sliding and full layers
 
 UNSUPPORTED = {  # config -> what the refusal names
     "llama4": (lambda: T.Llama4TextConfig(num_hidden_layers=2), "chunked_attention"),
@@ -90,8 +90,9 @@ def test_training_run_on_an_unsupported_architecture_is_refused_at_launch(tmp_pa
 def test_the_vllm_check_says_which_family_pairs_vllm_cannot_serve(family, tmp_path):
     """serving.commands.vllm_refusal (the vLLM check's preflight) on each family's config as target and draft:
     Qwen2 with sliding layers after max_window_layers (vLLM's Qwen2 model refuses it) and drafts that mix sliding
-    and full layers (vLLM's draft_model needs one KV cache group) on any device; on the CPU, the matrix's head_dim
-    16, below vLLM's CPU attention. At head_dim 32 the others pass (tests/test_vllm_families.py runs them)."""
+    and full layers (vLLM's draft_model needs one KV cache group) and multimodal Gemma 3 (no torchvision in the
+    serving env) on any device; on the CPU, the matrix's head_dim 16, below vLLM's CPU attention. At head_dim 32
+    the others pass (tests/test_vllm_families.py runs them)."""
     from distillspec.serving.commands import vllm_refusal
 
     for head_dim in (16, 32):
@@ -100,6 +101,8 @@ def test_the_vllm_check_says_which_family_pairs_vllm_cannot_serve(family, tmp_pa
         why = vllm_refusal({"target": d, "draft": d}, cuda=False)
         if family == "qwen2_sliding":
             assert "some layers only" in why and "max_window_layers=1" in why
+        elif family == "gemma3_mm":
+            assert "torchvision" in why and "(gemma3)" in why
         elif family in VLLM_MIXED_DRAFTS:
             assert "as the draft" in why and "one KV cache group" in why
             assert vllm_refusal({"target": d, "draft": d}, cuda=True) == why
@@ -107,4 +110,4 @@ def test_the_vllm_check_says_which_family_pairs_vllm_cannot_serve(family, tmp_pa
             assert "head_dim 16 is not one of the head sizes" in why
         else:
             assert why is None
-        assert (vllm_refusal({"target": d}, cuda=True) is None) == (family != "qwen2_sliding")
+        assert (vllm_refusal({"target": d}, cuda=True) is None) == (family not in ("qwen2_sliding", "gemma3_mm"))

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]
 LENGTHS = [3, 9, 2, 14, 6, 11]
 GAMMA, NEW_TOKENS, EOS = 4, 20, 1
 VLLM_REFUSED = {"qwen2_sliding": "max_window_layers=1", "gemma2": "one KV cache group",  # family -> the reason
-                "gemma3": "one KV cache group", "gemma3_mm": "one KV cache group", "gpt_oss": "one KV cache group"}
+                "gemma3": "one KV cache group", "gemma3_mm": "torchvision", "gpt_oss": "one KV cache group"}
 
 
 def _vllm(tmp_path, family: str, prompts: list, target: str, draft: str | None) -> dict:

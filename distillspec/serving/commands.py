@@ -81,15 +81,30 @@ def mixed_layers_refusal(model_dir: str | Path, role: str) -> str | None:
     return None
 
 
+def vision_refusal(model_dir: str | Path, role: str) -> str | None:
+    """Why the serving env cannot load the `role` `model_dir`, or None: vLLM builds a multimodal model (a config
+    with `vision_config`, e.g. Gemma3ForConditionalGeneration) with its vision tower, which imports torchvision,
+    and `make vllm` removes torchvision (its CUDA build breaks `import vllm` on the CPU torch)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if "vision_config" in cfg:
+        arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
+        return (f"the serving env cannot load the {role} {model_dir} ({arch}): vLLM builds its vision tower, which "
+                "needs torchvision, and `make vllm` removes torchvision")
+    return None
+
+
 def vllm_refusal(model_dirs: dict[str, str | Path], cuda: bool) -> str | None:
     """Why vLLM cannot serve these models ({role: dir}, e.g. target and draft), or None when it can.
 
     The rules: vLLM's CPU build (cuda=False) runs only the head sizes in VLLM_CPU_HEAD_SIZES; its Qwen2/Qwen3
     model refuses sliding windows on some layers only, and its draft_model SD a draft that mixes sliding and
-    full layers (`mixed_layers_refusal`).
+    full layers (`mixed_layers_refusal`); the serving env loads no multimodal model (`vision_refusal`).
     """
     for role, d in model_dirs.items():
-        if why := mixed_layers_refusal(d, role):
+        if why := mixed_layers_refusal(d, role) or vision_refusal(d, role):
             return why
     if cuda:
         return None
