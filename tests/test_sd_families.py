@@ -75,6 +75,20 @@ def test_the_window_shapes_the_output(fam):
     assert _rows(res) != fam.ref
 
 
+def test_batched_equals_per_row(fam):
+    """Sliding families: a row decoded alone gives the batch's tokens and acceptance counts (the 1- and the
+    14-token prompt)."""
+    if fam.name not in SLIDING:
+        pytest.skip("no sliding-window layers")
+    dec = SpeculativeDecoder(fam.draft, fam.target, gamma=4, temperature=0, eos_token_id=EOS, pad_token_id=0)
+    batched = dec.generate(fam.ids, fam.mask, NEW_TOKENS)
+    for i in (2, 3):
+        n = LENGTHS[i]
+        single = dec.generate(fam.ids[i:i + 1, -n:], fam.mask[i:i + 1, -n:], NEW_TOKENS)
+        assert _rows(single)[0] == _rows(batched)[i]
+        assert int(single.num_accepted[0]) == int(batched.num_accepted[i])
+
+
 @pytest.mark.parametrize("kv", ["dynamic", "static"])
 def test_holes_do_not_shift_the_window(fam, kv):
     """Rejected columns (holes) between a row's tokens: the next token's logits equal those of a cache that
