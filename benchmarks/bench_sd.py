@@ -173,7 +173,7 @@ def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
     import torch
 
     from distillspec.evaluation import concat_results
-    from distillspec.sd.nocache import generate_nocache
+    from sd_nocache import generate_nocache  # this script's folder is on sys.path
 
     results, outs = [], []
     for k, (ids, mask) in enumerate(batches(prompts, batch, pad)):

@@ -9,7 +9,7 @@ def test_bench_sd_takes_any_pair_and_prints_evaluator_table(tiny_pair_dirs, caps
     draft_dir, target_dir = tiny_pair_dirs
     bench = load_script("benchmarks/bench_sd.py", "bench_sd")
     bench.main(["--target", str(target_dir), "--draft", str(draft_dir), "--task", "arithmetic", "--batch", "2",
-                "--new-tokens", "8", "--gamma", "3", "--repeats", "1", "--skip-nocache", "--skip-hf",
+                "--new-tokens", "8", "--gamma", "3", "--repeats", "1", "--nocache-tokens", "4", "--skip-hf",
                 "--threads", "1"])
     out = capsys.readouterr().out
     assert f"target {target_dir} (4 layers); drafts {draft_dir} (1 layers)" in out
@@ -18,3 +18,4 @@ def test_bench_sd_takes_any_pair_and_prints_evaluator_table(tiny_pair_dirs, caps
         assert f"(e) measured speedup vs τ/(cvγ+v) ({draft_dir.name}, B={b}, greedy)" in out
         assert f"| {draft_dir.name}, B={b}, T=0 " in out
     assert out.count("2/2") >= 2  # SD outputs equal target-only greedy at both batch sizes
+    assert "(a) engine / no-cache tokens/s (B=2, γ=3, 4 tok" in out and "2/2 vs ours" in out

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from distillspec.sd.engine import SpeculativeDecoder
-from distillspec.sd.nocache import generate_nocache
+from benchmarks.sd_nocache import generate_nocache
 from tests.sd_stubs import BigramLM, exact_sequence_probs, log_table
 
 V = 4

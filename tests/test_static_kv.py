@@ -163,10 +163,11 @@ def test_static_options_fail_early(pair):
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="'flash_attention_2'.*'sdpa' or 'eager'"):
         SpeculativeDecoder(flash, flash, kv="static", temperature=0).generate(ids, mask, 4)
-    windowed = tiny_llama(104, 1)
-    windowed.config.layer_types = ["sliding_attention"]
-    with pytest.raises(ConfigError, match="full-attention models only.*sliding_attention.*kv='dynamic'"):
-        autoregressive_generate(windowed, ids, mask, 4, kv="static")
+    chunked = tiny_llama(104, 1)
+    chunked.config.layer_types = ["chunked_attention"]
+    for kv in ("static", "dynamic"):
+        with pytest.raises(ConfigError, match="cannot be decoded by the SD engine.*chunked_attention"):
+            autoregressive_generate(chunked, ids, mask, 4, kv=kv)
 
 
 def test_eager_attention_gets_an_additive_mask(one_thread):

@@ -83,6 +83,27 @@ def check_model_name(name: str) -> None:
         check_local_model_dir(path, name)
 
 
+def check_architecture(name: str, what: str) -> None:
+    """ConfigError when the config of model `name` shows an architecture the SD engine cannot decode
+    (distillspec.sd.support): a local directory's config.json, or a Hub id's config in the HF cache (reads that
+    one file; offline and tiny names are Llamas)."""
+    from distillspec.sd import support
+
+    if name.startswith(("offline:", "tiny:")):
+        return
+    if _looks_local(name):
+        support.check_model_dir(Path(name).expanduser(), what)
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id or no hub client: load_model checks the loaded config
+        return
+    if isinstance(cached, str):
+        support.check_model_dir(Path(cached).parent, what)
+
+
 def resolve_model_path(name: str) -> str:
     """Map a model name to something `from_pretrained` accepts (a local dir or a Hub id).
 
@@ -283,6 +304,9 @@ def load_model(name: str, *, dtype: str = "auto", quantization: str | None = Non
         if _looks_local(path):
             raise
         raise _hub_error(name, "model", e) from e
+    from distillspec.sd import support
+
+    support.check_config(model.config, name)  # a Hub model not in the cache: refused before any work with it
     if quantization is None:
         model = model.to(dev)
     model.eval()
@@ -377,6 +401,7 @@ class PairSpec:
                 check_model_name(name)
             except ConfigError as exc:
                 raise ConfigError(f"{setting}: {exc}") from None
+            check_architecture(name, f"{setting}={name}")
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         if self.target_dtype is not None:
             check_choice("target_dtype", self.target_dtype, DTYPE_CHOICES)

@@ -33,11 +33,6 @@ class GenResult:
     num_calls: int = 0
     time_prefill: float = 0.0
 
-    @property
-    def time_decode(self) -> float:
-        """Wall seconds after the prefill (decoding steps and their bookkeeping)."""
-        return max(0.0, self.time_total - self.time_prefill)
-
 
 @torch.no_grad()
 def autoregressive_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,

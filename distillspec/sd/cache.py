@@ -6,7 +6,9 @@ Every row's cache has the same number of columns S. A column is valid for a row 
 tail columns invalid for every row are cropped. Positions are explicit (`position_ids` = number of
 valid tokens before the token in its row), so holes do not shift rotary positions. `compact()` moves
 holes to the left of every row and drops all-hole columns, bounding the waste; `keep_rows()` drops
-finished rows so they stop costing compute.
+finished rows so they stop costing compute. Models with sliding-window layers keep every position in every
+layer and get per-row 4-D masks built from the columns' positions (distillspec.sd.masks); full-attention
+models get the 2-D column mask.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from distillspec.errors import ConfigError
 from distillspec.sd.clock import ForwardTimer, TimedCalls
+from distillspec.sd.masks import LayerMasks, check_decodable
 
 
 def _cache_kwarg(model) -> str:
@@ -35,9 +38,13 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def new_dynamic_cache(model):
+def new_dynamic_cache(model, every_position: bool = False):
+    """A DynamicCache for `model`; every_position: all layers keep every position (no sliding-window layers
+    that drop the positions outside their window)."""
     from transformers import DynamicCache
 
+    if every_position:
+        return DynamicCache()  # full layers, created on first use
     try:
         return DynamicCache(config=model.config)
     except (TypeError, AttributeError, ValueError):  # older signature, or a config-less stub model
@@ -53,18 +60,22 @@ class RaggedKV(TimedCalls):
     """A causal LM with a DynamicCache whose rows may hold holes.
 
     Args:
-        model: HF causal LM (full-attention layers with a dynamic cache, e.g. Llama, Qwen, SmolLM).
+        model: HF causal LM with full-attention and/or sliding-window layers (distillspec.sd.support).
         batch_size: rows. device: the model's device.
     Attributes:
-        mask: (B, S) long, column validity. timer: ForwardTimer of the forward calls; forward_time (seconds,
-        reading it waits for the device on CUDA) and calls (count) are its totals.
+        mask: (B, S) long, column validity. pos: (B, S) long, the token position of each column.
+        timer: ForwardTimer of the forward calls; forward_time (seconds, reading it waits for the device on
+        CUDA) and calls (count) are its totals.
     """
 
     def __init__(self, model, batch_size: int, device: torch.device) -> None:
+        check_decodable(model)
         self.model = model
-        self.cache = new_dynamic_cache(model)
+        self.masks = LayerMasks(model)
+        self.cache = new_dynamic_cache(model, every_position=self.masks.windowed)
         self.kwarg = _cache_kwarg(model)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.device = device
         self.timer = ForwardTimer(device)
 
@@ -91,8 +102,13 @@ class RaggedKV(TimedCalls):
         Returns logits (B, k, V) for the last k = logits_to_keep columns (all w when 0), in model dtype.
         """
         self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
+        self.pos = torch.cat([self.pos, positions], dim=1)
+        attn = self.mask
+        if self.masks.windowed:
+            attn = self.masks.build(self.mask, self.pos, torch.arange(self.width - tokens.shape[1], self.width,
+                                                                      device=self.device))
         self.timer.start()
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+        out = self.model(input_ids=tokens, attention_mask=attn, position_ids=positions,
                          use_cache=True, logits_to_keep=logits_to_keep, **{self.kwarg: self.cache})
         self.timer.stop()
         returned = getattr(out, self.kwarg, None)
@@ -114,14 +130,14 @@ class RaggedKV(TimedCalls):
         for layer in self._layers():
             layer.keys = layer.keys[:, :, :width]
             layer.values = layer.values[:, :, :width]
-        self.mask = self.mask[:, :width]
+        self.mask, self.pos = self.mask[:, :width], self.pos[:, :width]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (1-D long index) of the batch."""
         for layer in self._layers():
             layer.keys = layer.keys.index_select(0, rows)
             layer.values = layer.values.index_select(0, rows)
-        self.mask = self.mask.index_select(0, rows)
+        self.mask, self.pos = self.mask.index_select(0, rows), self.pos.index_select(0, rows)
 
     def hole_fraction(self) -> float:
         return 0.0 if self.mask.numel() == 0 else 1.0 - float(self.mask.float().mean())
@@ -142,4 +158,4 @@ class RaggedKV(TimedCalls):
             idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, idx)
             layer.values = layer.values.gather(2, idx)
-        self.mask = self.mask.gather(1, order)
+        self.mask, self.pos = self.mask.gather(1, order), self.pos.gather(1, order)

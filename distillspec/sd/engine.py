@@ -1,10 +1,12 @@
 """Batched speculative decoding with a per-row KV cache for both models (ragged acceptance, exact).
 
-One block per step for every active row:
-  1. the draft extends each row by gamma tokens (gamma forward calls of width 1, the first of width 2
-     for rows whose previous block was fully accepted: the draft never saw its own last token);
-  2. the target scores [last committed token, d_1..d_gamma] in one forward call (gamma + 1 positions);
-  3. `verify_block` decides per row how many drafted tokens survive (n_i) and the token after them.
+One block per step for every active row, each step a method over the explicit `DecodeState`:
+  1. `_draft`: the draft extends each row by gamma tokens (gamma forward calls of width 1, the first of
+     width 2 for rows whose previous block was fully accepted: the draft never saw its own last token);
+  2. `_verify`: the target scores [last committed token, d_1..d_gamma] in one forward call (gamma + 1
+     positions) and `verify_block` decides per row how many drafted tokens survive (n_i) and the token after;
+  3. `_commit`: each row emits its accepted tokens and the next one (cut at EOS / max_new_tokens);
+  4. `_rollback`: both caches drop the rejected columns per row; finished rows retire.
 Each row keeps its own accepted length: rejected cache columns become holes in that row's attention
 mask (see `RaggedKV`), the tail invalid for every row is cropped, nothing accepted is recomputed.
 Finished rows (EOS or max_new_tokens) are removed from the batch and both caches (kv="dynamic"), or stay
@@ -22,61 +24,20 @@ outcome (vLLM's counters count accepted tokens that the cut then drops).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, check_choice, check_number, check_temperature
+from distillspec.errors import ConfigError
 from distillspec.sd.cache import _sync
 from distillspec.sd.clock import ForwardTimer
-from distillspec.sd.sampling import LENIENCES, entropy_from_logits, process_logits, sample, verify_block
+from distillspec.sd.decode_state import Block, BlockTrace, DecodeState, SDResult  # noqa: F401 (SDResult: public here)
+from distillspec.sd.masks import check_decodable
+from distillspec.sd.sampling import process_logits, sample, verify_block
 from distillspec.sd.static_cache import check_kv_options, make_kv
 
-ACCEPTANCE_MODES = ("rejection", "topk")
 FIRST_TOKEN_MODES = C.FIRST_TOKEN_MODES
-
-
-@dataclass
-class SDResult:
-    """Output of `SpeculativeDecoder.generate` for B prompts.
-
-    tokens: (B, T) long generated tokens, right-padded with pad_token_id; lengths: (B,) valid counts
-        (the EOS, when produced, is included). num_blocks / num_drafted / num_accepted: (B,) long per row
-        (target verification calls, drafted tokens, accepted drafted tokens that were emitted).
-    trace_*: (N,) one entry per drafted position of every block: row index, block index, position in
-        block, accepted by the verification rule (and all earlier in the block; also where EOS or the token
-        cap then cut the block, as vLLM's counters count them), first rejected in its block, p and q of the
-        drafted token, target entropy (softmax of logits / T; T = 1 when greedy), exact acceptance probability
-        sum_v min(p, q), and p(argmax q): the acceptance probability of a draft that proposes its argmax
-        and is verified as if q were one-hot (vLLM's default draft_model scheme, PR #16899).
-    time_*: seconds (total wall clock, draft forwards, target forwards, prefill forwards of both);
-        num_draft_calls / num_target_calls: forward calls after prefill.
-    """
-
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    num_blocks: torch.Tensor
-    num_drafted: torch.Tensor
-    num_accepted: torch.Tensor
-    trace_row: torch.Tensor
-    trace_block: torch.Tensor
-    trace_pos: torch.Tensor
-    trace_accepted: torch.Tensor
-    trace_first_rejected: torch.Tensor
-    trace_p: torch.Tensor
-    trace_q: torch.Tensor
-    trace_entropy: torch.Tensor
-    trace_accept_prob: torch.Tensor
-    trace_p_draft_argmax: torch.Tensor
-    time_total: float = 0.0
-    time_draft: float = 0.0
-    time_target: float = 0.0
-    time_prefill: float = 0.0
-    num_draft_calls: int = 0
-    num_target_calls: int = 0
-    pad_token_id: int = 0
 
 
 def _vocab(model) -> int:
@@ -125,6 +86,8 @@ class SpeculativeDecoder:
             calls run through torch.compile(mode="reduce-overhead") (CUDA graphs); ConfigError elsewhere.
         first_token: "draft" (blocks start after the prompt) or "prefill" (the target's prefill samples the
             first new token, as in vLLM; blocks start after it). Same output distribution either way.
+    The settings' values are validated where users set them (distillspec.specs: SDSpec, RolloutSpec); this
+    class checks what depends on the models: a shared vocabulary, the KV cache options on their device.
     """
 
     def __init__(self, draft, target, *, gamma: int = 5, temperature: float = 1.0, top_p: float = 1.0,
@@ -132,23 +95,13 @@ class SpeculativeDecoder:
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = 0,
                  compact_at: float = 0.3, kv: str = "dynamic", compile: bool = False,
                  first_token: str = "draft") -> None:
-        if not isinstance(gamma, int) or gamma < 1:
-            raise ConfigError(f"gamma={gamma!r} is invalid; valid: an integer >= 1")
-        check_temperature("temperature", temperature)
-        check_number("top_p", top_p)
-        check_number("epsilon", epsilon)
-        if not 0.0 < top_p <= 1.0:
-            raise ConfigError(f"top_p={top_p} is invalid; valid: 0 < top_p <= 1")
-        check_choice("acceptance", acceptance, ACCEPTANCE_MODES)
-        check_choice("first_token", first_token, FIRST_TOKEN_MODES)
-        check_choice("lenience", lenience, LENIENCES)
-        if not 0.0 < epsilon <= 1.0:
-            raise ConfigError(f"epsilon={epsilon} is invalid; valid: 0 < epsilon <= 1")
         vd, vt = _vocab(draft), _vocab(target)
         if vd != vt:
             raise ConfigError(f"draft and target vocabularies differ: draft {type(draft).__name__} has {vd} "
                               f"entries, target {type(target).__name__} has {vt}; SD needs a shared vocabulary")
-        check_kv_options(kv, compile, (draft, target))
+        for m in (draft, target):
+            check_decodable(m)  # layer types the caches support (distillspec.sd.support)
+        check_kv_options(kv, compile, (draft, target))  # the cache each model can use on its device
         self.kv, self.compile, self.first_token = kv, compile, first_token
         self.draft, self.target = draft, target
         self.gamma, self.temperature, self.top_p = gamma, float(temperature), float(top_p)
@@ -172,150 +125,132 @@ class SpeculativeDecoder:
         check_prompts(input_ids, attention_mask, max_new_tokens, (self.draft, self.target), self.gamma + 1)
         check_kv_options(self.kv, self.compile, (self.draft, self.target), input_ids.device)
         t_start = time.perf_counter()
-        dev, G, B = input_ids.device, self.gamma, input_ids.shape[0]
-        mask = attention_mask.long()
+        dev, B = input_ids.device, input_ids.shape[0]
         # static capacity: prompt columns + every committed token + one block of each model, + slack
-        opts = dict(kv=self.kv, compile=self.compile, capacity=input_ids.shape[1] + max_new_tokens + 2 * (G + 1) + 8)
+        opts = dict(kv=self.kv, compile=self.compile,
+                    capacity=input_ids.shape[1] + max_new_tokens + 2 * (self.gamma + 1) + 8)
         tgt = make_kv(self.target, B, dev, role="target", **opts)
         drf = make_kv(self.draft, B, dev, role="draft", **opts)
-        pos = mask.sum(1)  # valid tokens per row, including the pending (last committed) one
-        posids = (mask.cumsum(1) - 1).clamp(min=0)
-        prefill = self.first_token == "prefill"
-        if prefill:  # both models read the whole prompt; the target's last logits give the first new token
-            first_logits = tgt.forward(input_ids, mask, posids, logits_to_keep=1)[:, -1]
-            drf.forward(input_ids, mask, posids, logits_to_keep=1)
-        elif input_ids.shape[1] > 1:
-            for kv in (tgt, drf):
-                kv.forward(input_ids[:, :-1], mask[:, :-1], posids[:, :-1], logits_to_keep=1)
+        st = DecodeState.start(input_ids, attention_mask, max_new_tokens, self.gamma, self.pad_id, self.eos_ids)
+        first_logits = self._prefill(st, tgt, drf, input_ids, attention_mask.long())
         prefill_timers = (tgt.timer, drf.timer)  # read at the end: no device wait here
         tgt.timer, drf.timer = ForwardTimer(dev), ForwardTimer(dev)
-        last = input_ids[:, -1].clone()
-        dprev = torch.full_like(last, self.pad_id)  # d_gamma of a fully accepted block (unseen by the draft)
-        dprev_valid = torch.zeros_like(last)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
-        buf = torch.full((B, max_new_tokens + G + 1), self.pad_id, dtype=torch.long, device=dev)
-        n_out = torch.zeros(B, dtype=torch.long, device=dev)
-        active = torch.arange(B, device=dev)
-        out_tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
-        out_len = torch.zeros(B, dtype=torch.long, device=dev)
-        blocks = torch.zeros(B, dtype=torch.long, device=dev)
-        accepted_total = torch.zeros(B, dtype=torch.long, device=dev)
-        trace: list[tuple[torch.Tensor, ...]] = []
-        ar = torch.arange(G + 1, device=dev)
-
-        def retire(done: torch.Tensor) -> bool:
-            """Move finished rows' outputs out of the batch; False when no row is left."""
-            nonlocal active, buf, n_out, pos, last, dprev, dprev_valid
-            rows = active[done]
-            out_len[rows] = n_out[done].clamp(max=max_new_tokens)
-            out_tokens[rows] = buf[done, :max_new_tokens]
-            keep = (~done).nonzero().squeeze(1)
-            active = active[keep]
-            if active.numel() == 0:
-                return False
+        if first_logits is not None:
+            self._emit_first(st, first_logits, (tgt, drf), generator)
+        while st.active.numel() > 0:
             for kv in (tgt, drf):
-                kv.keep_rows(keep)
-            buf, n_out, pos, last = buf[keep], n_out[keep], pos[keep], last[keep]
-            dprev, dprev_valid = dprev[keep], dprev_valid[keep]
-            return True
-
-        if prefill:
-            last = self._pick(process_logits(first_logits, self.temperature, self.top_p), generator)
-            buf[:, 0], n_out, pos = last, n_out + 1, pos + 1
-            done = torch.isin(last, eos) | (n_out >= max_new_tokens)
-            if bool(done.any()):
-                retire(done)
-        while active.numel() > 0:
-            b = active.numel()
-            # ---- 1. draft gamma tokens ----
-            for kv in (tgt, drf):
-                kv.reserve(G + 2)  # static caches compact here when full, never inside a block
-            d_start = drf.width
-            if bool(dprev_valid.any()):
-                toks = torch.stack([dprev, last], 1)
-                valid = torch.stack([dprev_valid, torch.ones_like(last)], 1)
-                posn = torch.stack([(pos - 2).clamp(min=0), pos - 1], 1)
-            else:
-                toks, valid, posn = last[:, None], torch.ones_like(last)[:, None], (pos - 1)[:, None]
-            lead = toks.shape[1]
-            logits = drf.forward(toks, valid, posn, logits_to_keep=1)[:, -1]
-            qs, ds = [], []
-            for j in range(G):
-                qj = process_logits(logits, self.temperature, self.top_p)
-                dj = self._pick(qj, generator)
-                qs.append(qj)
-                ds.append(dj)
-                if j < G - 1:
-                    logits = drf.forward(dj[:, None], torch.ones_like(dj)[:, None], (pos + j)[:, None],
-                                         logits_to_keep=1)[:, -1]
-            q, d = torch.stack(qs, 1), torch.stack(ds, 1)
-            # ---- 2. target scores the block in one call ----
-            t_start_w = tgt.width
-            t_logits = tgt.forward(torch.cat([last[:, None], d], 1), torch.ones(b, G + 1, dtype=torch.long, device=dev),
-                                   pos[:, None] - 1 + ar[None, :], logits_to_keep=G + 1).float()
-            p = process_logits(t_logits, self.temperature, self.top_p)
-            v = verify_block(p, q, d, rule=self.rule, generator=generator, lenience=self.lenience,
-                             epsilon=self.epsilon, top_k=self.top_k,
-                             rank_scores=t_logits if self.rule == "topk" else None)
-            n = v.num_accepted
-            # ---- 3. emit n accepted tokens + 1 (SKD: + 0 after a fully accepted block) ----
-            # SKD: the student proposes every token; the teacher only replaces a rejected one, so a fully
-            # accepted block adds no teacher token and d_G becomes the pending token both models see next.
-            full = (n == G) if self.rule == "topk" else torch.zeros_like(n, dtype=torch.bool)
-            emitted = torch.cat([d, torch.full_like(last, self.pad_id)[:, None]], 1)
-            emitted[torch.arange(b, device=dev), n] = v.next_token
-            count = n + 1 - full.long()
-            in_blk = ar[None, :] < count[:, None]
-            is_eos = torch.isin(emitted, eos) & in_blk if eos.numel() else torch.zeros_like(in_blk)
-            hit = is_eos.any(1)
-            count = torch.where(hit, is_eos.float().argmax(1) + 1, count)
-            emit = torch.minimum(count, max_new_tokens - n_out)  # tokens of this block that are output
-            kept = torch.minimum(n, emit)  # accepted drafted tokens among them
-            p_arg = p[:, :G].gather(-1, q.argmax(-1, keepdim=True)).squeeze(-1)
-            trace.append((active[:, None].expand(b, G), blocks[active][:, None].expand(b, G), ar[None, :G].expand(b, G),
-                          v.accepted, v.first_rejected, v.p_tok, v.q_tok,
-                          entropy_from_logits(t_logits[:, :G], self.temperature), v.accept_prob, p_arg))
-            blocks[active] += 1
-            accepted_total[active] += kept
-            buf.scatter_(1, n_out[:, None] + ar[None, :], emitted)
-            n_out = n_out + count
-            done = hit | (n_out >= max_new_tokens)
-            # ---- 4. roll caches back per row ----
-            max_n = int(n.max())
-            keep_t = n + 1 - full.long()  # target columns kept per row: [last, d_1..d_n], minus d_G if pending
-            max_t = int(keep_t.max())
-            tgt.crop(t_start_w + max_t)
-            tgt.set_valid(t_start_w, (ar[None, :max_t] < keep_t[:, None]).long())
-            keep_d = min(max_n, G - 1)
-            drf.crop(d_start + lead + keep_d)
-            if keep_d > 0:
-                drf.set_valid(d_start + lead, (ar[None, 1: keep_d + 1] <= n[:, None]).long())
-            bonus = (n == G) & ~full  # d_G was committed but not fed to the draft; the bonus token follows it
-            dprev = torch.where(bonus, d[:, -1], torch.full_like(last, self.pad_id))
-            dprev_valid = bonus.long()
-            pos = pos + n + 1 - full.long()
-            last = torch.where(full, d[:, -1], v.next_token)
-            # ---- 5. retire finished rows ----
-            if bool(done.any()) and not retire(done):
+                kv.reserve(self.gamma + 2)  # static caches compact here when full, never inside a block
+            blk = self._draft(st, drf, generator)
+            self._verify(st, tgt, blk, generator)
+            done = self._commit(st, blk)
+            self._rollback(st, tgt, drf, blk)
+            if bool(done.any()) and not st.retire(done, (tgt, drf)):
                 break
             for kv in (tgt, drf):
                 kv.maybe_compact(self.compact_at)
         _sync(dev)
-        col = torch.arange(max_new_tokens, device=dev)[None, :]
-        out_tokens = torch.where(col < out_len[:, None], out_tokens, torch.full_like(out_tokens, self.pad_id))
-        width = max(int(out_len.max()), 1)
-        fields = [torch.cat([t[i].reshape(-1) for t in trace]) if trace else _empty_trace(i, dev) for i in range(10)]
-        return SDResult(tokens=out_tokens[:, :width], lengths=out_len, num_blocks=blocks,
-                        num_drafted=blocks * G, num_accepted=accepted_total,
-                        trace_row=fields[0], trace_block=fields[1], trace_pos=fields[2], trace_accepted=fields[3],
-                        trace_first_rejected=fields[4], trace_p=fields[5], trace_q=fields[6],
-                        trace_entropy=fields[7], trace_accept_prob=fields[8], trace_p_draft_argmax=fields[9],
-                        time_total=time.perf_counter() - t_start, time_draft=drf.forward_time,
-                        time_target=tgt.forward_time, time_prefill=sum(t.seconds for t in prefill_timers),
-                        num_draft_calls=drf.calls, num_target_calls=tgt.calls, pad_token_id=self.pad_id)
+        return st.result(self.gamma, self.pad_id, time_total=time.perf_counter() - t_start,
+                         time_draft=drf.forward_time, time_target=tgt.forward_time,
+                         time_prefill=sum(t.seconds for t in prefill_timers), num_draft_calls=drf.calls,
+                         num_target_calls=tgt.calls)
 
+    def _prefill(self, st: DecodeState, tgt, drf, input_ids: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor | None:
+        """Both caches read the prompt: all of it with first_token="prefill" (returns the target's last logits
+        (B, V), which give the first new token), else all but the pending last token (returns None)."""
+        posids = (mask.cumsum(1) - 1).clamp(min=0)
+        if self.first_token == "prefill":
+            first_logits = tgt.forward(input_ids, mask, posids, logits_to_keep=1)[:, -1]
+            drf.forward(input_ids, mask, posids, logits_to_keep=1)
+            return first_logits
+        if input_ids.shape[1] > 1:
+            for kv in (tgt, drf):
+                kv.forward(input_ids[:, :-1], mask[:, :-1], posids[:, :-1], logits_to_keep=1)
+        return None
 
-def _empty_trace(i: int, device) -> torch.Tensor:
-    """An empty trace field (no block ran: every row finished on its prefill token)."""
-    dtype = torch.long if i < 3 else (torch.bool if i in (3, 4) else torch.float32)
-    return torch.zeros(0, dtype=dtype, device=device)
+    def _emit_first(self, st: DecodeState, first_logits: torch.Tensor, caches, generator) -> None:
+        """first_token="prefill": the target's prefill logits (B, V) give every row its first new token."""
+        st.last = self._pick(process_logits(first_logits, self.temperature, self.top_p), generator)
+        st.buf[:, 0], st.n_out, st.pos = st.last, st.n_out + 1, st.pos + 1
+        done = torch.isin(st.last, st.eos) | (st.n_out >= st.max_new_tokens)
+        if bool(done.any()):
+            st.retire(done, caches)
+
+    def _draft(self, st: DecodeState, drf, generator) -> Block:
+        """The draft proposes gamma tokens per active row: gamma forward calls of width 1 (the first of width 2
+        for rows whose previous block was fully accepted: the draft has not read that block's d_gamma)."""
+        G, d_start = self.gamma, drf.width
+        if bool(st.dprev_valid.any()):
+            toks = torch.stack([st.dprev, st.last], 1)
+            valid = torch.stack([st.dprev_valid, torch.ones_like(st.last)], 1)
+            posn = torch.stack([(st.pos - 2).clamp(min=0), st.pos - 1], 1)
+        else:
+            toks, valid, posn = st.last[:, None], torch.ones_like(st.last)[:, None], (st.pos - 1)[:, None]
+        logits = drf.forward(toks, valid, posn, logits_to_keep=1)[:, -1]
+        qs, ds = [], []
+        for j in range(G):
+            qj = process_logits(logits, self.temperature, self.top_p)
+            dj = self._pick(qj, generator)
+            qs.append(qj)
+            ds.append(dj)
+            if j < G - 1:
+                logits = drf.forward(dj[:, None], torch.ones_like(dj)[:, None], (st.pos + j)[:, None],
+                                     logits_to_keep=1)[:, -1]
+        return Block(d=torch.stack(ds, 1), q=torch.stack(qs, 1), d_start=d_start, lead=toks.shape[1])
+
+    def _verify(self, st: DecodeState, tgt, blk: Block, generator) -> None:
+        """The target scores [pending token, d_1..d_gamma] in one call; `verify_block` decides per row how many
+        drafted tokens survive and the token after them. Fills blk.t_start, t_logits, p and verdict."""
+        b, G = blk.d.shape
+        blk.t_start = tgt.width
+        ar = torch.arange(G + 1, device=blk.d.device)
+        blk.t_logits = tgt.forward(torch.cat([st.last[:, None], blk.d], 1),
+                                   torch.ones(b, G + 1, dtype=torch.long, device=blk.d.device),
+                                   st.pos[:, None] - 1 + ar[None, :], logits_to_keep=G + 1).float()
+        blk.p = process_logits(blk.t_logits, self.temperature, self.top_p)
+        blk.verdict = verify_block(blk.p, blk.q, blk.d, rule=self.rule, generator=generator,
+                                   lenience=self.lenience, epsilon=self.epsilon, top_k=self.top_k,
+                                   rank_scores=blk.t_logits if self.rule == "topk" else None)
+
+    def _commit(self, st: DecodeState, blk: Block) -> torch.Tensor:
+        """Emit each row's n accepted tokens + 1 (SKD: + 0 after a fully accepted block), cut at EOS and at
+        max_new_tokens; record the block's trace and counts. Returns done (b,) bool: rows that finished."""
+        b, G = blk.d.shape
+        v, ar = blk.verdict, torch.arange(G + 1, device=blk.d.device)
+        n = v.num_accepted
+        # SKD: the student proposes every token; the teacher only replaces a rejected one, so a fully
+        # accepted block adds no teacher token and d_G becomes the pending token both models see next.
+        blk.full = (n == G) if self.rule == "topk" else torch.zeros_like(n, dtype=torch.bool)
+        emitted = torch.cat([blk.d, torch.full_like(st.last, self.pad_id)[:, None]], 1)
+        emitted[torch.arange(b, device=blk.d.device), n] = v.next_token
+        count = n + 1 - blk.full.long()
+        in_blk = ar[None, :] < count[:, None]
+        is_eos = torch.isin(emitted, st.eos) & in_blk if st.eos.numel() else torch.zeros_like(in_blk)
+        hit = is_eos.any(1)
+        count = torch.where(hit, is_eos.float().argmax(1) + 1, count)
+        emit = torch.minimum(count, st.max_new_tokens - st.n_out)  # tokens of this block that are output
+        st.traces.append(BlockTrace.of_block(st, blk, self.temperature))
+        st.blocks[st.active] += 1
+        st.accepted[st.active] += torch.minimum(n, emit)  # accepted drafted tokens among the output ones
+        st.buf.scatter_(1, st.n_out[:, None] + ar[None, :], emitted)
+        st.n_out = st.n_out + count
+        return hit | (st.n_out >= st.max_new_tokens)
+
+    def _rollback(self, st: DecodeState, tgt, drf, blk: Block) -> None:
+        """Roll both caches back per row to the committed tokens (rejected columns become holes, the tail
+        invalid for every row is cropped) and move every row's pending token and position forward."""
+        G = self.gamma
+        n, full, ar = blk.verdict.num_accepted, blk.full, torch.arange(G + 1, device=blk.d.device)
+        keep_t = n + 1 - full.long()  # target columns kept per row: [last, d_1..d_n], minus d_G if pending
+        max_t = int(keep_t.max())
+        tgt.crop(blk.t_start + max_t)
+        tgt.set_valid(blk.t_start, (ar[None, :max_t] < keep_t[:, None]).long())
+        keep_d = min(int(n.max()), G - 1)
+        drf.crop(blk.d_start + blk.lead + keep_d)
+        if keep_d > 0:
+            drf.set_valid(blk.d_start + blk.lead, (ar[None, 1: keep_d + 1] <= n[:, None]).long())
+        bonus = (n == G) & ~full  # d_G was committed but not fed to the draft; the bonus token follows it
+        st.dprev = torch.where(bonus, blk.d[:, -1], torch.full_like(st.last, self.pad_id))
+        st.dprev_valid = bonus.long()
+        st.pos = st.pos + n + 1 - full.long()
+        st.last = torch.where(full, blk.d[:, -1], blk.verdict.next_token)

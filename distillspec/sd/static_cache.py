@@ -5,8 +5,9 @@
   * keys/values: (B, H_kv, S, D) per layer, S = capacity columns, allocated at the first forward; a call of
     width w writes its columns at [ptr, ptr + w) (`SlotCache.write_idx`, an index tensor) and advances the
     host-side write pointer `ptr`; attention reads all S columns;
-  * mask: (B, S) long column validity; the model gets a ready 4-D mask (B, 1, w, S) = valid column and
-    column <= ptr + query index (bool for sdpa, additive float for eager), so transformers builds no mask;
+  * mask: (B, S) long column validity, positions: (B, S) long token positions; the model gets ready 4-D masks
+    (B, 1, w, S) = valid column and column <= ptr + query index, within the window in sliding-window layers
+    (distillspec.sd.masks; bool for sdpa, additive float for eager), so transformers builds no mask;
   * crop(width) moves `ptr` back and clears the mask columns after it; the stale keys are overwritten later.
 Finished rows: the physical batch stays B (chosen for CUDA graphs: one shape per call width). `keep_rows`
 only shrinks the list of active rows; finished rows keep computing on pad inputs (their mask is set to all
@@ -32,6 +33,7 @@ from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice
 from distillspec.sd.cache import RaggedKV, _cache_kwarg
 from distillspec.sd.clock import ForwardTimer, TimedCalls
+from distillspec.sd.masks import MASK_IMPLEMENTATIONS, LayerMasks, check_decodable
 
 KV_MODES = C.KV_MODES  # (named in distillspec.constants: validating sd.kv must not import transformers)
 # torch.compile settings of compile=True; tests swap in {"backend": "eager"} to trace on CPU.
@@ -141,21 +143,6 @@ def check_kv_options(kv: str, compile: bool, models, device: torch.device | None
                               f"compile=False")
 
 
-def attention_layers(model) -> set[str]:
-    """The attention layer types of `model`'s config ("full_attention", "sliding_attention", ...)."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config(decoder=True)
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return set(types)
-    if getattr(cfg, "sliding_window", None) is not None:
-        return {"sliding_attention"}
-    if getattr(cfg, "attention_chunk_size", None) is not None:
-        return {"chunked_attention"}
-    return {"full_attention"}
-
-
 def release_static_caches() -> None:
     """Drop the pooled static caches and the compiled steps (frees their memory once the models are gone)."""
     _POOL.clear()
@@ -182,7 +169,7 @@ class StaticKV(TimedCalls):
     """A causal LM with a preallocated cache whose rows may hold holes; RaggedKV's interface.
 
     Args:
-        model: HF causal LM with full-attention layers and attn_implementation sdpa or eager.
+        model: HF causal LM with full-attention and/or sliding-window layers, attn_implementation sdpa or eager.
         batch_size: rows B (fixed). device: the model's device. capacity: columns S.
         cache: a SlotCache to reuse (its capacity may exceed `capacity`). compiled: the compiled `_step` or None.
     Attributes:
@@ -193,18 +180,16 @@ class StaticKV(TimedCalls):
     def __init__(self, model, batch_size: int, device: torch.device, capacity: int, *,
                  cache: SlotCache | None = None, compiled=None) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        other = attention_layers(model) - {"full_attention"}
-        if other:  # our 4-D mask is a full causal one: it would silently ignore windows and chunks
-            raise ConfigError(f"kv='static' supports full-attention models only; {type(model).__name__} has "
-                              f"{', '.join(sorted(other))} layers; valid: kv='dynamic'")
-        if impl not in (None, "sdpa", "eager"):
+        check_decodable(model)
+        if impl not in (None, *MASK_IMPLEMENTATIONS):
             raise ConfigError(f"kv='static' passes a 4-D attention mask; {type(model).__name__} uses "
                               f"attn_implementation={impl!r}; valid: 'sdpa' or 'eager' (or kv='dynamic')")
         self.model, self.kwarg, self.device = model, _cache_kwarg(model), device
         self.cache = cache if cache is not None else SlotCache(batch_size, capacity)
         self.B, self.capacity, self.ptr = batch_size, self.cache.capacity, 0
-        self.float_mask = getattr(model, "dtype", torch.float32) if impl == "eager" else None
+        self.masks = LayerMasks(model)
         self.mask = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.cols = torch.arange(self.capacity, device=device)
         self.rows = torch.arange(batch_size, device=device)
         self.b = batch_size
@@ -233,11 +218,9 @@ class StaticKV(TimedCalls):
                                "(reserve() before the block)")
         tokens, positions = self._full(tokens), self._full(positions)
         self.mask[:, p:p + w] = self._full(valid.to(self.mask.dtype))
+        self.positions[:, p:p + w] = positions
         qcol = self.cols[:w] + p
-        mask4d = self.mask.bool()[:, None, None, :] & (self.cols[None, :] <= qcol[:, None])  # (B, 1, w, S)
-        if self.float_mask is not None:
-            zero = torch.zeros((), dtype=self.float_mask, device=self.device)
-            mask4d = zero.masked_fill(~mask4d, torch.finfo(self.float_mask).min)
+        mask4d = self.masks.build(self.mask, self.positions, qcol, self.cols)  # (B, 1, w, S), or one per type
         self.cache.write_idx, self.cache.ptr = qcol, p
         compiled = self.compiled is not None and self._warm
         if compiled:
@@ -296,6 +279,7 @@ class StaticKV(TimedCalls):
             for buf in (layer.keys, layer.values):
                 idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
                 buf[:, :, :new] = buf[:, :, : self.ptr].gather(2, idx)
+        self.positions[:, :new] = self.positions[:, : self.ptr].gather(1, order)
         self.mask[:, :new] = m.gather(1, order)
         self.mask[:, new: self.ptr] = 0
         self.ptr = self.cache.ptr = new

@@ -1,8 +1,9 @@
 """Batched SD without a KV cache: every forward re-encodes each row's whole prefix (left-padded).
 
-This is how the reference study's evaluator handled ragged acceptance. Kept as (a) the baseline the
-cached engine is benchmarked against and (b) an independent oracle in tests (same verification math,
-no cache bookkeeping). Returns the engine's `SDResult` without traces (empty trace tensors).
+This is how the reference study's evaluator handled ragged acceptance. It is (a) the baseline the cached
+engine is benchmarked against (`benchmarks/bench_sd.py`) and (b) an independent oracle in the tests (same
+verification math, no cache bookkeeping; `from benchmarks.sd_nocache import generate_nocache`). Returns
+the engine's `SDResult` without traces (empty trace tensors).
 """
 
 from __future__ import annotations
