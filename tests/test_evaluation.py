@@ -107,3 +107,48 @@ def test_answers_cut_by_the_token_cap_are_recorded_and_quality_is_not_summarised
     with caplog.at_level("INFO", logger="distillspec"):
         log_summary({"stage": "eval", "draft": "d", "metrics": {**report.metrics, C.ANSWER_CUT_FRACTION: 0.25}})
     assert "task quality not shown" not in caplog.text and "'quality/chars'" in caplog.text
+
+
+def test_every_evaluation_path_gives_the_same_numbers(tiny, one_thread, tmp_path):
+    """Two batches at T > 0: the final evaluation (timed, logged), the untrained-draft evaluation, training's
+    periodic evaluation (called inside a training step: the student in train mode, under bf16 autocast as
+    Lightning's mixed precision runs it) and the vLLM check's recomputation give identical numbers, and the
+    loggers receive the final one's metrics at the given step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from distillspec.lit.train_loop import curve_evaluator
+    from distillspec.runner import evaluate, untrained_eval
+    from distillspec.serving.ours import run_ours
+    from distillspec.specs import TrainSpec
+
+    draft, target, tok = tiny
+    prompts = PROMPTS + ["7*8=", "a b c d"]
+    items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
+             for i, p in enumerate(prompts)]
+    models = SimpleNamespace(draft=draft, sd_target=target, tokenizer=tok)
+    sd = SDSpec(gamma=3, temperature=1.0, top_p=1.0, batch_size=3, speed_repeats=1, compute_quality=False)
+    cpu = torch.device("cpu")
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    final = evaluate(models, tok, LengthTask(), items, sd, 12, 5, cpu, [logger], step=7)
+    before = untrained_eval(models, tok, LengthTask(), items, sd, 12, 5, cpu, {})
+    curve = curve_evaluator(draft, models, LengthTask(), items, TrainSpec(eval_every=1, eval_num=len(items)), sd, 5, 12)
+    draft.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        periodic = curve.run(cpu, progress=False)
+    assert draft.training  # the evaluation put the student back as it found it
+    draft.eval()
+    check = run_ours(draft, target, tok, LengthTask(), items, sd, 12, 5, sd.first_token)
+
+    assert len(final.per_example) == len(prompts) and sum(r["num_drafted"] for r in final.per_example) > 0
+    for report in (before, periodic):
+        assert report.per_example == final.per_example
+        assert {k: report.metrics[k] for k in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.NUM_DRAFTED)} == \
+            {k: final.metrics[k] for k in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.NUM_DRAFTED)}
+    assert check["alpha_tok"] == final.metrics[C.ALPHA_TOK]
+    assert check["per_prompt"]["drafted"] == [final.per_example[i]["num_drafted"] for i in range(len(prompts))]
+    assert C.SPEEDUP in final.metrics and C.SPEEDUP not in before.metrics  # the final one was timed
+    logger.finalize("success")
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get(C.ALPHA_TOK)]
+    assert [(int(r["step"]), float(r[C.ALPHA_TOK])) for r in rows] == [(7, final.metrics[C.ALPHA_TOK])]
