@@ -285,15 +285,26 @@ class SDEvaluator:
 
 @contextlib.contextmanager
 def evaluation_mode(device: torch.device, *models: torch.nn.Module):
-    """`models` in eval mode (each put back as it was afterwards), no gradients, and autocast off on `device`:
-    the models run in their own dtypes whoever evaluates (a Lightning step under mixed precision included)."""
+    """`models` in eval mode with every weight frozen (each put back as it was afterwards), no gradients, autocast
+    off on `device`: an evaluation computes the same numbers whoever calls it.
+
+    Frozen: torch's matmul picks its kernel for a non-contiguous input (the last position of the hidden states
+    that the LM head reads) by whether the weight requires grad, also under no_grad, so a trainable draft and the
+    same draft loaded frozen differ in the last bits of their logits, and at T > 0 now and then in a sampled
+    token. Autocast off: the models run in their own dtypes, also inside a Lightning step under mixed precision.
+    """
     was_training = [m.training for m in models]
+    trainable = [p for m in models for p in m.parameters() if p.requires_grad]
     for m in models:
         m.eval()
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             yield
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         for m, mode in zip(models, was_training):
             m.train(mode)
 
