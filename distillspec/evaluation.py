@@ -1,11 +1,14 @@
 """SD evaluation over a task's prompts: run the engine (and the target-only baseline), aggregate metrics.
 
-Plain torch (no Lightning/Hydra): used by the Lightning test loop (`lit/eval_module.py`) and by the
-training module's periodic evaluation.
+Plain torch (no Lightning/Hydra). `SDEvaluator.run` is the one evaluation path: training's periodic evaluations,
+the untrained draft's, the final one (`runner.evaluate`) and the vLLM check's recomputation
+(`serving.ours.run_ours`, through `SDEvaluator.outcomes`) all go through it, so the same draft, prompts, settings
+and seed give the same numbers whoever asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -194,16 +197,26 @@ class SDEvaluator:
         return [self.tokenizer.decode(tokens[i, : int(lengths[i])].tolist(), skip_special_tokens=True)
                 for i in range(tokens.shape[0])]
 
-    def run(self, loader: Iterable[dict[str, torch.Tensor]], device: torch.device,
-            progress: bool = True, desc: str = "SD eval") -> EvalReport:
-        """Evaluate every batch of `loader` (moved to `device`) and aggregate."""
+    def batches(self) -> Iterable[dict[str, torch.Tensor]]:
+        """The prompts in order, spec.batch_size per batch (the batch index seeds its sampling): input_ids (B, L),
+        attention_mask (B, L) left-padded, index (B,) into `items`."""
+        from distillspec.lit.data import prompt_loader
+
+        return prompt_loader(self.items, self.spec.batch_size, self.tokenizer.pad_token_id)
+
+    def outcomes(self, device: torch.device, progress: bool = True, desc: str = "SD eval",
+                 leave: bool = False) -> list[BatchOutcome]:
+        """`evaluate_batch` over every batch of `batches()` (moved to `device`) in `evaluation_mode`; a progress bar
+        named `desc` (kept on screen when done with `leave`)."""
         from tqdm.auto import tqdm
 
-        outcomes = []
-        for i, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            outcomes.append(self.evaluate_batch(batch, i))
-        return self.finalize(outcomes)
+        with evaluation_mode(device, self.draft, self.target):
+            return [self.evaluate_batch({k: v.to(device) for k, v in batch.items()}, i)
+                    for i, batch in enumerate(tqdm(self.batches(), desc=desc, disable=not progress, leave=leave))]
+
+    def run(self, device: torch.device, progress: bool = True, desc: str = "SD eval", leave: bool = False) -> EvalReport:
+        """Evaluate every prompt (`outcomes`) and aggregate (`finalize`)."""
+        return self.finalize(self.outcomes(device, progress, desc, leave))
 
     def finalize(self, outcomes: Sequence[BatchOutcome]) -> EvalReport:
         """Aggregate batch outcomes into run metrics (constants' names), bins, examples."""
@@ -268,6 +281,32 @@ class SDEvaluator:
                         "metric mostly measures truncation; raise sd.max_new_tokens (or task.max_new_tokens)",
                         missing, len(texts), self.max_new_tokens)
         return missing / len(texts)
+
+
+@contextlib.contextmanager
+def evaluation_mode(device: torch.device, *models: torch.nn.Module):
+    """`models` in eval mode with every weight frozen (each put back as it was afterwards), no gradients, autocast
+    off on `device`: an evaluation computes the same numbers whoever calls it.
+
+    Frozen: torch's matmul picks its kernel for a non-contiguous input (the last position of the hidden states
+    that the LM head reads) by whether the weight requires grad, also under no_grad, so a trainable draft and the
+    same draft loaded frozen differ in the last bits of their logits, and at T > 0 now and then in a sampled
+    token. Autocast off: the models run in their own dtypes, also inside a Lightning step under mixed precision.
+    """
+    was_training = [m.training for m in models]
+    trainable = [p for m in models for p in m.parameters() if p.requires_grad]
+    for m in models:
+        m.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
 
 
 def _record_mask(result: SDResult) -> torch.Tensor:

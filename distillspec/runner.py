@@ -215,8 +215,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
             del untrained
             phase_done("untrained_eval")
     if cfg.stage != C.STAGE_TRAIN:
-        report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, loggers,
-                          trainer_factory, step=(out.get("train") or {}).get("steps"))
+        report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, loggers,
+                          step=(out.get("train") or {}).get("steps"))
         out["metrics"] = report.metrics
         history = (out.get("train") or {}).get("eval_history")
         if history is not None and train.eval_every and covers_eval and train.max_steps % train.eval_every == 0:
@@ -324,9 +324,9 @@ def untrained_eval(models, tokenizer, task, eval_items, sd, eval_tokens: int, se
     """The untrained draft's SD evaluation for the before/after comparison, stored in out["before"]."""
     # acceptance only: the distilled draft's speed is the result; timing the untrained one (SD at ~1 token
     # per block, and the target-only rounds again) would cost minutes of the demo for a context number
-    before = evaluate_plain(models, tokenizer, task, eval_items,
-                            dataclasses.replace(sd, measure_speedup=False, draft_quality=False),
-                            eval_tokens, seed, device)
+    before = evaluate(models, tokenizer, task, eval_items,
+                      dataclasses.replace(sd, measure_speedup=False, draft_quality=False), eval_tokens, seed, device,
+                      desc="SD eval (untrained draft)")
     out["before"] = {"metrics": before.metrics, "entropy_bins": before.entropy_bins,
                      "per_example": before.per_example}
     log.info("untrained draft: %s=%.4f %s=%.4f", C.ALPHA_EXPECTED, before.metrics.get(C.ALPHA_EXPECTED, 0.0),
@@ -334,35 +334,17 @@ def untrained_eval(models, tokenizer, task, eval_items, sd, eval_tokens: int, se
     return before
 
 
-def evaluate_plain(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, device):
-    """The same SD evaluation as `evaluate`, without Lightning or loggers (for the untrained draft)."""
+def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, device, loggers=(),
+             step: int | None = None, desc: str = "SD eval"):
+    """Batched SD evaluation of models.draft against models.sd_target on `items` (`SDEvaluator.run`, the path every
+    evaluation takes); returns the EvalReport. `loggers` receive it (`lit.loggers.log_report`) at `step` (after
+    training: its final step)."""
     from distillspec.evaluation import SDEvaluator
-    from distillspec.lit.data import prompt_loader
 
     evaluator = SDEvaluator(models.draft, models.sd_target, tokenizer, sd, task, items, max_new_tokens, seed)
-    was_training = models.draft.training
-    models.draft.eval()
-    report = evaluator.run(prompt_loader(items, sd.batch_size, tokenizer.pad_token_id), device,
-                           desc="SD eval (untrained draft)")
-    models.draft.train(was_training)
+    report = evaluator.run(device, desc=desc, leave=True)
+    if loggers:
+        from distillspec.lit.loggers import log_report
+
+        log_report(loggers, report, step)
     return report
-
-
-def evaluate(models, tokenizer, task, items, sd, max_new_tokens: int, seed: int, loggers, trainer_factory,
-             step: int | None = None):
-    """Batched SD evaluation in a Lightning test loop on one device; returns the EvalReport. `step`: the logged
-    rows' step (after training: its final step)."""
-    from distillspec.evaluation import SDEvaluator
-    from distillspec.lit.data import prompt_loader
-    from distillspec.lit.eval_module import SDEvalModule
-    from distillspec.lit.progress import progress_callbacks, quiet_lightning
-
-    quiet_lightning()
-    evaluator = SDEvaluator(models.draft, models.sd_target, tokenizer, sd, task, items, max_new_tokens, seed)
-    module = SDEvalModule(evaluator, step=step)
-    trainer = trainer_factory(logger=loggers, devices=1, strategy="auto", num_nodes=1,
-                              enable_checkpointing=False, enable_model_summary=False,
-                              callbacks=progress_callbacks(trainer_factory))
-    trainer.test(module, dataloaders=prompt_loader(items, sd.batch_size, tokenizer.pad_token_id),
-                 verbose=False)
-    return module.report

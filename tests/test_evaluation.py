@@ -107,3 +107,57 @@ def test_answers_cut_by_the_token_cap_are_recorded_and_quality_is_not_summarised
     with caplog.at_level("INFO", logger="distillspec"):
         log_summary({"stage": "eval", "draft": "d", "metrics": {**report.metrics, C.ANSWER_CUT_FRACTION: 0.25}})
     assert "task quality not shown" not in caplog.text and "'quality/chars'" in caplog.text
+
+
+def test_every_evaluation_path_gives_the_same_numbers(tiny, one_thread, tmp_path):
+    """Two batches at T > 0: the final evaluation (timed, logged; the draft trainable, as a run loads it), the
+    untrained-draft evaluation and the vLLM check's recomputation (the draft frozen, as the check loads it), and
+    training's periodic evaluation (called inside a training step: the student trainable and in train mode, under
+    bf16 autocast as Lightning's mixed precision runs it) give identical numbers, down to the last bit of each
+    example's expected acceptance. Each leaves the draft as it found it; the loggers get the final metrics."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from distillspec.lit.train_loop import curve_evaluator
+    from distillspec.runner import evaluate, untrained_eval
+    from distillspec.serving.ours import run_ours
+    from distillspec.specs import TrainSpec
+
+    draft, target, tok = tiny
+    prompts = PROMPTS + ["7*8=", "a b c d"]
+    items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
+             for i, p in enumerate(prompts)]
+    models = SimpleNamespace(draft=draft, sd_target=target, tokenizer=tok)
+    sd = SDSpec(gamma=3, temperature=1.0, top_p=1.0, batch_size=3, speed_repeats=1, compute_quality=False)
+    cpu, task = torch.device("cpu"), LengthTask()
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    flags = [p.requires_grad for p in draft.parameters()]
+    try:
+        draft.requires_grad_(True)
+        final = evaluate(models, tok, task, items, sd, 12, 5, cpu, [logger], step=7)
+        assert all(p.requires_grad for p in draft.parameters())
+        curve = curve_evaluator(draft, models, task, items, TrainSpec(eval_every=1, eval_num=len(items)), sd, 5, 12)
+        draft.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            periodic = curve.run(cpu, progress=False)
+        assert draft.training and all(p.requires_grad for p in draft.parameters())
+        draft.eval().requires_grad_(False)
+        before = untrained_eval(models, tok, task, items, sd, 12, 5, cpu, {})
+        check = run_ours(draft, target, tok, task, items, sd, 12, 5, sd.first_token)
+    finally:
+        draft.eval()
+        for p, flag in zip(draft.parameters(), flags):
+            p.requires_grad_(flag)
+
+    assert len(final.per_example) == len(prompts) and sum(r["num_drafted"] for r in final.per_example) > 0
+    for report in (before, periodic):
+        assert report.per_example == final.per_example
+        assert {k: report.metrics[k] for k in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.NUM_DRAFTED)} == \
+            {k: final.metrics[k] for k in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.NUM_DRAFTED)}
+    assert (check["alpha_tok"], check["alpha_expected"]) == (final.metrics[C.ALPHA_TOK], final.metrics[C.ALPHA_EXPECTED])
+    assert check["per_prompt"]["drafted"] == [final.per_example[i]["num_drafted"] for i in range(len(prompts))]
+    assert C.SPEEDUP in final.metrics and C.SPEEDUP not in before.metrics  # the final one was timed
+    logger.finalize("success")
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get(C.ALPHA_TOK)]
+    assert [(int(r["step"]), float(r[C.ALPHA_TOK])) for r in rows] == [(7, final.metrics[C.ALPHA_TOK])]

@@ -37,7 +37,7 @@ def test_a_run_shows_steps_of_max_steps_and_eval_bars_without_noise(tmp_path, ba
     run_cfg(TINY + ["train.max_steps=3", "train.eval_every=2", "train.eval_num=2", "rollout=teacher",
                     "compare_untrained=false", "sd.measure_speedup=false", "sd.draft_quality=false",
                     "rollout.cache_store=false"], tmp_path / "run")  # teacher data computed here, not loaded
-    assert len(made) == 2  # the training Trainer and the final evaluation's
+    assert len(made) == 1  # the training Trainer's (evaluations run outside Lightning)
     assert [e[:3] for e in ends] == [(3, 0, 3)] and ends[0][3].startswith(TRAIN_DESCRIPTION)
     out, err = capfd.readouterr()
     printed = out + err

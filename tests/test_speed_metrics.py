@@ -19,7 +19,6 @@ from distillspec import constants as C
 from distillspec import evaluation
 from distillspec.errors import ConfigError
 from distillspec.evaluation import SDEvaluator
-from distillspec.lit.data import left_pad
 from distillspec.sd.metrics import choose_gamma, expected_tau, predicted_speedup_curve, speedup_metrics, \
     verify_cost_ratio
 from distillspec.sd.timing import RoundTimes, median_round, sum_rounds
@@ -48,9 +47,8 @@ def _run(draft, target, tok, spec, new_tokens=16, task=None, **kw):
     items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
              for i, p in enumerate(PROMPTS)]
     ev = SDEvaluator(draft, target, tok, spec, task or NoQuality(), items, max_new_tokens=new_tokens, seed=1, **kw)
-    ids, mask = left_pad([it.input_ids for it in items], tok.pad_token_id)
-    loader = [{"input_ids": ids, "attention_mask": mask, "index": torch.arange(len(items))}]
-    return ev.run(loader, torch.device("cpu"), progress=False), ev
+    assert spec.batch_size >= len(items)  # one batch
+    return ev.run(torch.device("cpu"), progress=False), ev
 
 
 def _sleep_hook(model, seconds: float, when):

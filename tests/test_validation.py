@@ -66,7 +66,7 @@ def test_specs_refuse_nan_temperature():
 
 
 def test_finite_check_names_loss_and_gradient():
-    from distillspec.lit.train_module import check_finite_step
+    from distillspec.lit.guards import check_finite_step
 
     w = torch.nn.Parameter(torch.ones(3))
     w.grad = torch.ones(3)
@@ -140,13 +140,13 @@ def test_blown_up_update_stops_and_saves_no_draft(tmp_path, lr, clip):
 
 
 def test_weight_growth_check_warns_then_stops(caplog):
-    from distillspec.lit.train_module import WEIGHT_GROWTH_LIMIT, WEIGHT_GROWTH_WARN, check_weight_growth
+    from distillspec.lit.guards import WEIGHT_GROWTH_LIMIT, WEIGHT_GROWTH_WARN, check_weight_growth
 
     w = torch.nn.Parameter(torch.ones(4))  # norm 2
     assert check_weight_growth([w], 2.0, 0, 1e-3) is False  # unchanged: silent
     with torch.no_grad():
         w.mul_(WEIGHT_GROWTH_WARN * 2)
-    with caplog.at_level("WARNING", logger="distillspec.lit.train_module"):
+    with caplog.at_level("WARNING", logger="distillspec.lit.guards"):
         assert check_weight_growth([w], 2.0, 3, 0.5) is True
         assert check_weight_growth([w], 2.0, 4, 0.5, warned=True) is True  # once
     assert [r.getMessage() for r in caplog.records if "grown 20 x" in r.getMessage()] != []
@@ -208,7 +208,7 @@ def test_one_step_with_warmup_changes_the_draft_and_logs_the_lr_it_used(tmp_path
 
 
 def test_finite_update_check_names_a_non_finite_parameter():
-    from distillspec.lit.train_module import check_finite_update
+    from distillspec.lit.guards import check_finite_update
 
     model = torch.nn.Linear(3, 2)
     check_finite_update(model, lambda: torch.ones(1), 4)

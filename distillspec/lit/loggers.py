@@ -108,9 +108,25 @@ def build_loggers(run_dir: Path, *, run_name: str, wandb: Mapping[str, Any] | No
     return loggers
 
 
-def wandb_run(loggers: list[Logger]):
-    """The underlying wandb run if a W&B logger is present, else None."""
+def log_report(loggers: list[Logger], report, step: int | None = None) -> None:
+    """An EvalReport to every logger: its scalar metrics at `step` (None: 0); with W&B also the example-generations
+    table and the acceptance-vs-teacher-entropy chart (at `step`; None: W&B's next step)."""
+    scalars = {k: float(v) for k, v in report.metrics.items()}
     for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            return lg.experiment
-    return None
+        lg.log_metrics(scalars, step=0 if step is None else step)
+        lg.save()
+    run = next((lg.experiment for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    if run is None:
+        return
+    import wandb
+
+    if report.examples:
+        cols = list(report.examples[0].keys())
+        run.log({"sd/examples": wandb.Table(columns=cols, data=[[e[c] for c in cols] for e in report.examples])},
+                step=step)
+    if report.entropy_bins:
+        cols = list(report.entropy_bins[0].keys())
+        table = wandb.Table(columns=cols, data=[[b[c] for c in cols] for b in report.entropy_bins])
+        run.log({C.ENTROPY_BINS: table,
+                 "sd/acceptance_vs_entropy": wandb.plot.line(table, "bin_hi", "acceptance",
+                                                             title="Acceptance vs teacher entropy")}, step=step)

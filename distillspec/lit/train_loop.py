@@ -105,69 +105,19 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
     data and RNG are functions of the step). The trained draft is saved (atomically) to run_dir/draft.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from distillspec.evaluation import SDEvaluator, eos_token_ids
-    from distillspec.lit.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, previous_path
-    from distillspec.lit.data import IndexDataset, prompt_loader
-    from distillspec.lit.loggers import reset_csv_for_start_over, trim_csv_for_resume
-    from distillspec.lit.progress import progress_callbacks, quiet_lightning
-    from distillspec.lit.train_module import DistillModule, save_hf_atomic
+    from distillspec.lit.data import IndexDataset
+    from distillspec.lit.progress import quiet_lightning
 
     quiet_lightning()
-
-    tokenizer = models.tokenizer
-    eos_ids = eos_token_ids(tokenizer, models.target)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    last = ckpt_dir / LAST_CHECKPOINT
-    if (last.exists() or previous_path(last).exists()) and not resume:
-        raise ConfigError(f"{last} exists and resume=false; rerun with resume=true to continue that run, "
-                          "or pass name=<new name> to start a fresh one (nothing is overwritten)")
-    if train.freeze_embeddings:  # tied models: this freezes the output head too
-        for module in (models.draft.get_input_embeddings(), models.draft.get_output_embeddings()):
-            if module is not None:
-                module.weight.requires_grad_(False)
-    student = apply_lora(models.draft, train.lora_rank) if train.lora_rank else models.draft
-    evaluator = eval_loader = None
-    if train.eval_every and eval_items:
-        sub = list(eval_items[: train.eval_num])
-        # The acceptance curve needs acceptance only: no target-only timing, no draft-only decoding.
-        curve_sd = dataclasses.replace(sd, measure_speedup=False, draft_quality=False)
-        evaluator = SDEvaluator(student, models.sd_target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed,
-                                speed_repeats=1)
-        eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
-    served = rollout.teacher_location == C.TEACHER_SERVED  # the target is a ServedTarget: not loaded here
-    module = DistillModule(student, None if served else models.target, train_items, objective, rollout, train, eos_ids,
-                           tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
-                           evaluator=evaluator, eval_loader=eval_loader,
-                           skip_eval_at=train.max_steps if final_eval_follows else None)
-    module.sampler.engine = engine
-    if served:  # the teacher server scores the on-policy rollouts; models.target names its weights (store key)
-        from distillspec.rollout.served_scores import ServedScores
-        from distillspec.rollout.target_probe import logits_dim
-
-        module.sampler.teacher = models.target
-        module.sampler.teacher_scores = ServedScores(engine, min(rollout.cache_top_k, logits_dim(models.target)))
-    module.sampler.student_engine = student_engine
-    if initial_eval is not None and evaluator is not None:  # the untrained draft's evaluation is the step-0 point
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    check_fresh_start(last, resume)
+    student = trainable_student(models.draft, train)
+    module = distill_module(student, models, task, train_items, eval_items, objective, rollout, train, sd, seed,
+                            eval_max_new_tokens, final_eval_follows, engine, student_engine)
+    if initial_eval is not None and module.evaluator is not None:  # the untrained draft's evaluation: step 0
         module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
-                                 every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
-    trainer = trainer_factory(logger=loggers, max_steps=train.max_steps,
-                              callbacks=[checkpoint, *progress_callbacks(trainer_factory)],
-                              use_distributed_sampler=False, log_every_n_steps=train.log_every,
-                              num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()])
-    # each rank checks for itself (no process group yet); only rank 0 moves damaged files aside
-    found = find_resume_checkpoint(last, repair=trainer.is_global_zero)
-    resume_from = str(found[0]) if found else None
-    csv_log = run_dir / "csv" / "metrics.csv"
-    if found:
-        log.info("resuming from %s (step %d)", found[0], found[1])
-        if trainer.is_global_zero:
-            trim_csv_for_resume(csv_log, found[1])  # steps from here on are redone
-    elif trainer.is_global_zero and (dropped := reset_csv_for_start_over(csv_log)):
-        log.warning("training starts from step 0: dropped %d row(s) of %s logged by an earlier attempt", dropped,
-                    csv_log)
+    trainer = distill_trainer(trainer_factory, loggers, train, last.parent)
+    resume_from = resume_point(trainer, last, run_dir / "csv" / "metrics.csv")
     # step ticks: each step picks its prompts from the step number (DistillModule.step_indices), not the loader
     loader = DataLoader(IndexDataset(train.max_steps), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from)
@@ -176,11 +126,108 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     summary = {"steps": int(trainer.global_step), "resumed_from": resume_from,
                "eval_history": module.eval_history, "is_global_zero": bool(trainer.is_global_zero)}
     if trainer.is_global_zero:
-        if hasattr(student, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            student = student.merge_and_unload()
-        draft_dir = run_dir / DRAFT_DIR
-        save_hf_atomic(student, tokenizer, draft_dir)
-        summary["draft_dir"] = str(draft_dir)
-        models.draft = student
+        models.draft = save_draft(student, models.tokenizer, run_dir / DRAFT_DIR)
+        summary["draft_dir"] = str(run_dir / DRAFT_DIR)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return summary
+
+
+def check_fresh_start(last: Path, resume: bool) -> None:
+    """ConfigError when a checkpoint of an earlier attempt exists and resume=false (nothing is overwritten)."""
+    from distillspec.lit.checkpoints import previous_path
+
+    if (last.exists() or previous_path(last).exists()) and not resume:
+        raise ConfigError(f"{last} exists and resume=false; rerun with resume=true to continue that run, "
+                          "or pass name=<new name> to start a fresh one (nothing is overwritten)")
+
+
+def trainable_student(draft, train: TrainSpec):
+    """The draft as it trains: embeddings frozen (train.freeze_embeddings) and LoRA-wrapped (train.lora_rank)."""
+    if train.freeze_embeddings:  # tied models: this freezes the output head too
+        for module in (draft.get_input_embeddings(), draft.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
+    return apply_lora(draft, train.lora_rank) if train.lora_rank else draft
+
+
+def distill_module(student, models, task, train_items, eval_items, objective: ObjectiveSpec, rollout: RolloutSpec,
+                   train: TrainSpec, sd: SDSpec, seed: int, eval_max_new_tokens: int, final_eval_follows: bool,
+                   engine, student_engine):
+    """The DistillModule: its rollout sampler built with the run's engines, its periodic evaluation's evaluator."""
+    from distillspec.evaluation import eos_token_ids
+    from distillspec.lit.train_module import DistillModule
+    from distillspec.rollout.sources import RolloutSampler
+
+    tokenizer = models.tokenizer
+    eos_ids = eos_token_ids(tokenizer, models.target)
+    max_new = train.max_new_tokens or task.max_new_tokens
+    served = rollout.teacher_location == C.TEACHER_SERVED  # the target is a ServedTarget: not loaded here
+    teacher_scores = None
+    if served:  # the teacher server scores the on-policy rollouts; models.target names its weights (store key)
+        from distillspec.rollout.served_scores import ServedScores
+        from distillspec.rollout.target_probe import logits_dim
+
+        teacher_scores = ServedScores(engine, min(rollout.cache_top_k, logits_dim(models.target)))
+    sampler = RolloutSampler(rollout, student, models.target, eos_ids, tokenizer.pad_token_id, max_new,
+                             engine=engine, student_engine=student_engine, teacher_scores=teacher_scores)
+    return DistillModule(student, None if served else models.target, train_items, objective, rollout, train, eos_ids,
+                         tokenizer.pad_token_id, max_new, seed,
+                         evaluator=curve_evaluator(student, models, task, eval_items, train, sd, seed,
+                                                   eval_max_new_tokens),
+                         skip_eval_at=train.max_steps if final_eval_follows else None, sampler=sampler)
+
+
+def curve_evaluator(student, models, task, eval_items, train: TrainSpec, sd: SDSpec, seed: int,
+                    eval_max_new_tokens: int):
+    """The SDEvaluator of the acceptance curve on the first train.eval_num eval prompts, or None when training
+    does not evaluate (train.eval_every=0 or no eval prompts)."""
+    from distillspec.evaluation import SDEvaluator
+
+    if not (train.eval_every and eval_items):
+        return None
+    # The acceptance curve needs acceptance only: no target-only timing, no draft-only decoding.
+    curve_sd = dataclasses.replace(sd, measure_speedup=False, draft_quality=False)
+    return SDEvaluator(student, models.sd_target, models.tokenizer, curve_sd, task, list(eval_items[: train.eval_num]),
+                       eval_max_new_tokens, seed, speed_repeats=1)
+
+
+def distill_trainer(trainer_factory, loggers, train: TrainSpec, ckpt_dir: Path):
+    """The training Trainer: atomic checkpoints every train.checkpoint_every steps (and last.ckpt), the step bar."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distillspec.lit.checkpoints import AtomicCheckpointIO
+    from distillspec.lit.progress import progress_callbacks
+
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
+                                 every_n_train_steps=train.checkpoint_every, save_last=True, save_top_k=0)
+    return trainer_factory(logger=loggers, max_steps=train.max_steps,
+                           callbacks=[checkpoint, *progress_callbacks(trainer_factory)],
+                           use_distributed_sampler=False, log_every_n_steps=train.log_every,
+                           num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+
+
+def resume_point(trainer, last: Path, csv_log: Path) -> str | None:
+    """The checkpoint training resumes from (None: step 0), with the CSV log's rows of redone steps dropped."""
+    from distillspec.lit.checkpoints import find_resume_checkpoint
+    from distillspec.lit.loggers import reset_csv_for_start_over, trim_csv_for_resume
+
+    # each rank checks for itself (no process group yet); only rank 0 moves damaged files aside
+    found = find_resume_checkpoint(last, repair=trainer.is_global_zero)
+    if found:
+        log.info("resuming from %s (step %d)", found[0], found[1])
+        if trainer.is_global_zero:
+            trim_csv_for_resume(csv_log, found[1])  # steps from here on are redone
+    elif trainer.is_global_zero and (dropped := reset_csv_for_start_over(csv_log)):
+        log.warning("training starts from step 0: dropped %d row(s) of %s logged by an earlier attempt", dropped,
+                    csv_log)
+    return str(found[0]) if found else None
+
+
+def save_draft(student, tokenizer, draft_dir: Path):
+    """Save the trained draft (LoRA adapters folded into the weights) atomically; returns that model."""
+    from distillspec.lit.train_module import save_hf_atomic
+
+    if hasattr(student, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+        student = student.merge_and_unload()
+    save_hf_atomic(student, tokenizer, draft_dir)
+    return student

@@ -18,6 +18,8 @@ import lightning as L
 import torch
 
 from distillspec import constants as C
+from distillspec.lit.guards import (assert_finite_weights, check_finite_step, check_finite_update, check_weight_growth,
+                                    weight_norm)
 from distillspec.losses.adaptive import entropy_bin_metrics, entropy_bin_sums
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
 from distillspec.losses.sparse import sparse_divergence_loss, student_buckets, teacher_buckets
@@ -30,11 +32,8 @@ log = logging.getLogger(__name__)
 
 EVAL_HISTORY_KEY = "distillspec_eval_history"  # checkpoint entry holding DistillModule.eval_history
 START_NORM_KEY = "distillspec_start_norm"  # checkpoint entry: the trained weights' norm before the first step
-# The trained weights' L2 norm, as a multiple of its value before the first step: above WARN a warning (once),
-# above LIMIT the run stops. AdamW moves each weight by about lr per step whatever the gradient's scale (clipping
-# does not bound it), so weights of rms ~0.02 at lr 1e-3 move a few % per step; lr=1e30 multiplies the norm ~1e31.
-WEIGHT_GROWTH_WARN = 10.0
-WEIGHT_GROWTH_LIMIT = 1e3
+# Per-step sums over completion tokens (summed over ranks, then divided by the window's token count)
+SUMS = ("loss", "divergence", "teacher_entropy", "overlap", "gate_accepted", "block_weight")
 
 
 @torch.no_grad()
@@ -66,22 +65,25 @@ class DistillModule(L.LightningModule):
     Args:
         student, teacher: HF causal LMs sharing a vocabulary. items: encoded training prompts (`.input_ids`,
         `.target_ids`). objective/rollout/train: specs. eos_ids, pad_id: token ids. max_new_tokens: rollout
-        length. seed: base seed. evaluator: optional SDEvaluator-like object with `.run(loader, device)` for the
-        periodic acceptance curve, and eval_loader its prompts. skip_eval_at: a step whose periodic evaluation
-        is left out (the last step when the caller's final evaluation measures the same prompts).
+        length. seed: base seed. evaluator: optional SDEvaluator (its `.run(device)`) of the periodic acceptance
+        curve on its prompts. skip_eval_at: a step whose periodic evaluation is left out (the last step when the
+        caller's final evaluation measures the same prompts). sampler: the RolloutSampler to draw rollouts with
+        (one built with its engines: vLLM servers); None: built here from `rollout` for this student and teacher.
     """
 
     def __init__(self, student, teacher, items: Sequence[Any], objective: ObjectiveSpec, rollout: RolloutSpec,
                  train: TrainSpec, eos_ids: list[int], pad_id: int, max_new_tokens: int, seed: int = 0,
-                 evaluator=None, eval_loader=None, skip_eval_at: int | None = None) -> None:
+                 evaluator=None, skip_eval_at: int | None = None,
+                 sampler: RolloutSampler | None = None) -> None:
         super().__init__()
         self.student, self.teacher = student, teacher  # teacher None: every rollout is sparse (teacher_location=server)
         if teacher is not None:
             self.teacher.eval().requires_grad_(False)
         self.items, self.objective, self.train_spec = items, objective, train
-        self.sampler = RolloutSampler(rollout, student, teacher, eos_ids, pad_id, max_new_tokens)
+        self.sampler = sampler if sampler is not None else RolloutSampler(rollout, student, teacher, eos_ids, pad_id,
+                                                                          max_new_tokens)
         self.pad_id, self.seed = pad_id, seed
-        self.evaluator, self.eval_loader, self.skip_eval_at = evaluator, eval_loader, skip_eval_at
+        self.evaluator, self.skip_eval_at = evaluator, skip_eval_at
         self.eval_history: list[dict[str, float]] = []
         self.start_norm: float | None = None  # trained weights' L2 norm before step 0 (check_weight_growth)
         self.growth_warned = False
@@ -159,66 +161,95 @@ class DistillModule(L.LightningModule):
 
     # ---- the step ----
     def training_step(self, batch, batch_idx):
+        """One optimizer step: the window's rollouts, the loss of each (by kind), the update, its metrics."""
         step = self.global_step
         if step == 0 and self.evaluator is not None and not self.eval_history:
             self.periodic_eval(step)
         gen = self.step_generator(step)
-        self.show_phase("rollouts")
         t_start = time.perf_counter()
-        self.sampler.before_step(step)
-        t_synced = time.perf_counter()
-        rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
-                    for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
-        t_rolled = time.perf_counter()
+        rollouts, t_synced, t_rolled = self.draw_rollouts(step, gen)
         self.show_phase("loss")
         tokens = torch.tensor(float(sum(r.num_tokens for r in rollouts)), device=self.device)
         total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
         normalizer = max(float(total) / self.trainer.world_size, 1.0)
         self.student.train()
-        obj = self.objective
-        sums = torch.zeros(6, device=self.device)  # loss, divergence, entropy, overlap, gate accepted, block weight
+        sums = torch.zeros(len(SUMS), device=self.device)
         bin_sums = 0  # per teacher-entropy bin: counts, divergence sums; beta sum; tokens (entropy_bin_sums)
         for r in rollouts:
-            mask = r.completion_mask()
             if isinstance(r, SparseRollout) and not self.dense_teacher:  # sparse cached teacher: student only
-                s_logits = completion_logits(self.student, r)
-                loss, per_tok = sparse_divergence_loss(
-                    s_logits, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
-                    beta=obj.beta, alpha=obj.alpha, chunk_size=obj.chunk_size, normalizer=normalizer,
-                    tail_logp=r.tail_logp)
-                self.manual_backward(loss)
-                ent, ov = sparse_token_stats(s_logits.detach(), r, mask, obj.temperature)
-                sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
-                tb = teacher_buckets(r.topk_logp, r.tail_logp)  # (B, T, k + 1): the sparse teacher's entropy
-                bin_sums = bin_sums + entropy_bin_sums(per_tok, -(tb.exp() * tb).sum(-1), mask)
-                continue
-            if self.teacher is None:
-                raise RuntimeError(f"a {r.source!r} rollout needs the teacher's full distributions, and none is loaded")
-            with torch.no_grad():
-                t_logits = completion_logits(self.teacher, r)
-            s_logits = completion_logits(self.student, r)
-            weights = None
-            if obj.gate is not None:
-                from distillspec.losses.gating import speckd_gate
+                bin_sums = bin_sums + self.sparse_loss(r, normalizer, sums)
+            else:
+                bin_sums = bin_sums + self.dense_loss(r, normalizer, gen, sums)
+        lr = self.optimizer_step(sums[SUMS.index("loss")], step)
+        self.log_step(sums, bin_sums, total, lr, (t_start, t_synced, t_rolled))
+        self.after_step(step, rollouts)
+        self.show_phase(None)
 
-                g = obj.gate
-                gate = speckd_gate(s_logits.detach(), t_logits, top_k=g.top_k, mode=g.mode,
-                                   num_candidates=g.num_candidates, beta=g.beta, generator=gen)
-                weights = gate.weights
-                sums[4] += (gate.accepted & mask).sum()
-            aux: dict = {}
-            loss, per_tok = divergence_loss(s_logits, t_logits, mask, obj.divergence, weights=weights,
-                                            temperature=obj.temperature, beta=obj.beta, alpha=obj.alpha,
-                                            chunk_size=obj.chunk_size, normalizer=normalizer,
-                                            schedule=obj.adaptive, block_weighting=obj.block_weighting,
-                                            block_gamma=obj.block_gamma, aux=aux)
-            self.manual_backward(loss)
-            bin_sums = bin_sums + entropy_bin_sums(per_tok, aux["entropy"], mask, aux.get("beta"))
-            if "block_weight" in aux:
-                sums[5] += aux["block_weight"][mask].sum()
-            ent, ov, _ = token_stats(s_logits.detach(), t_logits, mask)
-            sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
-        check_finite_step(sums[0], self.student.parameters(), step, self.trainer.strategy)
+    def draw_rollouts(self, step: int, gen: torch.Generator) -> tuple[list, float, float]:
+        """The accumulation window's rollouts (one per micro-batch), after the student engine's weight sync;
+        also the clock at the end of the sync and of the rollouts."""
+        self.show_phase("rollouts")
+        self.sampler.before_step(step)
+        t_synced = time.perf_counter()
+        rollouts = [self.sampler.sample(ids, mask, targets, gen, indices=idx)
+                    for ids, mask, targets, idx in self._micro_batches(self.step_indices(step))]
+        return rollouts, t_synced, time.perf_counter()
+
+    def sparse_loss(self, r: SparseRollout, normalizer: float, sums: torch.Tensor):
+        """Backward of the divergence to a sparse teacher (its top-k log-probs + tail bucket; the student's
+        forward only). Adds the rollout's loss, divergence, teacher entropy and overlap to `sums` (len(SUMS),)
+        and returns its entropy-bin sums."""
+        obj = self.objective
+        mask = r.completion_mask()
+        s_logits = completion_logits(self.student, r)
+        loss, per_tok = sparse_divergence_loss(
+            s_logits, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
+            beta=obj.beta, alpha=obj.alpha, chunk_size=obj.chunk_size, normalizer=normalizer,
+            tail_logp=r.tail_logp)
+        self.manual_backward(loss)
+        ent, ov = sparse_token_stats(s_logits.detach(), r, mask, obj.temperature)
+        sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+        tb = teacher_buckets(r.topk_logp, r.tail_logp)  # (B, T, k + 1): the sparse teacher's entropy
+        return entropy_bin_sums(per_tok, -(tb.exp() * tb).sum(-1), mask)
+
+    def dense_loss(self, r, normalizer: float, gen: torch.Generator, sums: torch.Tensor):
+        """Backward of the divergence to the teacher's full distributions (the teacher runs on the rollout),
+        gated (div.gate) and weighted (div.block_weighting, adaptive schedules) as the objective says. Adds to
+        `sums` (len(SUMS),) and returns the rollout's entropy-bin sums."""
+        if self.teacher is None:
+            raise RuntimeError(f"a {r.source!r} rollout needs the teacher's full distributions, and none is loaded")
+        obj = self.objective
+        mask = r.completion_mask()
+        with torch.no_grad():
+            t_logits = completion_logits(self.teacher, r)
+        s_logits = completion_logits(self.student, r)
+        weights = None
+        if obj.gate is not None:
+            from distillspec.losses.gating import speckd_gate
+
+            g = obj.gate
+            gate = speckd_gate(s_logits.detach(), t_logits, top_k=g.top_k, mode=g.mode,
+                               num_candidates=g.num_candidates, beta=g.beta, generator=gen)
+            weights = gate.weights
+            sums[SUMS.index("gate_accepted")] += (gate.accepted & mask).sum()
+        aux: dict = {}
+        loss, per_tok = divergence_loss(s_logits, t_logits, mask, obj.divergence, weights=weights,
+                                        temperature=obj.temperature, beta=obj.beta, alpha=obj.alpha,
+                                        chunk_size=obj.chunk_size, normalizer=normalizer,
+                                        schedule=obj.adaptive, block_weighting=obj.block_weighting,
+                                        block_gamma=obj.block_gamma, aux=aux)
+        self.manual_backward(loss)
+        bins = entropy_bin_sums(per_tok, aux["entropy"], mask, aux.get("beta"))
+        if "block_weight" in aux:
+            sums[SUMS.index("block_weight")] += aux["block_weight"][mask].sum()
+        ent, ov, _ = token_stats(s_logits.detach(), t_logits, mask)
+        sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
+        return bins
+
+    def optimizer_step(self, loss_sum: torch.Tensor, step: int) -> float:
+        """Check the step is finite, clip, step the optimizer and the schedule, check the weights' growth;
+        returns the step's learning rate."""
+        check_finite_step(loss_sum, self.student.parameters(), step, self.trainer.strategy)
         opt = self.optimizers()
         sched = self.lr_schedulers()
         if self.train_spec.grad_clip:
@@ -232,20 +263,32 @@ class DistillModule(L.LightningModule):
         sched.step()
         self.growth_warned = check_weight_growth(trained, self.start_norm, step, lr, self.trainer.strategy,
                                                  warned=self.growth_warned)
+        return lr
+
+    def log_step(self, sums: torch.Tensor, bin_sums, total: torch.Tensor, lr: float,
+                 clock: tuple[float, float, float]) -> None:
+        """The step's train/ metrics (sums over ranks, per completion token) to the loggers, the loss to the bar.
+        clock: perf_counter at the step's start, after the student's sync, after the rollouts."""
+        obj = self.objective
+        t_start, t_synced, t_rolled = clock
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         n = max(float(total), 1.0)
         stats = {C.TRAIN_LOSS: sums[0] / n, C.TRAIN_DIVERGENCE: sums[1] / n, C.TRAIN_TEACHER_ENTROPY: sums[2] / n,
-                 C.TRAIN_ALIGNMENT: sums[3] / n, C.TRAIN_COMPLETION_TOKENS: total,
-                 C.TRAIN_LR: torch.tensor(lr), C.TRAIN_STEP_SECONDS: time.perf_counter() - t_start,
-                 C.TRAIN_ROLLOUT_SECONDS: t_rolled - t_start, C.TRAIN_SYNC_SECONDS: t_synced - t_start}
+                 C.TRAIN_ALIGNMENT: sums[3] / n, C.TRAIN_COMPLETION_TOKENS: total, C.TRAIN_LR: torch.tensor(lr),
+                 C.TRAIN_STEP_SECONDS: time.perf_counter() - t_start, C.TRAIN_ROLLOUT_SECONDS: t_rolled - t_start,
+                 C.TRAIN_SYNC_SECONDS: t_synced - t_start}
         if obj.gate is not None:
-            stats[C.TRAIN_TAR] = sums[4] / n
+            stats[C.TRAIN_TAR] = sums[SUMS.index("gate_accepted")] / n
         if obj.block_weighting != "none":
-            stats[C.TRAIN_BLOCK_WEIGHT_MEAN] = sums[5] / n
+            stats[C.TRAIN_BLOCK_WEIGHT_MEAN] = sums[SUMS.index("block_weight")] / n
         stats.update(entropy_bin_metrics(self.trainer.strategy.reduce(bin_sums, reduce_op="sum"),
                                          with_beta=obj.divergence == "adaptive"))
         self.log_dict({k: float(v) for k, v in stats.items()}, prog_bar=False, on_step=True, batch_size=1)
         self.log("loss", float(stats[C.TRAIN_LOSS]), prog_bar=True, on_step=True, batch_size=1, logger=False)
+
+    def after_step(self, step: int, rollouts: list) -> None:
+        """After the update of step `step`: the finiteness check before a checkpoint or the draft's save, and
+        the periodic evaluation when one is due."""
         done = self.global_step  # incremented by opt.step()
         if done == self.train_spec.max_steps or done % self.train_spec.checkpoint_every == 0:
             # before the checkpoint / draft save that follows: a diverging last update has no next loss to catch it
@@ -254,7 +297,6 @@ class DistillModule(L.LightningModule):
         if (self.evaluator is not None and self.train_spec.eval_every and done % self.train_spec.eval_every == 0
                 and done != self.skip_eval_at):
             self.periodic_eval(done)
-        self.show_phase(None)
 
     def show_phase(self, phase: str | None) -> None:
         """Name what the step is doing in the training bar (distillspec.lit.progress.StepProgressBar)."""
@@ -267,9 +309,7 @@ class DistillModule(L.LightningModule):
         if self.trainer.global_rank != 0:
             return
         self.show_phase(f"SD eval @ step {step}")
-        self.student.eval()
-        report = self.evaluator.run(self.eval_loader, self.device, progress=True, desc=f"SD eval @ step {step}")
-        self.student.train()
+        report = self.evaluator.run(self.device, desc=f"SD eval @ step {step}")
         metrics = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
         self.eval_history.append({"step": step, **metrics})
         for lg in self.loggers:
@@ -286,107 +326,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     if step < peak:
         return (step + 1) / warmup_steps
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - peak) / max(1, max_steps - peak))))
-
-
-def weight_norm(params, strategy=None) -> float:
-    """L2 norm of `params`, squares summed over ranks (sharded weights count once; DDP replicas give sqrt(world)
-    x the norm at every check alike, so ratios of two norms are unaffected). inf when float32 overflows."""
-    params = [p.detach() for p in params]
-    if not params:
-        return 0.0
-    sq = torch.nn.utils.get_total_norm(params).float() ** 2
-    if strategy is not None:
-        sq = strategy.reduce(sq, reduce_op="sum")
-    return float(sq.sqrt())
-
-
-def check_weight_growth(params, start_norm: float, step: int, lr: float, strategy=None, warned: bool = False) -> bool:
-    """After the optimizer step of training step `step` (lr: its learning rate): raise NonFiniteError when the
-    trained weights' norm exceeds WEIGHT_GROWTH_LIMIT x `start_norm` (finite but blown up, e.g. lr=1e30: every
-    weight moved by ~lr), and warn once above WEIGHT_GROWTH_WARN x. Returns whether it has warned.
-    params: the trained parameters; start_norm: their weight_norm before step 0 (0: no check)."""
-    from distillspec.errors import NonFiniteError
-
-    norm = weight_norm(params, strategy)
-    if math.isnan(norm) or not start_norm > 0:  # NaN weights: check_finite_update / check_finite_step name them
-        return warned
-    growth = norm / start_norm
-    if growth > WEIGHT_GROWTH_LIMIT:  # inf too: finite weights above ~1e19 overflow a float32 norm
-        largest = max((float(p.detach().abs().max()) for p in params if p.numel()), default=0.0)
-        size = f"{norm:.3g}, {growth:.3g} x" if math.isfinite(norm) else "beyond float32's range, vs"
-        raise NonFiniteError(f"the update of training step {step} blew up the draft's weights: their norm is "
-                             f"{size} its {start_norm:.3g} before training (limit {WEIGHT_GROWTH_LIMIT:g} x; largest "
-                             f"|weight| {largest:.3g}; lr of the step {lr:.3g}); "
-                             "stopped before this step is checkpointed, so no checkpoint or draft holds these "
-                             "weights. Lower train.lr")
-    if growth > WEIGHT_GROWTH_WARN and not warned:
-        log.warning("training step %d: the draft's trained weights' norm has grown %.3g x since before training "
-                    "(%.3g -> %.3g; lr of the step %.3g); at %g x the run stops. Is train.lr too high?", step, growth,
-                    start_norm, norm, lr, WEIGHT_GROWTH_LIMIT)
-        return True
-    return warned
-
-
-def check_finite_step(loss_sum: torch.Tensor, params, step: int, strategy=None) -> None:
-    """Raise NonFiniteError (on every rank) if the step's loss or any gradient is NaN/inf.
-
-    Called after backward and before the optimizer step, so the weights (and every checkpoint and saved
-    draft) stay those of the last finite step. loss_sum: () tensor; params: the trained parameters.
-    """
-    from distillspec.errors import NonFiniteError
-
-    grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss_sum.device)
-    bad = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float().to(loss_sum.device)])
-    if strategy is not None:
-        bad = strategy.reduce(bad, reduce_op="sum")  # every rank stops together
-    if bool(bad.any()):
-        what = " and ".join(n for n, b in zip(("loss", "gradient"), bad.tolist()) if b)
-        raise NonFiniteError(f"non-finite {what} at training step {step} (loss sum {float(loss_sum):.4g}, "
-                             f"gradient norm {float(grad_norm):.4g}); stopped before the optimizer step, so "
-                             "checkpoints keep the last finite weights and no draft was saved. Lower train.lr, "
-                             "set train.grad_clip, or check the models' dtype (pair.dtype=float32)")
-
-
-def check_finite_update(model, outputs, step: int, strategy=None) -> None:
-    """Raise NonFiniteError (on every rank) if the update of training step `step` left a NaN/inf parameter or
-    non-finite outputs (huge finite weights, e.g. from lr=1e10, overflow in the forward pass).
-
-    Called after the optimizer step and before that step is checkpointed: the next step's loss check would catch
-    this, but the last step has no next one. outputs: a callable running `model` (in eval mode, no grad) on
-    some of this step's sequences.
-    """
-    from distillspec.errors import NonFiniteError
-
-    bad_param = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    bad_out = False
-    if bad_param is None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = outputs()
-        model.train(was_training)
-        bad_out = not bool(torch.isfinite(out).all())
-    bad = torch.tensor([float(bad_param is not None or bad_out)], device=next(model.parameters()).device)
-    if strategy is not None:
-        bad = strategy.reduce(bad, reduce_op="sum")  # every rank stops together
-    if bool(bad.any()):
-        what = (f"parameter {bad_param} holds NaN/inf" if bad_param else "its outputs on this step's sequences are "
-                "NaN/inf" if bad_out else "on another rank")
-        largest = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
-        raise NonFiniteError(f"the update of training step {step} made the draft non-finite ({what}; largest "
-                             f"|weight| {largest:.3g}); stopped before it is checkpointed, so checkpoints keep the "
-                             "last finite weights and no draft was saved. Lower train.lr, set train.grad_clip, or "
-                             "check the models' dtype (pair.dtype=float32)")
-
-
-def assert_finite_weights(model) -> None:
-    """Raise NonFiniteError naming the first parameter holding NaN/inf (never save such a draft)."""
-    from distillspec.errors import NonFiniteError
-
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise NonFiniteError(f"draft parameter {name} has non-finite values; the draft is not saved")
 
 
 def save_hf_atomic(model, tokenizer, out_dir: Path) -> None:

@@ -25,20 +25,19 @@ class RolloutSampler:
     Args:
         spec: the data source settings. student, teacher: HF causal LMs. eos_ids: EOS token ids
         (first is the one appended to fixed outputs). pad_id: padding id. max_new_tokens: completion cap.
+        engine: a served teacher (rollout.engine=vllm: distillspec.rollout.engine) that makes the caches.
+        student_engine: the student's vLLM server (distillspec.rollout.student_server.StudentServer) that samples
+        the student's rollouts; `before_step` keeps its weights in sync. teacher_scores: Rollout -> SparseRollout,
+        the teacher server's top-k scores of on-policy sequences (rollout.teacher_location=server: the teacher
+        then never runs in this process).
     """
 
     def __init__(self, spec: RolloutSpec, student, teacher, eos_ids: list[int], pad_id: int,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, *, engine=None, student_engine=None, teacher_scores=None) -> None:
         self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
         self.caches: dict = {}  # source -> TeacherCache (see build_caches)
-        self.engine = None  # a served teacher (rollout.engine=vllm: distillspec.rollout.engine) makes the caches
-        # rollout.engine=vllm: the student's vLLM server (distillspec.rollout.student_server.StudentServer)
-        # samples the student's rollouts; `before_step` keeps its weights in sync
-        self.student_engine = None
-        # rollout.teacher_location=server: Rollout -> SparseRollout, the teacher server's top-k scores of
-        # on-policy sequences (the teacher is then never run in this process)
-        self.teacher_scores = None
+        self.engine, self.student_engine, self.teacher_scores = engine, student_engine, teacher_scores
 
     def cached_sources(self) -> list[str]:
         """Sources whose teacher work can be done once per prompt (teacher samples, dataset outputs)."""

@@ -51,12 +51,11 @@ def our_counts(result, gamma: int) -> dict[str, Any]:
 def run_ours(draft, target, tokenizer, task, items, sd, max_new: int, seed: int, first_token: str) -> dict:
     """Our SD on the run's prompts (same batches and seeds as its evaluation), rows in item order."""
     from distillspec.evaluation import SDEvaluator, concat_results
-    from distillspec.lit.data import prompt_loader
 
     spec = dataclasses.replace(sd, measure_speedup=False, draft_quality=False, compute_quality=False,
                                speed_warmup=False, first_token=first_token)
     ev = SDEvaluator(draft, target, tokenizer, spec, task, items, max_new, seed)
-    outcomes = [ev.evaluate_batch(b, i) for i, b in enumerate(prompt_loader(items, sd.batch_size, tokenizer.pad_token_id))]
+    outcomes = ev.outcomes(next(draft.parameters()).device, progress=False)
     result = concat_results([o.result for o in outcomes])
     order = [int(i) for i in torch.cat([o.index for o in outcomes]).argsort()]
     counts = our_counts(result, sd.gamma)
