@@ -1,0 +1,149 @@
+"""The phases of a run that need no Hydra config (distillspec.runner reads it and calls these in order).
+
+`Settings` holds a run's validated specs and top-level values, `Data` its tokenizer and encoded prompts;
+`PhaseClock` times the phases. The phases here: load the data, load the models, train (with the served teacher
+or student of rollout.engine=vllm, when configured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from distillspec import constants as C
+
+
+@dataclasses.dataclass
+class Settings:
+    """A run's validated settings: the specs built from the config groups, and the top-level values."""
+
+    stage: str
+    seed: int
+    resume: bool
+    compare_untrained: bool  # train_eval with compare_untrained: the untrained draft is evaluated too
+    snapshot: dict  # the resolved config without hydra, as given: what a rerun is compared with
+    task: Any
+    pair: Any
+    sd: Any
+    objective: Any
+    rollout: Any
+    train: Any
+    trainer_factory: Any = None
+    world_size: int = 1  # training processes (trainer devices x nodes)
+
+    @property
+    def training(self) -> bool:
+        return self.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
+
+    @property
+    def served(self) -> bool:
+        """The training process never loads the target during training (rollout.teacher_location=server)."""
+        from distillspec import teacherless
+
+        return self.training and teacherless.serves_scores(self.rollout)
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train.max_new_tokens or self.task.max_new_tokens
+
+
+@dataclasses.dataclass
+class Data:
+    """The target's tokenizer and the encoded prompts (eval_tokens: the SD evaluations' completion cap)."""
+
+    tokenizer: Any
+    train_items: list
+    eval_items: list
+    eval_tokens: int
+
+
+class PhaseClock:
+    """Wall seconds per phase of this launch (logged at the end, and in metrics.json as phase_seconds)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.start, 1)
+        self.start = now
+
+
+def load_data(s: Settings) -> Data:
+    """Prompts encoded with the target's tokenizer (errors on empty sets, and on generations that cannot fit
+    the models' context, before models load)."""
+    from distillspec.lit.train_loop import check_token_budgets
+    from distillspec.models.loading import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(s.pair.target))
+    eval_items = s.task.encode(s.task.load("eval"), tokenizer, limit=s.sd.num_eval, seed=s.seed) \
+        if s.stage != C.STAGE_TRAIN else []
+    train_items = s.task.encode(s.task.load("train"), tokenizer, limit=s.train.num_train, seed=s.seed) \
+        if s.training else []
+    check_token_budgets(s.pair, s.task, s.train, s.sd, s.rollout, train_items, eval_items)
+    return Data(tokenizer, train_items, eval_items, s.sd.max_new_tokens or s.task.max_new_tokens)
+
+
+def load_models(s: Settings, data: Data, device):
+    """The ModelPair (teacher_location=server: the draft only; the target is measured in a child process)."""
+    from distillspec import teacherless
+
+    return teacherless.load_student(s.pair, device, data.train_items[0].input_ids) if s.served \
+        else s.pair.load(device)
+
+
+def curve_covers_eval(s: Settings, data: Data) -> bool:
+    """The acceptance curve's prompts are all the eval prompts: the evaluations before and after training are
+    its ends."""
+    return bool(data.eval_items) and s.train.eval_num >= len(data.eval_items)
+
+
+def train_phase(s: Settings, data: Data, models, loggers, run_dir: Path, device, before) -> dict[str, Any]:
+    """Distil the draft (with the served teacher / student of rollout.engine=vllm); the training summary."""
+    from distillspec.lit.train_loop import train_draft
+
+    covers_eval = curve_covers_eval(s, data)
+    with served_teacher(s, data, models, run_dir, device) as engine, \
+            served_student(s, data, run_dir, device) as student:
+        return train_draft(models=models, task=s.task, train_items=data.train_items, eval_items=data.eval_items,
+                           objective=s.objective, rollout=s.rollout, train=s.train, sd=s.sd,
+                           trainer_factory=s.trainer_factory, loggers=loggers, run_dir=run_dir, seed=s.seed,
+                           resume=s.resume, eval_max_new_tokens=data.eval_tokens,
+                           initial_eval=before.metrics if before is not None and covers_eval else None,
+                           final_eval_follows=s.stage == C.STAGE_TRAIN_EVAL and covers_eval,
+                           engine=engine, student_engine=student)
+
+
+def _engine_dtype(dtype: str, device) -> str:
+    """A pair dtype for a vLLM server: "auto" is bfloat16 on CUDA, float32 elsewhere."""
+    return ("bfloat16" if device.type == "cuda" else "float32") if dtype == "auto" else dtype
+
+
+@contextlib.contextmanager
+def served_teacher(s: Settings, data: Data, models, run_dir: Path, device):
+    """The rollout engine for training (distillspec.rollout.engine): None for rollout.engine=hf; for vllm, a
+    served teacher checked against the configured target before any teacher data is made."""
+    from distillspec.rollout.engine import rollout_engine, verify_served_teacher
+
+    with rollout_engine(s.rollout, target=s.pair.target, dtype=_engine_dtype(s.pair.target_dtype or s.pair.dtype,
+                                                                             device),
+                        run_dir=run_dir, prompt_lens=[len(it.input_ids) for it in data.train_items],
+                        max_new_tokens=s.train_tokens, seed=s.seed, world_size=s.world_size) as engine:
+        if engine is not None:
+            verify_served_teacher(engine, models.target, data.tokenizer, data.train_items[0].input_ids, s.pair.target)
+        yield engine
+
+
+def served_student(s: Settings, data: Data, run_dir: Path, device):
+    """The student's vLLM server for on-policy rollouts (distillspec.rollout.student_server), or None."""
+    from distillspec.rollout.student_server import student_engine
+
+    return student_engine(s.rollout, run_dir=run_dir, tokenizer=data.tokenizer,
+                          dtype=_engine_dtype(s.pair.dtype, device),  # the draft's (target_dtype: the target's)
+                          prompt_lens=[len(it.input_ids) for it in data.train_items],
+                          batch_prompts=s.train.batch_size * s.train.accumulate, max_new_tokens=s.train_tokens,
+                          seed=s.seed, world_size=s.world_size, lora_rank=s.train.lora_rank)
