@@ -46,6 +46,14 @@ class Settings:
         return self.training and teacherless.serves_scores(self.rollout)
 
     @property
+    def late(self) -> bool:
+        """The training process does not hold the target while it trains (served scores, or
+        train.release_target): it is loaded after training for the evaluations (distillspec.teacherless)."""
+        from distillspec import teacherless
+
+        return self.training and teacherless.holds_no_target(self.rollout, self.train)
+
+    @property
     def train_tokens(self) -> int:
         return self.train.max_new_tokens or self.task.max_new_tokens
 
@@ -80,8 +88,9 @@ def load_data(s: Settings) -> Data:
     from distillspec.models.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(s.pair.target))
+    heldout_curve = s.training and s.train.eval_every and s.train.curve == "heldout"  # its prompts: eval prompts
     eval_items = s.task.encode(s.task.load("eval"), tokenizer, limit=s.sd.num_eval, seed=s.seed) \
-        if s.stage != C.STAGE_TRAIN else []
+        if s.stage != C.STAGE_TRAIN or heldout_curve else []
     train_items = s.task.encode(s.task.load("train"), tokenizer, limit=s.train.num_train, seed=s.seed) \
         if s.training else []
     check_token_budgets(s.pair, s.task, s.train, s.sd, s.rollout, train_items, eval_items)
@@ -89,33 +98,72 @@ def load_data(s: Settings) -> Data:
 
 
 def load_models(s: Settings, data: Data, device):
-    """The ModelPair (teacher_location=server: the draft only; the target is measured in a child process)."""
+    """The ModelPair (a run that holds no target while training: the draft only; the target is measured in a
+    child process, distillspec.teacherless)."""
     from distillspec import teacherless
 
-    return teacherless.load_student(s.pair, device, data.train_items[0].input_ids) if s.served \
-        else s.pair.load(device)
+    if not s.late:
+        return s.pair.load(device)
+    return teacherless.load_student(s.pair, device, data.train_items[0].input_ids,
+                                    why=teacherless.NOT_LOADED if s.served else teacherless.RELEASED)
 
 
 def curve_covers_eval(s: Settings, data: Data) -> bool:
-    """The acceptance curve's prompts are all the eval prompts: the evaluations before and after training are
+    """The SD acceptance curve's prompts are all the eval prompts: the evaluations before and after training are
     its ends."""
-    return bool(data.eval_items) and s.train.eval_num >= len(data.eval_items)
+    return s.train.curve == "sd" and bool(data.eval_items) and s.train.eval_num >= len(data.eval_items)
 
 
 def train_phase(s: Settings, data: Data, models, loggers, run_dir: Path, device, before) -> dict[str, Any]:
-    """Distil the draft (with the served teacher / student of rollout.engine=vllm); the training summary."""
+    """Distil the draft (with the served teacher / student of rollout.engine=vllm); the training summary. A
+    released run (train.release_target) makes its teacher data first and drops the target."""
+    from distillspec import teacherless
     from distillspec.lit.train_loop import train_draft
 
     covers_eval = curve_covers_eval(s, data)
+    loader = teacherless.TargetLoader(s.pair, device) if s.late else None
     with served_teacher(s, data, models, run_dir, device) as engine, \
             served_student(s, data, run_dir, device) as student:
+        caches = None
+        if s.late and not s.served:
+            caches = teacherless.teacher_data(s.rollout, models, data.train_items, device=device, seed=s.seed,
+                                              temperature=s.objective.temperature, max_new_tokens=s.train_tokens,
+                                              engine=engine, load_teacher=loader)
+        evaluator = curve_evaluator(s, data, models, device, loader)
+        if loader is not None:
+            loader.release()
         return train_draft(models=models, task=s.task, train_items=data.train_items, eval_items=data.eval_items,
                            objective=s.objective, rollout=s.rollout, train=s.train, sd=s.sd,
                            trainer_factory=s.trainer_factory, loggers=loggers, run_dir=run_dir, seed=s.seed,
                            resume=s.resume, eval_max_new_tokens=data.eval_tokens,
                            initial_eval=before.metrics if before is not None and covers_eval else None,
                            final_eval_follows=s.stage == C.STAGE_TRAIN_EVAL and covers_eval,
-                           engine=engine, student_engine=student)
+                           engine=engine, student_engine=student, teacher_caches=caches, evaluator=evaluator)
+
+
+def curve_evaluator(s: Settings, data: Data, models, device, load_teacher):
+    """The acceptance curve's evaluator when it is not SD with the target in this process: held-out acceptance
+    (train.curve=heldout; its target data made now, or loaded from the store), or SD loading the target for each
+    evaluation (a released run); None: train_draft's SD evaluator."""
+    from distillspec import teacherless
+
+    if not (s.train.eval_every and data.eval_items) or (s.train.curve == "sd" and not s.late):
+        return None
+    items = list(data.eval_items[: s.train.eval_num])
+    if s.train.curve == "sd":
+        return teacherless.LateTargetSDEvaluator(s.pair, models.draft, data.tokenizer, s.sd, s.task, items,
+                                                 data.eval_tokens, s.seed)
+    from distillspec import heldout
+    from distillspec.evaluation import eos_token_ids
+    from distillspec.rollout.cache_store import default_store_dir
+
+    cache = heldout.build_heldout(models.target, items, temperature=s.sd.temperature, top_p=s.sd.top_p,
+                                  max_new_tokens=data.eval_tokens, eos_ids=eos_token_ids(data.tokenizer, models.target),
+                                  pad_id=data.tokenizer.pad_token_id, device=device, seed=s.seed,
+                                  batch_size=s.sd.batch_size, store=default_store_dir() if s.rollout.cache_store
+                                  else None, load_teacher=load_teacher)
+    return heldout.HeldoutEvaluator(models.draft, cache, temperature=s.sd.temperature, top_p=s.sd.top_p,
+                                    batch_size=s.sd.batch_size)
 
 
 def _engine_dtype(dtype: str, device) -> str:

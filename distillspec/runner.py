@@ -90,8 +90,9 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
 
     Phases: validate (every setting, before the heavy imports: a typo fails at once), plan (stage=plan), the
     rerun check (a finished command reports its result), data, models, the untrained draft's evaluation,
-    training, the final evaluation, results. A run whose training process never loads the target during
-    training (rollout.teacher_location=server) loads it after training and evaluates the untrained draft then.
+    training, the final evaluation, results. A run whose training process does not hold the target while it
+    trains (rollout.teacher_location=server, or train.release_target: distillspec.teacherless) loads it after
+    training and evaluates the untrained draft then.
     """
     s = validate(cfg, run_dir, launch_dir)
     if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
@@ -111,7 +112,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                            "task": type(s.task).__name__}
     clock = PhaseClock()
     before = None
-    if s.compare_untrained and data.eval_items and not s.served:  # served: after training, with the target
+    if s.compare_untrained and data.eval_items and not s.late:  # late: after training, with the target
         before = untrained_eval(models, data.tokenizer, s.task, data.eval_items, s.sd, data.eval_tokens, s.seed,
                                 device, out)
         clock.done("untrained_eval")
@@ -121,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         if not out["train"].get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
     if s.stage != C.STAGE_TRAIN:
-        if s.served:
+        if s.late:
             before = late_target(s, data, models, device, out, clock)
         final_eval(s, data, models, loggers, run_dir, out, before)
         clock.done("final_eval")

@@ -92,7 +92,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
                 rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
                 seed: int, resume: bool, eval_max_new_tokens: int,
                 initial_eval: dict[str, float] | None = None, final_eval_follows: bool = False,
-                engine=None, student_engine=None) -> dict[str, Any]:
+                engine=None, student_engine=None, teacher_caches: dict | None = None,
+                evaluator=None) -> dict[str, Any]:
     """Distil `models.draft` towards `models.target`; returns a summary (steps, eval history, draft dir).
 
     The acceptance curve (`summary["eval_history"]`) is measured every train.eval_every steps on the first
@@ -101,6 +102,9 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     same prompts right after training, so the periodic evaluation at the last step is skipped (the caller adds
     that point; see runner.run). `engine`: a served teacher that makes the teacher data (rollout.engine=vllm);
     `student_engine`: the student's vLLM server for on-policy rollouts (distillspec.rollout.student_server).
+    `teacher_caches`: teacher data made before training ({source: TeacherCache}; distillspec.teacherless, whose runs
+    hold no target: models.target is then a ServedTarget). `evaluator`: the curve's evaluator (an object with
+    SDEvaluator's `run`) instead of SD on models.sd_target.
 
     Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
     data and RNG are functions of the step). The trained draft is saved (atomically) to run_dir/draft.
@@ -113,6 +117,7 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     from distillspec.lit.loggers import reset_csv_for_start_over, trim_csv_for_resume
     from distillspec.lit.progress import progress_callbacks, quiet_lightning
     from distillspec.lit.train_module import DistillModule, save_hf_atomic
+    from distillspec.rollout.target_probe import ServedTarget
 
     quiet_lightning()
 
@@ -128,20 +133,24 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
             if module is not None:
                 module.weight.requires_grad_(False)
     student = apply_lora(models.draft, train.lora_rank) if train.lora_rank else models.draft
-    evaluator = eval_loader = None
+    eval_loader = None
     if train.eval_every and eval_items:
         sub = list(eval_items[: train.eval_num])
         # The acceptance curve needs acceptance only: no target-only timing, no draft-only decoding.
         curve_sd = dataclasses.replace(sd, measure_speedup=False, draft_quality=False)
-        evaluator = SDEvaluator(student, models.sd_target, tokenizer, curve_sd, task, sub, eval_max_new_tokens, seed,
-                                speed_repeats=1)
+        evaluator = evaluator or SDEvaluator(student, models.sd_target, tokenizer, curve_sd, task, sub,
+                                             eval_max_new_tokens, seed, speed_repeats=1)
         eval_loader = prompt_loader(sub, sd.batch_size, tokenizer.pad_token_id)
-    served = rollout.teacher_location == C.TEACHER_SERVED  # the target is a ServedTarget: not loaded here
-    module = DistillModule(student, None if served else models.target, train_items, objective, rollout, train, eos_ids,
+    else:
+        evaluator = None
+    served = rollout.teacher_location == C.TEACHER_SERVED
+    loaded = not isinstance(models.target, ServedTarget)  # a ServedTarget is measured, not loaded here
+    module = DistillModule(student, models.target if loaded else None, train_items, objective, rollout, train, eos_ids,
                            tokenizer.pad_token_id, train.max_new_tokens or task.max_new_tokens, seed,
                            evaluator=evaluator, eval_loader=eval_loader,
                            skip_eval_at=train.max_steps if final_eval_follows else None)
     module.sampler.engine = engine
+    module.sampler.caches = dict(teacher_caches or {})
     if served:  # the teacher server scores the on-policy rollouts; models.target names its weights (store key)
         from distillspec.rollout.served_scores import ServedScores
         from distillspec.rollout.target_probe import logits_dim
