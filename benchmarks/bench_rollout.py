@@ -2,12 +2,14 @@
 
     python benchmarks/bench_rollout.py [--prompts 96] [--max-new-tokens 64] [--steps 6] [--threads 2]
                                        [--json FILE] [--skip-teacher-data] [--skip-steps]
+    python benchmarks/bench_rollout.py --target offline:qwen2.5-coder-1.5b --task gsm8k --prompts 16 --skip-steps
 
 Two parts, each configuration in its own subprocess (so peak RSS, ru_maxrss from wait4, is that process's own;
 vLLM servers are separate processes and are not counted in it):
 
-1. Teacher data: the demo's teacher samples (the built-in task's first --prompts train prompts, T 0.6, top-p
-   0.95, up to --max-new-tokens tokens, top-64 log-probs per position), built once as a run builds them
+1. Teacher data: the demo's teacher samples (the built-in task's first --prompts train prompts, or GSM8K's with
+   --task gsm8k; T 0.6, top-p 0.95, up to --max-new-tokens tokens, top-64 log-probs per position) of the
+   --target (default the offline SmolLM2 target), built once as a run builds them
    (`TeacherCache.build`, in-process or through a vLLM server). Tokens/s = sampled tokens (EOS included) / the
    build's wall time; the server's start-up is reported apart.
 2. On-policy steps: `python run.py stage=train rollout=student train.max_steps=--steps` with the teacher
@@ -35,6 +37,7 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 STEP_ARGS = ["stage=train", "rollout=student", "train.eval_every=0", "compare_untrained=false",
              "rollout.cache_store=false", "logger=csv"]
@@ -51,18 +54,20 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[int, float, str, st
 
 
 # -- part 1: teacher data (worker)
-def teacher_data_worker(engine: str, prompts: int, max_new: int) -> dict:
+def teacher_data_worker(engine: str, prompts: int, max_new: int, target_name: str, task_name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from distillspec.evaluation import eos_token_ids
-    from distillspec.models.offline import ensure_smollm2
+    from distillspec.models.loading import resolve_model_path
     from distillspec.rollout.teacher_cache import TeacherCache
     from distillspec.tasks.arithmetic import ArithmeticTask
+    from distillspec.tasks.gsm8k import GSM8KTask
 
-    target = ensure_smollm2()
+    target = resolve_model_path(target_name)
     tok = AutoTokenizer.from_pretrained(target)
-    task = ArithmeticTask(num_train=prompts, num_eval=4)
+    task = GSM8KTask(source="local", train_path=str(GSM8K_TRAIN), path=str(GSM8K_TRAIN)) if task_name == "gsm8k" \
+        else ArithmeticTask(num_train=prompts, num_eval=4)
     items = task.encode(task.load("train"), tok, limit=prompts, seed=0)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval() if engine == "hf" else None
     eos = eos_token_ids(tok, SimpleNamespace(generation_config=GenerationConfig.from_pretrained(target)))
@@ -79,8 +84,8 @@ def teacher_data_worker(engine: str, prompts: int, max_new: int) -> dict:
         from distillspec.serving.server import ManagedServer
 
         log = Path(tempfile.mkdtemp()) / "teacher-server.log"
-        args = ["--dtype", "float32", "--max-model-len", "512", "--max-logprobs", "64", "--enforce-eager",
-                "--seed", "0"]
+        args = ["--dtype", "float32", "--max-model-len", "1024" if task_name == "gsm8k" else "512", "--max-logprobs",
+                "64", "--enforce-eager", "--seed", "0"]
         t0 = time.perf_counter()
         with ManagedServer(str(target), python=default_vllm_python(), log=log, args=args) as client:
             start = time.perf_counter() - t0
@@ -95,7 +100,8 @@ def teacher_data_worker(engine: str, prompts: int, max_new: int) -> dict:
 
 def teacher_data(engine: str, a, env) -> dict:
     rc, rss, out, err = run_child([sys.executable, __file__, "--worker", engine, "--prompts", str(a.prompts),
-                                   "--max-new-tokens", str(a.max_new_tokens)], env)
+                                   "--max-new-tokens", str(a.max_new_tokens), "--target", a.target, "--task", a.task],
+                                  env)
     if rc != 0:
         return {"failed": err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"}
     res = json.loads(out.strip().splitlines()[-1])
@@ -151,19 +157,22 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-teacher-data", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--target", default="offline:smollm2-135m", help="teacher data's model (default: the demo's)")
+    ap.add_argument("--task", choices=["arithmetic", "gsm8k"], default="arithmetic",
+                    help="teacher data's prompts: the built-in task's, or GSM8K train (../shared/data)")
     ap.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         import torch
 
         torch.set_num_threads(a.threads)
-        print(json.dumps(teacher_data_worker(a.worker, a.prompts, a.max_new_tokens)))
+        print(json.dumps(teacher_data_worker(a.worker, a.prompts, a.max_new_tokens, a.target, a.task)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     from sd_table import cpu_name  # the script's folder is on sys.path
 
-    res: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
+    res: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "target": a.target, "task": a.task,
                  "threads": a.threads, "prompts": a.prompts, "max_new_tokens": a.max_new_tokens}
     try:
         import torch

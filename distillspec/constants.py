@@ -44,6 +44,15 @@ ENTROPY_BINS = "sd/entropy_bins"        # table: bin edges, counts, acceptance p
 QUALITY_PREFIX = "quality/"             # + the task's metric name, e.g. quality/accuracy, quality/rouge1
 DRAFT_QUALITY_PREFIX = "draft_quality/" # the same metric on the draft's own (draft-only) generations
 
+# --- held-out acceptance (distillspec.heldout): teacher-forced along stored target samples, no SD ---
+ALPHA_HELDOUT = "heldout/alpha_expected"        # mean over positions of sum_v min(p, q), SD's processed p and q
+ALPHA_HELDOUT_LO = "heldout/alpha_expected_lo"  # its 95 % bootstrap CI over prompts
+ALPHA_HELDOUT_HI = "heldout/alpha_expected_hi"
+HELDOUT_TRUNCATED = "heldout/truncated_fraction"  # positions whose target nucleus exceeds the stored top-k
+HELDOUT_TAIL_GAP = "heldout/tail_gap"           # top_p = 1: mean bound on the mass left out (alpha is a lower bound)
+HELDOUT_POSITIONS = "heldout/num_positions"
+CURVES = ("sd", "heldout")  # train.curve: what the periodic evaluations measure
+
 # Display names for figures and tables (distillspec.report_plots.label adds the val/ and quality prefixes).
 LABELS = {
     ALPHA_EXPECTED: "α_expected (1 − TV)", ALPHA_TOK: "α_tok", ALPHA_SEQ: "α_seq",
@@ -52,6 +61,7 @@ LABELS = {
     VERIFY_COST_RATIO: "verify-cost ratio v", COST_RATIO: "draft/target cost ratio c", GAMMA: "γ",
     MEAN_ACCEPTANCE_LENGTH: "mean acceptance length (vLLM: 1 + accepted/drafts)",
     ALPHA_GREEDY_DRAFT: "E[p(argmax q)] (argmax drafts, one-hot q)",
+    ALPHA_HELDOUT: "α_expected, held-out (teacher-forced)",
 }
 
 

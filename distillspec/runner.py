@@ -6,11 +6,9 @@ typed specs and plain values.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
-from distillspec.jsonio import write_json_atomic  # noqa: F401 - results are strict JSON (NaN -> null)
+from distillspec.jsonio import write_json_atomic  # results are strict JSON (NaN -> null)
+from distillspec.run_phases import Data, PhaseClock, Settings, curve_covers_eval, load_data, load_models, train_phase
 
 if TYPE_CHECKING:
     import torch
@@ -89,10 +88,52 @@ def absolutize(path: str | None, base: Path) -> str | None:
 def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     """Run the configured stage; returns what was written to run_dir/metrics.json.
 
-    Every setting is checked before the heavy imports (Lightning, transformers' models: seconds), so a typo
-    fails at once.
+    Phases: validate (every setting, before the heavy imports: a typo fails at once), plan (stage=plan), the
+    rerun check (a finished command reports its result), data, models, the untrained draft's evaluation,
+    training, the final evaluation, results. A run whose training process does not hold the target while it
+    trains (rollout.teacher_location=server, or train.release_target: distillspec.teacherless) loads it after
+    training and evaluates the untrained draft then.
     """
-    from distillspec.rundir import check_name, check_rerun, check_writable
+    s = validate(cfg, run_dir, launch_dir)
+    if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
+        from distillspec.planning import plan_run
+
+        return plan_run(s.pair, s.task, s.train, s.sd, s.objective, s.rollout, cfg.trainer, run_dir,
+                        cards=tuple(cfg.get("plan_cards") or ()))
+    finished = finished_result(run_dir, s.snapshot, s.resume)
+    if finished is not None:
+        log_summary(finished)
+        return finished
+    device = prepare_device(cfg, s)
+    data = load_data(s)
+    models = load_models(s, data, device)
+    loggers = make_loggers(cfg, run_dir)
+    out: dict[str, Any] = {"stage": s.stage, "draft": s.pair.draft, "target": s.pair.target,
+                           "task": type(s.task).__name__}
+    clock = PhaseClock()
+    before = None
+    if s.compare_untrained and data.eval_items and not s.late:  # late: after training, with the target
+        before = untrained_eval(models, data.tokenizer, s.task, data.eval_items, s.sd, data.eval_tokens, s.seed,
+                                device, out)
+        clock.done("untrained_eval")
+    if s.training:
+        out["train"] = train_phase(s, data, models, loggers, run_dir, device, before)
+        clock.done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
+        if not out["train"].get("is_global_zero", True):
+            return out  # other DDP ranks stop here; rank 0 evaluates and writes results
+    if s.stage != C.STAGE_TRAIN:
+        if s.late:
+            before = late_target(s, data, models, device, out, clock)
+        final_eval(s, data, models, device, loggers, run_dir, out, before)
+        clock.done("final_eval")
+    return write_results(out, clock, run_dir, loggers)
+
+
+def validate(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> Settings:
+    """Every spec validates itself: bad input fails here, before any model or data is loaded (and before
+    Lightning's import, but for the trainer settings' check, the last)."""
+    from distillspec import teacherless
+    from distillspec.rundir import check_name, check_writable
 
     check_choice("stage", cfg.stage, C.STAGES)
     check_number("seed", cfg.seed, integer=True)
@@ -101,136 +142,97 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     for key in ("path", "train_path"):
         if cfg.task.get(key) is not None:
             cfg.task[key] = absolutize(cfg.task[key], launch_dir)
-    # 1. Every spec validates itself: bad input fails here, before any model or data is loaded.
-    task = build(cfg.task, "task")
-    pair = build(cfg.pair, "pair")
-    sd = build(cfg.sd, "sd")
-    objective = build(cfg.div, "div")
-    rollout = build(cfg.rollout, "rollout")
-    train = build(cfg.train, "train")
-    if rollout.serves_teacher_logprobs() and cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL):
+    s = Settings(stage=cfg.stage, seed=cfg.seed, resume=cfg.resume, snapshot=snapshot,
+                 compare_untrained=cfg.stage == C.STAGE_TRAIN_EVAL and bool(cfg.get("compare_untrained", False)),
+                 task=build(cfg.task, "task"), pair=build(cfg.pair, "pair"), sd=build(cfg.sd, "sd"),
+                 objective=build(cfg.div, "div"), rollout=build(cfg.rollout, "rollout"), train=build(cfg.train, "train"))
+    if s.rollout.serves_teacher_logprobs() and s.training:
         from distillspec.rollout.served_teacher import check_loss_temperature
 
-        check_loss_temperature(objective.temperature)
-    training = cfg.stage in (C.STAGE_TRAIN, C.STAGE_TRAIN_EVAL)
-    from distillspec import teacherless
-
-    teacherless.check_settings(rollout, objective, train, cfg.stage)  # teacher_location=server: no teacher here
-    served = training and teacherless.serves_scores(rollout)
+        check_loss_temperature(s.objective.temperature)
+    teacherless.check_settings(s.rollout, s.objective, s.train, s.stage)  # teacher_location=server: no teacher here
     if cfg.draft_checkpoint is not None:
-        if training:
-            raise ConfigError("draft_checkpoint is for stage=eval (evaluate a given draft); "
-                              f"got stage={cfg.stage!r}")
-        pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
+        if s.training:
+            raise ConfigError(f"draft_checkpoint is for stage=eval (evaluate a given draft); got stage={s.stage!r}")
+        s.pair.draft = absolutize(cfg.draft_checkpoint, launch_dir) if Path(
             os.path.expanduser(cfg.draft_checkpoint)).exists() else cfg.draft_checkpoint
-        pair.check_settings("draft_checkpoint")  # a missing path: refused before Lightning's import, too
+        s.pair.check_settings("draft_checkpoint")  # a missing path: refused before Lightning's import, too
     check_writable(run_dir)
     check_trainer_settings(cfg.trainer)  # the first Lightning import
-    trainer_factory = build(cfg.trainer, "trainer")
-    if cfg.stage == C.STAGE_PLAN or cfg.get("dry_run"):  # memory plan: nothing loaded, any machine
-        from distillspec.planning import plan_run
+    s.trainer_factory = build(cfg.trainer, "trainer")
+    return s
 
-        return plan_run(pair, task, train, sd, objective, rollout, cfg.trainer, run_dir,
-                        cards=tuple(cfg.get("plan_cards") or ()))
+
+def finished_result(run_dir: Path, snapshot: dict, resume: bool) -> dict[str, Any] | None:
+    """A rerun of a finished command: its result; a changed config is refused (distillspec.rundir)."""
+    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
+    from distillspec.rundir import check_rerun
+
+    return check_rerun(run_dir, snapshot, resume,
+                       has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))
+
+
+def prepare_device(cfg: DictConfig, s: Settings) -> torch.device:
+    """The device models load on (checked against the pair's settings) and the number of training processes,
+    with every RNG seeded."""
     import lightning as L
 
-    from distillspec.lit.train_loop import CHECKPOINT_DIR, LAST_CHECKPOINT
-
-    # A rerun of a finished command reports its result; a changed config is refused (distillspec.rundir).
-    finished = check_rerun(run_dir, snapshot, cfg.resume,
-                           has_checkpoint=any((run_dir / CHECKPOINT_DIR).glob(Path(LAST_CHECKPOINT).stem + "*")))
-    if finished is not None:
-        log_summary(finished)
-        return finished
     device = resolve_device(cfg.trainer.get("accelerator", "auto"))
-    pair.validate(device)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    s.world_size = world_size(cfg.trainer)
+    s.pair.validate(device)
+    L.seed_everything(s.seed, workers=True, verbose=False)
+    return device
 
-    # 2. Data: prompts encoded with the target's tokenizer (errors on empty sets before model loading).
-    from distillspec.models.loading import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path(pair.target))
-    eval_tokens = sd.max_new_tokens or task.max_new_tokens
-    eval_items = task.encode(task.load("eval"), tokenizer, limit=sd.num_eval, seed=cfg.seed) \
-        if cfg.stage != C.STAGE_TRAIN else []
-    train_items = task.encode(task.load("train"), tokenizer, limit=train.num_train, seed=cfg.seed) \
-        if training else []
-    from distillspec.lit.train_loop import check_token_budgets
-
-    check_token_budgets(pair, task, train, sd, rollout, train_items, eval_items)  # before models load or run
-
-    # 3. Models, loggers (teacher_location=server: the draft only; the target is measured in a child process).
-    models = teacherless.load_student(pair, device, train_items[0].input_ids) if served else pair.load(device)
+def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """The run's loggers: CSV, and W&B when configured."""
     from distillspec.lit.loggers import build_loggers
 
     run_name = f"{cfg.name}/{run_dir.name}" if run_dir.name else str(cfg.name)
     wandb_cfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True) if cfg.logger.get("wandb") else None
-    loggers = build_loggers(run_dir, run_name=run_name, wandb=wandb_cfg,
-                            config=OmegaConf.to_container(cfg, resolve=True))
-    out: dict[str, Any] = {"stage": cfg.stage, "draft": pair.draft, "target": pair.target,
-                           "task": type(task).__name__}
-    phases: dict[str, float] = {}  # wall seconds per phase of this launch (logged at the end, in metrics.json)
-    clock = time.perf_counter()
+    return build_loggers(run_dir, run_name=run_name, wandb=wandb_cfg, config=OmegaConf.to_container(cfg, resolve=True))
 
-    def phase_done(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        phases[name] = round(now - clock, 1)
-        clock = now
 
-    # 4. The untrained draft on the same prompts, for the before/after comparison (train_eval only).
-    before = None
-    compare = cfg.stage == C.STAGE_TRAIN_EVAL and cfg.get("compare_untrained", False) and eval_items
-    if compare and not served:  # teacher_location=server: after training, with pair.draft reloaded (step 6)
-        before = untrained_eval(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, out)
-        phase_done("untrained_eval")
+def late_target(s: Settings, data: Data, models, device, out: dict, clock: PhaseClock):
+    """After training, for a run that did not hold the target: load it, once, for both evaluations, and evaluate
+    the untrained draft (reloaded from pair.draft) when compared; returns that evaluation or None."""
+    from distillspec import teacherless
 
-    # 5. Train.
-    if training:
-        from distillspec.lit.train_loop import train_draft
+    teacherless.load_target(s.pair, models, device)
+    clock.done("target_load")
+    if not (s.compare_untrained and data.eval_items):
+        return None
+    untrained = dataclasses.replace(models, draft=teacherless.load_untrained_draft(s.pair, device))
+    before = untrained_eval(untrained, data.tokenizer, s.task, data.eval_items, s.sd, data.eval_tokens, s.seed,
+                            device, out)
+    del untrained
+    clock.done("untrained_eval")
+    return before
 
-        # the curve's prompts are all the eval prompts: the evaluations before and after training are its ends
-        covers_eval = bool(eval_items) and train.eval_num >= len(eval_items)
-        with served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir, cfg, device) as engine, \
-                served_student(rollout, pair, tokenizer, train_items, train, task, run_dir, cfg, device) as student:
-            summary = train_draft(models=models, task=task, train_items=train_items, eval_items=eval_items,
-                                  objective=objective, rollout=rollout, train=train, sd=sd,
-                                  trainer_factory=trainer_factory, loggers=loggers, run_dir=run_dir,
-                                  seed=cfg.seed, resume=cfg.resume, eval_max_new_tokens=eval_tokens,
-                                  initial_eval=before.metrics if before is not None and covers_eval else None,
-                                  final_eval_follows=cfg.stage == C.STAGE_TRAIN_EVAL and covers_eval,
-                                  engine=engine, student_engine=student)
-        out["train"] = summary
-        phase_done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
-        if not summary.get("is_global_zero", True):
-            return out  # other DDP ranks stop here; rank 0 evaluates and writes results
 
-    # 6. Evaluate with batched SD.
-    if served and cfg.stage != C.STAGE_TRAIN:  # the target is loaded now, once, for both evaluations
-        teacherless.load_target(pair, models, device)
-        phase_done("target_load")
-        if compare:
-            untrained = dataclasses.replace(models, draft=teacherless.load_untrained_draft(pair, device))
-            before = untrained_eval(untrained, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, out)
-            del untrained
-            phase_done("untrained_eval")
-    if cfg.stage != C.STAGE_TRAIN:
-        report = evaluate(models, tokenizer, task, eval_items, sd, eval_tokens, cfg.seed, device, loggers,
-                          step=(out.get("train") or {}).get("steps"))
-        out["metrics"] = report.metrics
-        history = (out.get("train") or {}).get("eval_history")
-        if history is not None and train.eval_every and covers_eval and train.max_steps % train.eval_every == 0:
-            point = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
-            history.append({"step": out["train"]["steps"], **point})  # the last curve point (skipped in training)
-            for lg in loggers:
-                lg.log_metrics(point, step=out["train"]["steps"])
-        out["entropy_bins"] = report.entropy_bins
-        out["examples"] = report.examples
-        write_json_atomic(run_dir / "per_example.json", report.per_example)
-        if before is not None:
-            write_before_after(out, report, run_dir)
-        phase_done("final_eval")
-    out["phase_seconds"] = phases
+def final_eval(s: Settings, data: Data, models, device, loggers, run_dir: Path, out: dict, before) -> None:
+    """Batched SD evaluation of the (trained) draft into `out`: metrics, the curve's last point, per-example
+    results, and the before/after table when the untrained draft was evaluated."""
+    report = evaluate(models, data.tokenizer, s.task, data.eval_items, s.sd, data.eval_tokens, s.seed, device,
+                      loggers, step=(out.get("train") or {}).get("steps"))
+    out["metrics"] = report.metrics
+    history = (out.get("train") or {}).get("eval_history")
+    if history is not None and s.train.eval_every and curve_covers_eval(s, data) \
+            and s.train.max_steps % s.train.eval_every == 0:
+        point = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
+        history.append({"step": out["train"]["steps"], **point})  # the last curve point (skipped in training)
+        for lg in loggers:
+            lg.log_metrics(point, step=out["train"]["steps"])
+    out["entropy_bins"] = report.entropy_bins
+    out["examples"] = report.examples
+    write_json_atomic(run_dir / "per_example.json", report.per_example)
+    if before is not None:
+        write_before_after(out, report, run_dir)
+
+
+def write_results(out: dict[str, Any], clock: PhaseClock, run_dir: Path, loggers) -> dict[str, Any]:
+    """metrics.json (with the phase times), the loggers closed, the headline numbers logged."""
+    out["phase_seconds"] = phases = clock.seconds
     write_json_atomic(run_dir / C.METRICS_FILE, out)
     for lg in loggers:
         lg.finalize("success")
@@ -253,39 +255,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
     else:
         n = int(devices)
     return n * nodes
-
-
-@contextlib.contextmanager
-def served_teacher(rollout, pair, models, tokenizer, train_items, train, task, run_dir: Path, cfg: DictConfig,
-                   device):
-    """The rollout engine for training (distillspec.rollout.engine): None for rollout.engine=hf; for vllm, a
-    served teacher checked against the configured target before any teacher data is made."""
-    from distillspec.rollout.engine import rollout_engine, verify_served_teacher
-
-    dtype = pair.target_dtype or pair.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    with rollout_engine(rollout, target=pair.target, dtype=dtype, run_dir=run_dir,
-                        prompt_lens=[len(it.input_ids) for it in train_items],
-                        max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
-                        world_size=world_size(cfg.trainer),
-                        verify=lambda client: verify_served_teacher(client, models.target, tokenizer,
-                                                                    train_items[0].input_ids, pair.target)) as engine:
-        yield engine
-
-
-def served_student(rollout, pair, tokenizer, train_items, train, task, run_dir: Path, cfg: DictConfig, device):
-    """The student's vLLM server for on-policy rollouts (distillspec.rollout.student_server), or None."""
-    from distillspec.rollout.student_server import student_engine
-
-    dtype = pair.dtype  # the draft's (target_dtype is the target's alone)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return student_engine(rollout, run_dir=run_dir, tokenizer=tokenizer, dtype=dtype,
-                          prompt_lens=[len(it.input_ids) for it in train_items],
-                          batch_prompts=train.batch_size * train.accumulate,
-                          max_new_tokens=train.max_new_tokens or task.max_new_tokens, seed=cfg.seed,
-                          world_size=world_size(cfg.trainer), lora_rank=train.lora_rank)
 
 
 def log_summary(out: dict[str, Any]) -> None:

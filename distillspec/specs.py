@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
-from distillspec.constants import (ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES, ROLLOUT_ENGINE_VLLM,
-                                   ROLLOUT_ENGINES, TEACHER_LOCATIONS, TEACHER_SERVED)
+from distillspec.constants import (CURVES, ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES,
+                                   ROLLOUT_ENGINE_VLLM, ROLLOUT_ENGINES, TEACHER_LOCATIONS, TEACHER_SERVED)
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
 MIX_SOURCES = ("fixed", "student", "teacher")
@@ -336,6 +336,8 @@ class TrainSpec:
     eval_num: int = 8
     lora_rank: int = 0
     freeze_embeddings: bool = False  # keep the (tied) embedding / output head fixed: train the layers and norms
+    release_target: bool = False  # teacher data only: drop the target once it is made (distillspec.teacherless)
+    curve: str = "sd"  # what the periodic evaluations measure: SD, or the held-out acceptance (distillspec.heldout)
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -351,3 +353,4 @@ class TrainSpec:
             check_range("train.grad_clip", self.grad_clip, lo=0.0)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"train.max_new_tokens={self.max_new_tokens!r} is invalid; valid: >= 1 or null")
+        check_choice("train.curve", self.curve, CURVES)

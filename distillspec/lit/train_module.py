@@ -22,8 +22,8 @@ from distillspec.lit.guards import (assert_finite_weights, check_finite_step, ch
                                     weight_norm)
 from distillspec.losses.adaptive import entropy_bin_metrics, entropy_bin_sums
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
-from distillspec.losses.sparse import sparse_divergence_loss, student_buckets, teacher_buckets
-from distillspec.models.forward import completion_logits
+from distillspec.losses.sparse import bucket_stats, sparse_divergence_loss, teacher_buckets
+from distillspec.models.forward import completion_logits, completion_outputs
 from distillspec.rollout.sources import RolloutSampler
 from distillspec.rollout.teacher_cache import SparseRollout
 from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
@@ -47,16 +47,6 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask
         ent += entropy(t[i:i + chunk]).sum()
         ov += overlap(t[i:i + chunk], s[i:i + chunk]).sum()
     return ent, ov, torch.tensor(float(s.shape[0]), device=s.device)
-
-
-@torch.no_grad()
-def sparse_token_stats(student_logits: torch.Tensor, rollout: SparseRollout, mask: torch.Tensor,
-                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over masked positions of the teacher's entropy and 1 - TV on the k + 1 buckets of a sparse
-    teacher (a lower bound of the entropy and an upper bound of 1 - TV; exact when k = V)."""
-    sb = student_buckets(student_logits[mask], rollout.topk_idx[mask], temperature)
-    tb = teacher_buckets(rollout.topk_logp[mask], rollout.tail_logp[mask])
-    return -(tb.exp() * tb).sum(), torch.minimum(sb.exp(), tb.exp()).sum()
 
 
 class DistillModule(L.LightningModule):
@@ -201,13 +191,15 @@ class DistillModule(L.LightningModule):
         and returns its entropy-bin sums."""
         obj = self.objective
         mask = r.completion_mask()
-        s_logits = completion_logits(self.student, r)
+        # more positions than one chunk: hidden states and the head (the loss maps a chunk at a time)
+        s_in, head = completion_outputs(self.student, r, int(mask.sum()), obj.chunk_size)
+        aux: dict = {}
         loss, per_tok = sparse_divergence_loss(
-            s_logits, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
+            s_in, r.topk_idx, r.topk_logp, mask, obj.divergence, temperature=obj.temperature,
             beta=obj.beta, alpha=obj.alpha, chunk_size=obj.chunk_size, normalizer=normalizer,
-            tail_logp=r.tail_logp)
+            tail_logp=r.tail_logp, to_logits=head, aux=aux)
         self.manual_backward(loss)
-        ent, ov = sparse_token_stats(s_logits.detach(), r, mask, obj.temperature)
+        ent, ov = bucket_stats(aux["student_buckets"], aux["teacher_buckets"])
         sums[:4] += torch.stack([loss.detach() * normalizer, per_tok.detach()[mask].sum(), ent, ov])
         tb = teacher_buckets(r.topk_logp, r.tail_logp)  # (B, T, k + 1): the sparse teacher's entropy
         return entropy_bin_sums(per_tok, -(tb.exp() * tb).sum(-1), mask)

@@ -13,10 +13,15 @@ equality when k = V (the tail is empty: both tails are exactly 0). The gradient 
 logit: through the k gathered log-probs and through the tail's log-sum-exp.
 
 Memory: rows are processed `chunk_size` at a time under activation checkpointing, so float32 temporaries
-are O(chunk_size * V); the (N, V) gradient of the student logits is the only full-size allocation.
+are O(chunk_size * V); given the student's logits, their (N, V) gradient is the only full-size allocation.
+Given instead the student's final hidden states and its output head (`to_logits`,
+distillspec.models.forward.completion_hidden), the logits themselves exist for one chunk at a time, in forward
+and (recomputed) in backward: nothing of size (N, V) is ever allocated.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -26,7 +31,8 @@ from distillspec.losses.divergences import per_row_divergence
 from distillspec.losses.logprobs import LOG_ZERO
 from distillspec.losses.logprobs import compute_dtype as _compute_dtype
 
-__all__ = ["student_buckets", "teacher_buckets", "sparse_row_divergence", "sparse_divergence_loss"]
+__all__ = ["bucket_rows", "bucket_stats", "student_buckets", "teacher_buckets", "sparse_row_divergence",
+           "sparse_divergence_loss"]
 
 
 def teacher_buckets(topk_logp: Tensor, tail_logp: Tensor | None = None) -> Tensor:
@@ -67,16 +73,48 @@ def sparse_row_divergence(student_logits: Tensor, topk_idx: Tensor, topk_logp: T
     return per_row_divergence(sb, tb, name, 1.0, beta, alpha)
 
 
+def bucket_rows(x: Tensor, topk_idx: Tensor, temperature: float = 1.0, chunk_size: int | None = 1024,
+                to_logits: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(N, D) student rows, (N, k) teacher top-k ids -> (N, k + 1) student bucket log-probs, chunk_size rows at a
+    time. The rows are logits (D = V), or with `to_logits` (a map (C, D) -> (C, V), e.g. an output head) hidden
+    states. Under autograd each chunk is checkpointed (logits: when there is more than one chunk; hidden states:
+    always), so its (C, V) temporaries are freed after forward and recomputed, one chunk at a time, in backward."""
+
+    def fn(x_c: Tensor, i_c: Tensor) -> Tensor:
+        return student_buckets(x_c if to_logits is None else to_logits(x_c), i_c, temperature)
+
+    n = x.shape[0]
+    chunk = chunk_size or max(n, 1)
+    if to_logits is None:
+        use_ckpt = chunk_size is not None and x.requires_grad and n > chunk
+    else:
+        use_ckpt = chunk_size is not None and torch.is_grad_enabled()
+    parts = [checkpoint(fn, x[i:i + chunk], topk_idx[i:i + chunk], use_reentrant=False) if use_ckpt
+             else fn(x[i:i + chunk], topk_idx[i:i + chunk]) for i in range(0, n, chunk)]
+    return torch.cat(parts) if parts else x.new_zeros(0, topk_idx.shape[-1] + 1, dtype=_compute_dtype(x))
+
+
+def bucket_stats(student_b: Tensor, teacher_b: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, k + 1) student and teacher bucket log-probs -> sums over rows of the teacher's bucket entropy and of
+    1 - TV between the buckets (a lower bound of the entropy and an upper bound of 1 - TV; exact when k = V)."""
+    tp = teacher_b.exp()
+    return -(tp * teacher_b).sum(), torch.minimum(student_b.exp(), tp).sum()
+
+
 def sparse_divergence_loss(student_logits: Tensor, topk_idx: Tensor, topk_logp: Tensor, mask: Tensor,
                            name: str, *, weights: Tensor | None = None, temperature: float = 1.0,
                            beta: float = 0.5, alpha: float = 0.1, chunk_size: int | None = 1024,
-                           normalizer: float | Tensor | None = None,
-                           tail_logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           normalizer: float | Tensor | None = None, tail_logp: Tensor | None = None,
+                           to_logits: Callable[[Tensor], Tensor] | None = None,
+                           aux: dict | None = None) -> tuple[Tensor, Tensor]:
     """Masked mean of D_k over positions, like divergences.divergence_loss but against a sparse teacher.
 
-    student_logits (B, T, V); topk_idx (B, T, k) long; topk_logp (B, T, k) teacher log-probs at
-    `temperature`; mask (B, T) bool; weights (B, T) optional per-position weights (detached);
-    tail_logp (B, T) optional teacher log-mass outside the top-k (see teacher_buckets).
+    student_logits (B, T, V), or with `to_logits` (a map (C, H) -> (C, V): the student's output head) the
+    student's (B, T, H) final hidden states (see bucket_rows); topk_idx (B, T, k) long; topk_logp (B, T, k)
+    teacher log-probs at `temperature`; mask (B, T) bool; weights (B, T) optional per-position weights
+    (detached); tail_logp (B, T) optional teacher log-mass outside the top-k (see teacher_buckets).
+    aux: when given, receives "student_buckets" and "teacher_buckets", (N, k + 1) for the N masked positions
+    (detached; bucket_stats sums their statistics).
     Returns (loss scalar = sum(w * D_k over masked) / normalizer, per_token (B, T) with zeros off-mask).
     """
     if name == "adaptive":
@@ -93,17 +131,12 @@ def sparse_divergence_loss(student_logits: Tensor, topk_idx: Tensor, topk_logp: 
     if tail_logp is None:
         tail_logp = torch.log1p(-topk_logp.double().exp().sum(-1).clamp(max=1.0))
     tail = tail_logp.reshape(-1)[rows].to(s.device)
-
-    def fn(s_c: Tensor, i_c: Tensor, l_c: Tensor, t_c: Tensor) -> Tensor:
-        return sparse_row_divergence(s_c, i_c, l_c, name, temperature, beta, alpha, t_c)
-
-    chunk = chunk_size or max(rows.numel(), 1)
-    parts = []
-    for i in range(0, rows.numel(), chunk):
-        args = (s[i:i + chunk], idx[i:i + chunk], lp[i:i + chunk], tail[i:i + chunk])
-        use_ckpt = chunk_size is not None and s.requires_grad and rows.numel() > chunk
-        parts.append(checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args))
-    per_rows = torch.cat(parts) if parts else s.new_zeros(0, dtype=_compute_dtype(s))
+    sb = bucket_rows(s, idx, temperature, chunk_size, to_logits)
+    tb = teacher_buckets(lp, tail).to(sb.dtype)
+    # Bucket log-probs are normalised, so per_row_divergence's log_softmax leaves them unchanged.
+    per_rows = per_row_divergence(sb, tb, name, 1.0, beta, alpha)
+    if aux is not None:
+        aux["student_buckets"], aux["teacher_buckets"] = sb.detach(), tb
     weighted = per_rows if weights is None else per_rows * weights.detach().reshape(-1)[rows].to(per_rows.dtype)
     if normalizer is None:
         normalizer = mask.sum().clamp_min(1).to(per_rows.dtype)

