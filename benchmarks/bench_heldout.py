@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,10 +59,11 @@ def sd_eval(draft, target, tok, task, items, args):
     from distillspec.lit.data import prompt_loader
     from distillspec.sd.metrics import RATIO_PARTS, bootstrap_ci
     from distillspec.specs import SDSpec
+    from distillspec.defaults import build_spec
 
     top_p = args.top_p if args.temperature > 0 else 1.0
-    spec = SDSpec(gamma=args.gamma, temperature=args.temperature, top_p=top_p, batch_size=args.batch,
-                  num_eval=len(items), max_new_tokens=args.new_tokens, measure_speedup=False, compute_quality=False)
+    spec = build_spec(SDSpec, gamma=args.gamma, temperature=args.temperature, top_p=top_p, batch_size=args.batch,
+                      num_eval=len(items), max_new_tokens=args.new_tokens, measure_speedup=False, compute_quality=False)
     t0 = time.perf_counter()
     report = SDEvaluator(draft, target, tok, spec, task, items, args.new_tokens, args.seed).run(
         prompt_loader(items, args.batch, tok.pad_token_id), target.device)

@@ -154,9 +154,11 @@ def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p
 
     from distillspec.evaluation import SDEvaluator
     from distillspec.specs import SDSpec
+    from distillspec.defaults import build_spec
 
-    spec = SDSpec(gamma=gamma, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, batch_size=batch,
-                  num_eval=len(prompts), compute_quality=False, draft_quality=False, speed_repeats=repeats)
+    spec = build_spec(SDSpec, gamma=gamma, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                      batch_size=batch, num_eval=len(prompts), compute_quality=False, draft_quality=False,
+                      speed_repeats=repeats)
     items = [SimpleNamespace(input_ids=p, reference=None, uid=str(i), prompt_text="") for i, p in enumerate(prompts)]
     ev = SDEvaluator(draft, target, tok, spec, task, items, new_tokens, seed, kv=kv)
     outcomes = []
@@ -214,6 +216,7 @@ def main(argv=None) -> None:
     from distillspec import constants as C
     from distillspec.evaluation import eos_token_ids
     from distillspec.models.loading import PairSpec, load_model
+    from distillspec.defaults import build_spec
     from distillspec.sd.engine import SpeculativeDecoder
     from distillspec.sd.metrics import sd_metrics
 
@@ -231,7 +234,7 @@ def main(argv=None) -> None:
     if args.target != TARGET and not args.draft:
         sys.exit("--target without --draft: pass the draft too (--drafts depths apply to the offline pair only)")
     log(f"loading {args.target} and {', '.join(drafts)}")
-    pair = PairSpec(draft=drafts[0], target=args.target, dtype="float32", draft_trainable=False).load("cpu")
+    pair = build_spec(PairSpec, draft=drafts[0], target=args.target, dtype="float32", draft_trainable=False).load("cpu")
     target, tok = pair.target, pair.tokenizer
     draft_models = {drafts[0]: pair.draft}
     for name in drafts[1:]:

@@ -48,11 +48,12 @@ def load(args):
 
     torch.set_num_threads(args.threads)
     from distillspec.models.loading import PairSpec
+    from distillspec.defaults import build_spec
     from distillspec.tasks.arithmetic import ArithmeticTask
 
     torch.manual_seed(0)
-    pair = PairSpec(draft=f"offline:smollm2-135m-L{args.draft_layers}", target="offline:smollm2-135m",
-                    dtype="float32").load(torch.device("cpu"))
+    pair = build_spec(PairSpec, draft=f"offline:smollm2-135m-L{args.draft_layers}", target="offline:smollm2-135m",
+                      dtype="float32").load(torch.device("cpu"))
     task = ArithmeticTask(num_train=max((args.steps + 1) * args.batch // args.epochs, args.batch), num_eval=8, seed=1,
                           max_new_tokens=args.max_new_tokens)
     items = task.encode(task.load("train"), pair.tokenizer)
@@ -71,15 +72,16 @@ def run_ours(args) -> dict:
     from distillspec.lit.data import IndexDataset
     from distillspec.lit.train_module import DistillModule
     from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
+    from distillspec.defaults import build_spec
 
     pair, items, _ = load(args)
     eos = eos_token_ids(pair.tokenizer, pair.target)
-    spec = TrainSpec(max_steps=args.steps + 1, batch_size=args.batch, lr=1e-5, warmup_steps=0, grad_clip=1.0,
-                     max_new_tokens=args.max_new_tokens, num_train=len(items))
-    objective = ObjectiveSpec(divergence="fkl", chunk_size=args.chunk_size)
+    spec = build_spec(TrainSpec, max_steps=args.steps + 1, batch_size=args.batch, lr=1e-5, warmup_steps=0,
+                      grad_clip=1.0, max_new_tokens=args.max_new_tokens, num_train=len(items))
+    objective = build_spec(ObjectiveSpec, divergence="fkl", chunk_size=args.chunk_size)
     module = DistillModule(pair.draft, pair.target, items, objective,
-                           RolloutSpec(source=args.source, temperature=1.0, top_p=1.0, cache_store=False), spec, eos,
-                           pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
+                           build_spec(RolloutSpec, source=args.source, temperature=1.0, top_p=1.0, cache_store=False),
+                           spec, eos, pair.tokenizer.pad_token_id, args.max_new_tokens, seed=0)
     clock = {"tokens": 0, "seqs": 0, "t0": None, "t1": None, "prompts": []}
     sample = module.sampler.sample
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from distillspec.errors import ConfigError, check_choice, check_number, check_range, check_temperature
-from distillspec.constants import (CURVES, ENTROPY_BIN_HI, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES,
+from distillspec.constants import (CURVES, ENTROPY_BIN_LO, FIRST_TOKEN_MODES, LENIENCES,
                                    ROLLOUT_ENGINE_VLLM, ROLLOUT_ENGINES, TEACHER_LOCATIONS, TEACHER_SERVED)
 
 ROLLOUT_SOURCES = ("fixed", "student", "teacher", "mixed", "skd")
@@ -71,25 +71,25 @@ def _check_sampling(prefix: str, temperature: float, top_p: float) -> None:
 class SDSpec:
     """Speculative-decoding evaluation settings (conf/sd/)."""
 
-    gamma: int | str = 5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lenience: str = "none"
-    epsilon: float = 1.0
-    num_eval: int = 16
-    batch_size: int = 16
-    max_new_tokens: int | None = None
-    measure_speedup: bool = True
-    compute_quality: bool = True
-    draft_quality: bool = False
-    entropy_min_count: int = 5
-    entropy_bin_max: float = ENTROPY_BIN_HI
-    num_examples_logged: int = 8
-    speed_repeats: int = 1
-    speed_warmup: bool = True
-    kv: str = "dynamic"
-    compile: bool = False
-    first_token: str = "draft"
+    gamma: int | str
+    temperature: float
+    top_p: float
+    lenience: str
+    epsilon: float
+    num_eval: int
+    batch_size: int
+    max_new_tokens: int | None
+    measure_speedup: bool
+    compute_quality: bool
+    draft_quality: bool
+    entropy_min_count: int
+    entropy_bin_max: float
+    num_examples_logged: int
+    speed_repeats: int
+    speed_warmup: bool
+    kv: str
+    compile: bool
+    first_token: str
 
     def __post_init__(self) -> None:
         from distillspec.constants import KV_MODES
@@ -122,10 +122,10 @@ class SDSpec:
 class GateSpec:
     """SpecKD loss gating (distillspec.losses.gating.speckd_gate)."""
 
-    top_k: int = 5  # SpecKD paper default (Algorithm 1: k = 5, beta = 0.01)
-    mode: str = "greedy"
-    num_candidates: int = 1
-    beta: float = 0.01
+    top_k: int
+    mode: str
+    num_candidates: int
+    beta: float
 
     def __post_init__(self) -> None:
         check_field_types(self, "div.gate")
@@ -144,15 +144,15 @@ class ObjectiveSpec:
     detached probability of reaching it in a block_gamma-token SD block; any divergence).
     """
 
-    divergence: str = "rkl"
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 0.1
-    chunk_size: int | None = 1024
-    gate: GateSpec | Mapping[str, Any] | None = None
-    adaptive: Any = None
-    block_weighting: str = "none"
-    block_gamma: int = 5
+    divergence: str
+    temperature: float
+    beta: float
+    alpha: float
+    chunk_size: int | None
+    gate: GateSpec | Mapping[str, Any] | None
+    adaptive: Any
+    block_weighting: str
+    block_gamma: int
 
     def __post_init__(self) -> None:
         from distillspec.constants import DIVERGENCES
@@ -166,6 +166,11 @@ class ObjectiveSpec:
             raise ConfigError(f"div.chunk_size={self.chunk_size!r} is invalid; valid: >= 1 or null")
         gate = _plain(self.gate)
         if isinstance(gate, Mapping):
+            names = [f.name for f in fields(GateSpec)]
+            missing, unknown = [n for n in names if n not in gate], sorted(set(gate) - set(names))
+            if missing or unknown:
+                raise ConfigError(f"div.gate={gate!r} needs exactly {', '.join(names)} (missing: {missing or 'none'}, "
+                                  f"unknown: {unknown or 'none'}); div=speckd sets them all, override div.gate.<key>")
             self.gate = GateSpec(**gate)
         self._post_init_adaptive()
 
@@ -205,33 +210,33 @@ class ObjectiveSpec:
 class RolloutSpec:
     """Where training sequences come from (conf/rollout/; DistillSpec Alg. A.2, plus SKD)."""
 
-    source: str = "student"
-    mix: Mapping[str, float] | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    skd_top_k: int = 25
-    skd_gamma: int = 5
-    cache_top_k: int = 64  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
-    cache_batch_size: int = 48  # prompts per teacher decoding batch (48 was 1.5x faster than 16 on 2 CPU cores)
-    cache_store: bool = True  # keep that teacher data on disk (distillspec cache dir) for identical jobs to reuse
+    source: str
+    mix: Mapping[str, float] | None
+    temperature: float
+    top_p: float
+    skd_top_k: int
+    skd_gamma: int
+    cache_top_k: int  # teacher/fixed data: cache teacher completions + top-k log-probs once (0: off)
+    cache_batch_size: int  # prompts per teacher decoding batch
+    cache_store: bool  # keep that teacher data on disk (distillspec cache dir) for identical jobs to reuse
     # cached data: "sparse" trains on the stored top-k teacher (student alone runs); "dense" reuses the cached
     # completions but runs the teacher on them every step for its full distributions (objectives that need
     # them, ObjectiveSpec.needs_dense_teacher, always do)
-    teacher_logits: str = "sparse"
+    teacher_logits: str
     # who makes the teacher data (teacher samples, scores of dataset outputs): "hf" = this process's decoding
     # loop; "vllm" = a vLLM server (distillspec.rollout.engine): vllm_url's, else one started from the serving
     # env (vllm_python, default .venv-vllm) on vllm_port (null: a free one) with extra `vllm serve` vllm_args
-    engine: str = "hf"
-    vllm_url: str | None = None
-    vllm_port: int | None = None
-    vllm_python: str | None = None
-    vllm_args: Sequence[str] = ()
+    engine: str
+    vllm_url: str | None
+    vllm_port: int | None
+    vllm_python: str | None
+    vllm_args: Sequence[str]
     # with engine=vllm, student rollouts come from a vLLM server holding the student; its weights are reloaded
     # from the trained student every vllm_sync_every optimizer steps (1: every step, on-policy)
-    vllm_sync_every: int = 1
+    vllm_sync_every: int
     # who scores on-policy (student) data: "process" = the teacher loaded in the training process; "server" =
     # the vLLM teacher server's top-cache_top_k prompt log-probs (sparse), so training never loads the teacher
-    teacher_location: str = "process"
+    teacher_location: str
 
     def __post_init__(self) -> None:
         check_field_types(self, "rollout")
@@ -321,23 +326,23 @@ class RolloutSpec:
 class TrainSpec:
     """Optimisation and training-loop settings (the `train:` node of conf/config.yaml)."""
 
-    max_steps: int = 30
-    batch_size: int = 4
-    accumulate: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 3
-    grad_clip: float | None = 1.0
-    num_train: int = 512
-    max_new_tokens: int | None = 64
-    log_every: int = 1
-    checkpoint_every: int = 10
-    eval_every: int = 0
-    eval_num: int = 8
-    lora_rank: int = 0
-    freeze_embeddings: bool = False  # keep the (tied) embedding / output head fixed: train the layers and norms
-    release_target: bool = False  # teacher data only: drop the target once it is made (distillspec.teacherless)
-    curve: str = "sd"  # what the periodic evaluations measure: SD, or the held-out acceptance (distillspec.heldout)
+    max_steps: int
+    batch_size: int
+    accumulate: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    num_train: int
+    max_new_tokens: int | None
+    log_every: int
+    checkpoint_every: int
+    eval_every: int
+    eval_num: int
+    lora_rank: int
+    freeze_embeddings: bool  # keep the (tied) embedding / output head fixed: train the layers and norms
+    release_target: bool  # teacher data only: drop the target once it is made (distillspec.teacherless)
+    curve: str  # what the periodic evaluations measure: SD, or the held-out acceptance (distillspec.heldout)
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")

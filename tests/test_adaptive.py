@@ -225,18 +225,20 @@ def test_schedule_errors(kw, match):
 
 def test_objective_spec():
     from distillspec.specs import ObjectiveSpec
+    from distillspec.defaults import build_spec
 
-    spec = ObjectiveSpec(divergence="adaptive", adaptive={"kind": "table", "edges": [1.0], "values": [1.0, 0.5]})
+    spec = build_spec(ObjectiveSpec, divergence="adaptive",
+                      adaptive={"kind": "table", "edges": [1.0], "values": [1.0, 0.5]})
     assert isinstance(spec.adaptive, BetaSchedule) and spec.adaptive.values == (1.0, 0.5)
-    assert isinstance(ObjectiveSpec(divergence="adaptive").adaptive, BetaSchedule)
+    assert isinstance(build_spec(ObjectiveSpec, divergence="adaptive").adaptive, BetaSchedule)
     with pytest.raises(ConfigError, match="div.adaptive is set but div.divergence='fkl'"):
-        ObjectiveSpec(divergence="fkl", adaptive={"center": 2.0})
+        build_spec(ObjectiveSpec, divergence="fkl", adaptive={"center": 2.0})
     with pytest.raises(ConfigError, match="invalid div.adaptive settings"):
-        ObjectiveSpec(divergence="adaptive", adaptive={"centre": 2.0})
+        build_spec(ObjectiveSpec, divergence="adaptive", adaptive={"centre": 2.0})
     with pytest.raises(ConfigError, match="block_weighting 'blocks'.*none, block, block_avg"):
-        ObjectiveSpec(block_weighting="blocks")
+        build_spec(ObjectiveSpec, block_weighting="blocks")
     with pytest.raises(ConfigError, match="block_gamma=0"):
-        ObjectiveSpec(block_gamma=0)
+        build_spec(ObjectiveSpec, block_gamma=0)
 
 
 def test_entropy_bin_stats():

@@ -16,6 +16,7 @@ from distillspec.rollout.sources import RolloutSampler
 from distillspec.sd.baseline import autoregressive_generate
 from distillspec.sd.engine import SpeculativeDecoder
 from distillspec.specs import RolloutSpec
+from distillspec.defaults import build_spec
 
 DEPRECATED = ("past_key_values", "cache_params")
 
@@ -60,7 +61,7 @@ def test_engine_and_rollouts_pass_cache(wrap, recwarn):
     autoregressive_generate(draft, ids, mask, 6, temperature=1.0, top_p=1.0, generator=gen, eos_token_id=[1],
                             pad_token_id=0)
     for source in ("student", "teacher", "skd"):  # the rollout sources that decode with a KV cache
-        sampler = RolloutSampler(RolloutSpec(source=source, cache_top_k=0), draft, target, [1], 0, 6)
+        sampler = RolloutSampler(build_spec(RolloutSpec, source=source, cache_top_k=0), draft, target, [1], 0, 6)
         sampler.sample(ids, mask, [None, None], gen)
     cached = [c for c in seen_t + seen_d if c & {"cache", *DEPRECATED}]
     assert cached, "no KV-cached forward was recorded"

@@ -138,10 +138,7 @@ def test_run_name_uses_model_names_when_the_pair_is_given_by_paths_or_ids():
 @pytest.mark.parametrize("rollout", ["fixed", "student", "teacher", "mixed", "skd"])
 def test_cache_top_k_is_in_every_rollout_config(rollout):
     """rollout.cache_top_k is overridable without '+' for every rollout option."""
-    from distillspec.specs import RolloutSpec
-
-    cfg = compose_cfg([f"rollout={rollout}"])
-    assert cfg.rollout.cache_top_k == RolloutSpec.cache_top_k  # the config states the default
+    assert compose_cfg([f"rollout={rollout}"]).rollout.cache_top_k == 64  # the top-64 sparse teacher
     assert build(compose_cfg([f"rollout={rollout}", "rollout.cache_top_k=32"]).rollout, "rollout").cache_top_k == 32
 
 
@@ -187,3 +184,37 @@ def test_every_setting_is_in_the_yaml(group):
     from distillspec.specs import TrainSpec
 
     assert not sorted(_settable(TrainSpec) - set(train)), "conf/config.yaml's train: lacks TrainSpec fields"
+
+
+def test_the_specs_hold_no_defaults_of_their_own():
+    """The YAML is the one source of defaults: no field of a spec dataclass has a default, so a run's values and a
+    test's or benchmark's (distillspec.defaults.build_spec) can only come from conf/."""
+    import dataclasses
+
+    from distillspec.models.loading import PairSpec
+    from distillspec.specs import GateSpec, ObjectiveSpec, RolloutSpec, SDSpec, TrainSpec
+
+    for cls in (SDSpec, GateSpec, ObjectiveSpec, RolloutSpec, TrainSpec, PairSpec):
+        with_default = [f.name for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not with_default, f"{cls.__name__} has defaults of its own for {with_default}; put them in conf/"
+
+
+def test_build_spec_takes_the_yaml_defaults():
+    """build_spec gives the spec a run without overrides gets, changed only where it is told."""
+    from distillspec.defaults import build_spec
+    from distillspec.specs import GateSpec, SDSpec, TrainSpec
+
+    cfg = compose_cfg()
+    assert build_spec(SDSpec) == build(cfg.sd, "sd")
+    assert build_spec(TrainSpec, lr=0.5) == build(cfg.train, "train").__class__(
+        **{**{k: v for k, v in cfg.train.items() if k != "_target_"}, "lr": 0.5})
+    assert build_spec(SDSpec, options=["sd=greedy"]).temperature == 0.0
+    assert build_spec(GateSpec) == build(compose_cfg(["div=speckd"]).div, "div").gate
+    with pytest.raises(ConfigError, match="sd.top_p"):
+        build_spec(SDSpec, top_p=2.0)
+
+
+def test_a_partial_gate_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"div.gate=.*missing: \['mode', 'num_candidates', 'beta'\]"):
+        build(compose_cfg(["div.gate={top_k:5}"]).div, "div")

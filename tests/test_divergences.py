@@ -232,15 +232,18 @@ def test_errors():
     assert "(2, 3, 5)" in str(e.value) and "(2, 3, 6)" in str(e.value)
     with pytest.raises(ValueError):
         divergence_loss(s, t, torch.ones(2, 4, dtype=torch.bool), "fkl")
-    for kw in ({"beta": 0.0}, {"beta": 1.0}):
-        with pytest.raises(ConfigError):
-            divergence_loss(s, t, mask, "jsd", **kw)
-    with pytest.raises(ConfigError):
-        divergence_loss(s, t, mask, "skl", alpha=1.0)
-    with pytest.raises(ConfigError):
-        divergence_loss(s, t, mask, "fkl", temperature=0.0)
-    with pytest.raises(ConfigError):
-        divergence_loss(s, t, mask, "fkl", chunk_size=0)
+
+
+def test_the_objective_spec_refuses_what_the_loss_cannot_compute():
+    """The settings' ranges are checked once, by ObjectiveSpec (the loss below checks names and shapes only)."""
+    from distillspec.defaults import build_spec
+    from distillspec.specs import ObjectiveSpec
+
+    for kw, name in (({"divergence": "jsd", "beta": 0.0}, "div.beta"), ({"divergence": "jsd", "beta": 1.0}, "div.beta"),
+                     ({"divergence": "skl", "alpha": 1.0}, "div.alpha"), ({"temperature": 0.0}, "div.temperature"),
+                     ({"chunk_size": 0}, "div.chunk_size"), ({"block_weighting": "blocks"}, "div.block_weighting")):
+        with pytest.raises(ConfigError, match=name):
+            build_spec(ObjectiveSpec, **kw)
 
 
 def test_entropy_and_overlap():

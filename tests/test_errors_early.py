@@ -171,10 +171,12 @@ def test_pair_and_mix_settings_fail_before_the_heavy_imports(tmp_path, args, nee
 def test_valid_model_names_still_pass_the_early_check(tiny_pair_dirs):
     """The early pair check refuses missing local paths only: Hub ids, offline names and model dirs pass."""
     from distillspec.models.loading import PairSpec
+    from distillspec.defaults import build_spec
 
     for draft in ("someorg/some-model", "offline:smollm2-135m-L2", "tiny:draft", str(tiny_pair_dirs[0])):
-        PairSpec(draft=draft, target="offline:smollm2-135m")
-    PairSpec(draft="tiny:draft", target="tiny:target", target_quantization="8bit", verify_full_precision=True)
+        build_spec(PairSpec, draft=draft, target="offline:smollm2-135m")
+    build_spec(PairSpec, draft="tiny:draft", target="tiny:target", target_quantization="8bit",
+               verify_full_precision=True)
 
 
 def test_too_many_new_tokens_are_refused_before_models_load(tmp_path, no_model_loading):

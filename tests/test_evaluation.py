@@ -13,6 +13,7 @@ from distillspec.evaluation import SDEvaluator, eos_token_ids
 from distillspec.lit.data import left_pad
 from distillspec.sd.baseline import autoregressive_generate
 from distillspec.specs import SDSpec
+from distillspec.defaults import build_spec
 
 
 class LengthTask:
@@ -46,7 +47,7 @@ PROMPTS = ["12+7=", "hello there, ", "x"]
 
 def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
     draft, target, tok = tiny
-    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False, draft_quality=True)
+    spec = build_spec(SDSpec, gamma=3, temperature=0.0, measure_speedup=False, draft_quality=True)
     report, ids, mask = _evaluate(draft, target, tok, spec, PROMPTS)
     own = autoregressive_generate(draft, ids, mask, 10, temperature=0.0, eos_token_id=eos_token_ids(tok, target),
                                   pad_token_id=tok.pad_token_id)
@@ -58,8 +59,8 @@ def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
     # The same model as draft and target: its own greedy outputs are the SD outputs, so the scores agree.
     same, _, _ = _evaluate(target, target, tok, spec, PROMPTS)
     assert same.metrics[C.DRAFT_QUALITY_PREFIX + "chars"] == same.metrics[C.QUALITY_PREFIX + "chars"]
-    off, _, _ = _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, measure_speedup=False,
-                                                     draft_quality=False), PROMPTS)
+    off, _, _ = _evaluate(draft, target, tok, build_spec(SDSpec, gamma=3, temperature=0.0, measure_speedup=False,
+                                                         draft_quality=False), PROMPTS)
     assert C.DRAFT_QUALITY_PREFIX + "chars" not in off.metrics
 
 
@@ -72,10 +73,10 @@ def test_untimed_evaluation_decodes_once_per_batch(tiny, one_thread, monkeypatch
     real = SpeculativeDecoder.generate
     monkeypatch.setattr(SpeculativeDecoder, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     draft, target, tok = tiny
-    _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, measure_speedup=False), PROMPTS)
+    _evaluate(draft, target, tok, build_spec(SDSpec, gamma=3, temperature=0.0, measure_speedup=False), PROMPTS)
     assert len(calls) == 1
     calls.clear()
-    report, _, _ = _evaluate(draft, target, tok, SDSpec(gamma=3, temperature=0.0, speed_repeats=1), PROMPTS)
+    report, _, _ = _evaluate(draft, target, tok, build_spec(SDSpec, gamma=3, temperature=0.0, speed_repeats=1), PROMPTS)
     assert len(calls) == 2 and C.SPEEDUP in report.metrics  # warm-up + the timed round
 
 
@@ -93,7 +94,7 @@ def test_answers_cut_by_the_token_cap_are_recorded_and_quality_is_not_summarised
     draft, target, tok = tiny
     items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
              for i, p in enumerate(PROMPTS)]
-    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False)
+    spec = build_spec(SDSpec, gamma=3, temperature=0.0, measure_speedup=False)
     ev = SDEvaluator(draft, target, tok, spec, AnswerTask(), items, max_new_tokens=10, seed=3)
     ids, mask = left_pad([it.input_ids for it in items], tok.pad_token_id)
     report = ev.finalize([ev.evaluate_batch({"input_ids": ids, "attention_mask": mask,
@@ -123,13 +124,14 @@ def test_every_evaluation_path_gives_the_same_numbers(tiny, one_thread, tmp_path
     from distillspec.runner import evaluate, untrained_eval
     from distillspec.serving.ours import run_ours
     from distillspec.specs import TrainSpec
+    from distillspec.defaults import build_spec
 
     draft, target, tok = tiny
     prompts = PROMPTS + ["7*8=", "a b c d"]
     items = [SimpleNamespace(input_ids=tok(p)["input_ids"], reference="", uid=str(i), prompt_text=p)
              for i, p in enumerate(prompts)]
     models = SimpleNamespace(draft=draft, sd_target=target, tokenizer=tok)
-    sd = SDSpec(gamma=3, temperature=1.0, top_p=1.0, batch_size=3, speed_repeats=1, compute_quality=False)
+    sd = build_spec(SDSpec, gamma=3, temperature=1.0, top_p=1.0, batch_size=3, speed_repeats=1, compute_quality=False)
     cpu, task = torch.device("cpu"), LengthTask()
     logger = CSVLogger(tmp_path, name="csv", version="")
     flags = [p.requires_grad for p in draft.parameters()]
@@ -137,7 +139,8 @@ def test_every_evaluation_path_gives_the_same_numbers(tiny, one_thread, tmp_path
         draft.requires_grad_(True)
         final = evaluate(models, tok, task, items, sd, 12, 5, cpu, [logger], step=7)
         assert all(p.requires_grad for p in draft.parameters())
-        curve = curve_evaluator(draft, models, task, items, TrainSpec(eval_every=1, eval_num=len(items)), sd, 5, 12)
+        curve_train = build_spec(TrainSpec, eval_every=1, eval_num=len(items))
+        curve = curve_evaluator(draft, models, task, items, curve_train, sd, 5, 12)
         draft.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             periodic = curve.run(cpu, progress=False)

@@ -64,9 +64,11 @@ def test_measure_equals_brute_force_on_the_tiny_pair(tiny_pair_dirs, monkeypatch
     from distillspec import heldout
     from distillspec.models.forward import completion_logits
     from distillspec.models.loading import PairSpec
+    from distillspec.defaults import build_spec
     from distillspec.tasks.base import PromptBatchItem
 
-    pair = PairSpec(draft=str(tiny_pair_dirs[0]), target=str(tiny_pair_dirs[1]), dtype="float32").load("cpu")
+    pair = build_spec(PairSpec, draft=str(tiny_pair_dirs[0]), target=str(tiny_pair_dirs[1]),
+                      dtype="float32").load("cpu")
     draft, target = pair.draft, pair.target
     monkeypatch.setattr(heldout, "HELDOUT_TOP_K", target.config.vocab_size)
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ from distillspec.errors import ConfigError
 from distillspec.models import offline
 from distillspec.models.loading import (PairSpec, check_model_name, check_same_vocab, load_model,
                                         load_tokenizer, logits_dim, resolve_dtype, resolve_model_path)
+from distillspec.defaults import build_spec
 from distillspec.models.tiny import build_char_tokenizer, tiny_llama, truncate_layers
 
 
@@ -29,8 +30,8 @@ def no_loading(monkeypatch):
 
 def test_tiny_pair_loads_via_pairspec(tiny_pair_dirs):
     draft_dir, target_dir = tiny_pair_dirs
-    spec = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32", target_dtype="float64",
-                    gradient_checkpointing=True)
+    spec = build_spec(PairSpec, draft=str(draft_dir), target=str(target_dir), dtype="float32", target_dtype="float64",
+                      gradient_checkpointing=True)
     pair = spec.load("cpu")
     assert pair.draft.config.num_hidden_layers == 1 and pair.target.config.num_hidden_layers == 4
     assert pair.draft.dtype == torch.float32 and pair.target.dtype == torch.float64
@@ -41,8 +42,8 @@ def test_tiny_pair_loads_via_pairspec(tiny_pair_dirs):
     assert pair.tokenizer.padding_side == "left" and pair.tokenizer.pad_token == "<pad>"
     assert (pair.draft_name, pair.target_name) == (str(draft_dir), str(target_dir))
     # A frozen draft when asked.
-    frozen = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32",
-                      draft_trainable=False).load("cpu")
+    frozen = build_spec(PairSpec, draft=str(draft_dir), target=str(target_dir), dtype="float32",
+                        draft_trainable=False).load("cpu")
     assert not any(p.requires_grad for p in frozen.draft.parameters())
 
 
@@ -71,7 +72,7 @@ def test_vocab_size_mismatch_names_both_models(tiny_pair_dirs, tmp_path):
     tiny_llama(vocab_size=120, num_layers=1).save_pretrained(other_dir)
     build_char_tokenizer().save_pretrained(other_dir)
     with pytest.raises(ConfigError) as e:
-        PairSpec(draft=str(other_dir), target=str(target_dir), dtype="float32").load("cpu")
+        build_spec(PairSpec, draft=str(other_dir), target=str(target_dir), dtype="float32").load("cpu")
     msg = str(e.value)
     assert str(other_dir) in msg and str(target_dir) in msg
     assert "logits dim 120" in msg and "logits dim 104" in msg
@@ -93,7 +94,7 @@ def test_missing_path_and_bad_names(tmp_path, no_loading):
     with pytest.raises(ConfigError, match="model path .*nope.* does not exist"):
         resolve_model_path(missing)
     with pytest.raises(ConfigError, match="does not exist"):
-        PairSpec(draft="./definitely/not/here", target=missing).validate("cpu")
+        build_spec(PairSpec, draft="./definitely/not/here", target=missing).validate("cpu")
     with pytest.raises(ConfigError, match="offline:smollm2-135m-L<n>"):
         check_model_name("offline:smollm2-135m-L31")
     with pytest.raises(ConfigError, match="unknown offline model 'offline:llama'"):
@@ -121,7 +122,7 @@ def test_dtype_resolution():
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'; valid choices: auto, float32, bfloat16"):
         resolve_dtype("fp8", "cpu")
     with pytest.raises(ConfigError, match="unknown target_dtype 'half'"):
-        PairSpec(draft="a/b", target="a/c", target_dtype="half").validate("cpu")
+        build_spec(PairSpec, draft="a/b", target="a/c", target_dtype="half").validate("cpu")
     with pytest.raises(ConfigError, match="invalid device"):
         resolve_dtype("auto", "gpu:7")
 
@@ -132,7 +133,7 @@ def test_quantization_errors_come_before_loading(tiny_pair_dirs, no_loading, mon
     from distillspec.models import loading
 
     _, target_dir = tiny_pair_dirs
-    spec = PairSpec(draft=str(target_dir), target=str(target_dir), target_quantization="4bit")
+    spec = build_spec(PairSpec, draft=str(target_dir), target=str(target_dir), target_quantization="4bit")
     monkeypatch.setattr(loading, "_bnb_version", lambda: None)
     with pytest.raises(ConfigError, match=r"target_quantization=8bit needs bitsandbytes, which is not installed "
                                           r"\(pip install 'distillspec\[quant\]'.*device=cpu"):
@@ -178,7 +179,7 @@ def test_tiny_names_resolve_to_cached_pair(tmp_path, monkeypatch):
     assert offline.cache_root() == tmp_path
     target, draft = resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")
     assert target.startswith(str(tmp_path / "tiny")) and draft != target
-    pair = PairSpec(draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
+    pair = build_spec(PairSpec, draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
     assert (pair.draft.config.num_hidden_layers, pair.target.config.num_hidden_layers) == (1, 4)
 
 
@@ -271,7 +272,7 @@ def test_built_models_load_from_a_read_only_cache(tmp_path, monkeypatch):
     _read_only_cache(monkeypatch, tmp_path)
     assert (resolve_model_path("tiny:target"), resolve_model_path("tiny:draft")) == built
     assert offline._build_cached(tmp_path / "m", lambda out: pytest.fail("rebuilt")) == tmp_path / "m"
-    pair = PairSpec(draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
+    pair = build_spec(PairSpec, draft="tiny:draft", target="tiny:target", dtype="float32").load("cpu")
     assert pair.target.config.num_hidden_layers == 4
     assert not (tmp_path / ".tiny.lock").exists()
 

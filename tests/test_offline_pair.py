@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distillspec.models.loading import PairSpec, check_same_vocab, load_tokenizer
+from distillspec.defaults import build_spec
 from distillspec.models.offline import ensure_smollm2, ensure_truncated_draft
 
 pytestmark = pytest.mark.real_model
@@ -32,8 +33,8 @@ def offline_dirs():
 
 @pytest.fixture(scope="module")
 def pair(offline_dirs):
-    return PairSpec(draft="offline:smollm2-135m-L4", target="offline:smollm2-135m",
-                    dtype="float32").load("cpu")
+    return build_spec(PairSpec, draft="offline:smollm2-135m-L4", target="offline:smollm2-135m",
+                      dtype="float32").load("cpu")
 
 
 def test_converted_and_cached(offline_dirs):

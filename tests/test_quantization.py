@@ -136,9 +136,10 @@ def test_verify_full_precision_distils_against_8bit_and_verifies_with_float32(tm
     assert q8["metrics"][C.ALPHA_EXPECTED] != pytest.approx(full["metrics"][C.ALPHA_EXPECTED], abs=1e-6)
     from distillspec.errors import ConfigError
     from distillspec.models.loading import PairSpec
+    from distillspec.defaults import build_spec
 
     with pytest.raises(ConfigError, match="pair.verify_full_precision=true needs a quantized teacher"):
-        PairSpec(draft="tiny:draft", target="tiny:target", verify_full_precision=True)  # would do nothing
+        build_spec(PairSpec, draft="tiny:draft", target="tiny:target", verify_full_precision=True)  # would do nothing
 
 
 def test_full_precision_eval_command():

@@ -12,6 +12,7 @@ from fake_vllm import run_py
 
 from distillspec.errors import ConfigError
 from distillspec.models.loading import PairSpec
+from distillspec.defaults import build_spec
 from distillspec.models.tiny_families import FAMILIES, family_config
 from distillspec.sd import support
 from tests.sd_stubs import perturbed_pair
@@ -51,7 +52,7 @@ def test_pair_spec_refuses_an_unsupported_model_dir_without_loading(tmp_path, mo
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
                         lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match=r"pair.target=.*next \(Qwen3NextForCausalLM\) .*qwen3_next"):
-        PairSpec(draft="tiny:draft", target=str(tmp_path / "next"))
+        build_spec(PairSpec, draft="tiny:draft", target=str(tmp_path / "next"))
 
 
 def test_sliding_model_with_a_flash_attention_implementation_is_refused():

@@ -89,6 +89,7 @@ def test_skd_rollout_source_with_k_equal_vocab(tiny_pair_dirs):
 
     from distillspec.rollout.sources import RolloutSampler
     from distillspec.specs import RolloutSpec
+    from distillspec.defaults import build_spec
 
     draft_dir, target_dir = tiny_pair_dirs
     student = AutoModelForCausalLM.from_pretrained(draft_dir).eval()
@@ -96,10 +97,10 @@ def test_skd_rollout_source_with_k_equal_vocab(tiny_pair_dirs):
     vocab = student.config.vocab_size
     ids = torch.randint(3, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    skd = RolloutSampler(RolloutSpec(source="skd", temperature=0.0, skd_top_k=vocab, skd_gamma=3),
+    skd = RolloutSampler(build_spec(RolloutSpec, source="skd", temperature=0.0, skd_top_k=vocab, skd_gamma=3),
                          student, teacher, eos_ids=[], pad_id=0, max_new_tokens=10)
-    own = RolloutSampler(RolloutSpec(source="student", temperature=0.0), student, teacher, eos_ids=[], pad_id=0,
-                         max_new_tokens=10)
+    own = RolloutSampler(build_spec(RolloutSpec, source="student", temperature=0.0), student, teacher,
+                         eos_ids=[], pad_id=0, max_new_tokens=10)
     a = skd.sample(ids, mask, [None, None], torch.Generator().manual_seed(1))
     b = own.sample(ids, mask, [None, None], torch.Generator().manual_seed(1))
     assert torch.equal(a.input_ids, b.input_ids)

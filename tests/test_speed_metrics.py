@@ -23,6 +23,7 @@ from distillspec.sd.metrics import choose_gamma, expected_tau, predicted_speedup
     verify_cost_ratio
 from distillspec.sd.timing import RoundTimes, median_round, sum_rounds
 from distillspec.specs import SDSpec
+from distillspec.defaults import build_spec
 
 PROMPTS = ["12+7= and then some more words", "hello there, how are you today", "x y z w v u t s",
            "the cat sat on the mat again"]
@@ -67,8 +68,8 @@ def _greedy_metrics_with_sleep(tiny, seconds, when) -> dict:
     draft, target, tok = tiny
     handle = _sleep_hook(target, seconds, when)
     try:
-        report, _ = _run(draft, target, tok, SDSpec(gamma=3, temperature=0.0, speed_repeats=1,
-                                                    compute_quality=False))
+        report, _ = _run(draft, target, tok, build_spec(SDSpec, gamma=3, temperature=0.0, speed_repeats=1,
+                                                        compute_quality=False))
     finally:
         handle.remove()
     return report.metrics
@@ -110,7 +111,8 @@ def _speedup_with_cold_start(tiny, spec, baseline_first):
 
 
 def test_speedup_is_order_independent(tiny, one_thread):
-    spec = SDSpec(gamma=3, temperature=0.0, compute_quality=False, speed_repeats=3)  # warm-up, 3 alternating rounds
+    spec = build_spec(SDSpec, gamma=3, temperature=0.0, compute_quality=False, 
+                      speed_repeats=3)  # warm-up, 3 alternating rounds
     a = _speedup_with_cold_start(tiny, spec, baseline_first=False)
     b = _speedup_with_cold_start(tiny, spec, baseline_first=True)
     assert a[C.SPEED_ROUNDS] == b[C.SPEED_ROUNDS] == 3
@@ -118,7 +120,7 @@ def test_speedup_is_order_independent(tiny, one_thread):
     assert abs(a[C.SPEEDUP] - b[C.SPEEDUP]) <= 0.3 * max(a[C.SPEEDUP], b[C.SPEEDUP])
     # Precondition that makes the check bite: timing once with no warm-up (the old protocol) puts the
     # one-time cost on whichever path runs first, and the two orders then disagree by a wide margin.
-    cold = SDSpec(gamma=3, temperature=0.0, compute_quality=False, speed_warmup=False, speed_repeats=1)
+    cold = build_spec(SDSpec, gamma=3, temperature=0.0, compute_quality=False, speed_warmup=False, speed_repeats=1)
     x = _speedup_with_cold_start(tiny, cold, baseline_first=False)
     y = _speedup_with_cold_start(tiny, cold, baseline_first=True)
     assert y[C.SPEEDUP] > 2 * x[C.SPEEDUP]
@@ -177,8 +179,8 @@ def test_auto_gamma_uses_the_choice_from_measured_alpha_c_v(tiny, one_thread, mo
         return 2
 
     monkeypatch.setattr(evaluation, "choose_gamma", spy)
-    report, ev = _run(draft, target, tok, SDSpec(gamma="auto", temperature=0.0, speed_repeats=1,
-                                                 compute_quality=False))
+    report, ev = _run(draft, target, tok, build_spec(SDSpec, gamma="auto", temperature=0.0, speed_repeats=1,
+                                                     compute_quality=False))
     assert seen["gamma_pilot"] == evaluation.AUTO_GAMMA_PILOT and seen["max_gamma"] == evaluation.AUTO_GAMMA_MAX
     assert 0.0 <= seen["alpha"] <= 1.0 and seen["cost_step"] > 0 and seen["verify"] > 0
     assert ev.decoder.gamma == 2 and report.metrics[C.GAMMA] == 2.0
@@ -188,10 +190,10 @@ def test_auto_gamma_uses_the_choice_from_measured_alpha_c_v(tiny, one_thread, mo
 @pytest.mark.parametrize("bad", ["automatic", 0, 2.5])
 def test_sd_gamma_validation(bad):
     with pytest.raises(ConfigError, match="sd.gamma"):
-        SDSpec(gamma=bad)
-    assert SDSpec(gamma="auto").gamma == "auto"
+        build_spec(SDSpec, gamma=bad)
+    assert build_spec(SDSpec, gamma="auto").gamma == "auto"
     with pytest.raises(ConfigError, match="speed_repeats"):
-        SDSpec(speed_repeats=0)
+        build_spec(SDSpec, speed_repeats=0)
 
 
 class AnswerTask(NoQuality):
@@ -204,7 +206,7 @@ class AnswerTask(NoQuality):
 
 def test_warning_when_outputs_are_cut_before_the_answer(tiny, one_thread, caplog):
     draft, target, tok = tiny
-    spec = SDSpec(gamma=3, temperature=0.0, measure_speedup=False)
+    spec = build_spec(SDSpec, gamma=3, temperature=0.0, measure_speedup=False)
     with caplog.at_level(logging.WARNING, logger="distillspec"):
         report, _ = _run(draft, target, tok, spec, new_tokens=6, task=AnswerTask(answers=False))
     assert report.metrics[C.TRUNCATED_FRACTION] > 0.5  # precondition: the random tiny target rarely stops

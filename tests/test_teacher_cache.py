@@ -9,6 +9,7 @@ from distillspec.losses.divergences import divergence_loss
 from distillspec.losses.sparse import sparse_divergence_loss
 from distillspec.models.forward import completion_logits
 from distillspec.models.loading import PairSpec
+from distillspec.defaults import build_spec
 from distillspec.rollout.sources import RolloutSampler
 from distillspec.rollout.teacher_cache import SparseRollout, TeacherCache
 from distillspec.specs import RolloutSpec
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def pair(tiny_pair_dirs):
     draft_dir, target_dir = tiny_pair_dirs
-    return PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float64").load("cpu")
+    return build_spec(PairSpec, draft=str(draft_dir), target=str(target_dir), dtype="float64").load("cpu")
 
 
 def items(n=6, seed=0):
@@ -79,7 +80,7 @@ def test_cache_is_a_pure_function_of_its_seed(pair):
 
 
 def test_sampler_serves_cached_sources_and_samples_the_rest(pair):
-    spec = RolloutSpec(source="mixed", mix={"student": 0.5, "teacher": 0.5}, cache_top_k=8)
+    spec = build_spec(RolloutSpec, source="mixed", mix={"student": 0.5, "teacher": 0.5}, cache_top_k=8)
     sampler = RolloutSampler(spec, pair.draft, pair.target, [2], 0, 7)
     assert sampler.cached_sources() == ["teacher"]
     its = items()
@@ -92,7 +93,7 @@ def test_sampler_serves_cached_sources_and_samples_the_rest(pair):
         r = sampler.sample(ids, mask, [None, None], torch.Generator().manual_seed(s), indices=[1, 2])
         seen.add((r.source, isinstance(r, SparseRollout)))
     assert seen == {("student", False), ("teacher", True)}
-    off = RolloutSampler(RolloutSpec(source="teacher", cache_top_k=0), pair.draft, pair.target, [2], 0, 7)
+    off = RolloutSampler(build_spec(RolloutSpec, source="teacher", cache_top_k=0), pair.draft, pair.target, [2], 0, 7)
     assert off.cached_sources() == []
 
 
@@ -175,13 +176,16 @@ def test_dense_teacher_scores_the_cached_completions(tiny_pair_dirs, div, teache
     from distillspec.lit.data import IndexDataset
     from distillspec.lit.train_module import DistillModule
     from distillspec.specs import ObjectiveSpec, TrainSpec
+    from distillspec.defaults import build_spec
 
     draft_dir, target_dir = tiny_pair_dirs
-    fresh = PairSpec(draft=str(draft_dir), target=str(target_dir), dtype="float32").load("cpu")
+    fresh = build_spec(PairSpec, draft=str(draft_dir), target=str(target_dir), dtype="float32").load("cpu")
     its = items(8)
-    rollout = RolloutSpec(source="teacher", cache_top_k=8, cache_store=False, teacher_logits=teacher_logits)
-    train = TrainSpec(max_steps=2, batch_size=2, num_train=8, warmup_steps=0, checkpoint_every=2, eval_every=0)
-    module = DistillModule(fresh.draft, fresh.target, its, ObjectiveSpec(divergence=div), rollout, train, [2], 0, 7)
+    rollout = build_spec(RolloutSpec, source="teacher", cache_top_k=8, cache_store=False, teacher_logits=teacher_logits)
+    train = build_spec(TrainSpec, max_steps=2, batch_size=2, num_train=8, warmup_steps=0, 
+                       checkpoint_every=2, eval_every=0)
+    objective = build_spec(ObjectiveSpec, divergence=div)
+    module = DistillModule(fresh.draft, fresh.target, its, objective, rollout, train, [2], 0, 7)
     scored = []  # input_ids of the teacher's full-sequence (no KV cache) forwards: the training steps' scoring
     fresh.target.register_forward_hook(
         lambda mod, args, kwargs, out: scored.append(kwargs["input_ids"]) if kwargs.get("use_cache") is False
@@ -203,7 +207,7 @@ def test_dense_teacher_scores_the_cached_completions(tiny_pair_dirs, div, teache
 
 def test_teacher_logits_must_be_sparse_or_dense():
     with pytest.raises(Exception, match=r"rollout.teacher_logits.*'full'.*sparse.*dense"):
-        RolloutSpec(source="teacher", teacher_logits="full")
+        build_spec(RolloutSpec, source="teacher", teacher_logits="full")
 
 
 def test_store_dir_follows_its_environment_variable(monkeypatch, tmp_path):

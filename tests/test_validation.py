@@ -57,12 +57,13 @@ def test_bad_seed_is_refused(tmp_path):
 
 def test_specs_refuse_nan_temperature():
     """The SD engine's temperatures come from these specs (the engine checks shapes only)."""
+    from distillspec.defaults import build_spec
     from distillspec.specs import RolloutSpec, SDSpec
 
     for spec in (SDSpec, RolloutSpec):
         for t in (float("nan"), 1e-45, float("inf")):
             with pytest.raises(ConfigError, match="temperature"):
-                spec(temperature=t)
+                build_spec(spec, temperature=t)
 
 
 def test_finite_check_names_loss_and_gradient():

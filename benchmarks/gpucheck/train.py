@@ -31,13 +31,14 @@ def distill_steps(ctx: Ctx, student, teacher, prompts, *, batch: int, new_tokens
     from distillspec.lit.data import IndexDataset
     from distillspec.lit.train_module import DistillModule
     from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
+    from distillspec.defaults import build_spec
 
     items = [SimpleNamespace(input_ids=p, target_ids=None) for p in prompts]
-    spec = TrainSpec(max_steps=steps + 1, batch_size=batch, lr=1e-5, warmup_steps=0, max_new_tokens=new_tokens,
-                     num_train=len(items))
+    spec = build_spec(TrainSpec, max_steps=steps + 1, batch_size=batch, lr=1e-5, warmup_steps=0,
+                      max_new_tokens=new_tokens, num_train=len(items))
     student.requires_grad_(True)
-    module = DistillModule(student, teacher, items, ObjectiveSpec(divergence="fkl"),
-                           RolloutSpec(source="student", temperature=1.0), spec, eos_ids=[-1], pad_id=0,
+    module = DistillModule(student, teacher, items, build_spec(ObjectiveSpec, divergence="fkl"),
+                           build_spec(RolloutSpec, source="student", temperature=1.0), spec, eos_ids=[-1], pad_id=0,
                            max_new_tokens=new_tokens, seed=ctx.seed)
     stats = {"tokens": 0, "t0": None, "t1": None, "peak": None}
 

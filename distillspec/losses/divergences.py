@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from distillspec import constants as C
-from distillspec.errors import ConfigError, check_choice, check_range
+from distillspec.errors import ConfigError, check_choice
 from distillspec.losses import adaptive as A
 from distillspec.losses.adaptive import ADAPTIVE_FORMS
 from distillspec.losses.logprobs import LOG_ZERO
@@ -222,14 +222,6 @@ def divergence_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
         raise ValueError(f"mask shape {tuple(mask.shape)} != logits leading shape {lead}")
     if weights is not None and tuple(weights.shape) != lead:
         raise ValueError(f"weights shape {tuple(weights.shape)} != logits leading shape {lead}")
-    check_range("temperature", temperature, lo=0.0, lo_open=True)
-    if name == "jsd":
-        check_range("beta", beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    if name in ("skl", "srkl"):
-        check_range("alpha", alpha, lo=0.0, hi=1.0, hi_open=True)
-    if chunk_size is not None and chunk_size < 1:
-        raise ConfigError(f"chunk_size={chunk_size!r} is invalid; valid: >= 1 or None")
-    check_choice("div.block_weighting", block_weighting, A.BLOCK_WEIGHTINGS)
     if name == "adaptive" and schedule is None:
         schedule = A.BetaSchedule()
 

@@ -384,12 +384,12 @@ class PairSpec:
 
     draft: str
     target: str
-    dtype: str = "auto"
-    target_dtype: str | None = None
-    target_quantization: str | None = None
-    draft_trainable: bool = True
-    gradient_checkpointing: bool = False
-    verify_full_precision: bool = False
+    dtype: str
+    target_dtype: str | None
+    target_quantization: str | None
+    draft_trainable: bool
+    gradient_checkpointing: bool
+    verify_full_precision: bool
 
     def __post_init__(self) -> None:
         """The checks that need no device, at construction: `run.py` builds the spec before importing torch or
