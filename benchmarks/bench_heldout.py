@@ -56,7 +56,6 @@ def sd_eval(draft, target, tok, task, items, args):
     """SD's acceptance on `items` -> ({name: (value, lo, hi)}, seconds)."""
     from distillspec import constants as C
     from distillspec.evaluation import SDEvaluator
-    from distillspec.lit.data import prompt_loader
     from distillspec.sd.metrics import RATIO_PARTS, bootstrap_ci
     from distillspec.specs import SDSpec
     from distillspec.defaults import build_spec
@@ -65,8 +64,7 @@ def sd_eval(draft, target, tok, task, items, args):
     spec = build_spec(SDSpec, gamma=args.gamma, temperature=args.temperature, top_p=top_p, batch_size=args.batch,
                       num_eval=len(items), max_new_tokens=args.new_tokens, measure_speedup=False, compute_quality=False)
     t0 = time.perf_counter()
-    report = SDEvaluator(draft, target, tok, spec, task, items, args.new_tokens, args.seed).run(
-        prompt_loader(items, args.batch, tok.pad_token_id), target.device)
+    report = SDEvaluator(draft, target, tok, spec, task, items, args.new_tokens, args.seed).run(target.device)
     secs = time.perf_counter() - t0
     out = {}
     for key in (C.ALPHA_EXPECTED, C.ALPHA_TOK):
