@@ -51,8 +51,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_table import (HEADERS, PHASE_HEADERS, Run, _load1, bookkeeping_of, cpu_name, load_avg,  # noqa: E402
-                      phase_row, row_of, same_rows)
+from sd_table import (GAP_HEADERS, HEADERS, PHASE_HEADERS, Run, _load1, bookkeeping_of, cpu_name,  # noqa: E402
+                      gap_row, load_avg, phase_row, row_of, same_rows)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "grows with length, so the ratio is then a lower bound for --new-tokens")
     p.add_argument("--skip-nocache", action="store_true", help="skip (a) (the slowest part)")
     p.add_argument("--skip-hf", action="store_true", help="skip (b)")
+    p.add_argument("--skip-batch1", action="store_true",
+                   help="skip the batch-1 rows of (c) (prompts one at a time: the slowest rows with a large pair)")
+    p.add_argument("--skip-sampled", action="store_true", help="skip the T = 1 rows of (c)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus top-p of the T = 1 rows (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="prompt shuffle and sampling seed")
     p.add_argument("--quick", action="store_true", help="4 prompts, batch 4, 32 new tokens")
@@ -147,7 +150,11 @@ def run_sd(dec, prompts, batch, pad, new_tokens, seed):
 
 def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p, new_tokens, repeats, seed,
              kv="dynamic"):
-    """SD and target-only through the run's evaluator -> (SD metrics, SD outputs, target-only outputs)."""
+    """SD and target-only through the run's evaluator -> (SD metrics, SD outputs, target-only outputs, counts).
+
+    counts: summed over batches, from the first timed round (every round decodes the same tokens):
+    draft_calls, verify_calls, step_calls (target-only decoding steps), row_blocks (blocks summed over rows),
+    row_calls (verification calls x rows of their batch)."""
     from types import SimpleNamespace
 
     import torch
@@ -168,7 +175,12 @@ def run_eval(draft, target, tok, task, prompts, batch, gamma, temperature, top_p
     report = ev.finalize(outcomes)
     sd_out = [o.result.tokens[i, : int(o.result.lengths[i])].tolist() for o in outcomes
               for i in range(o.result.lengths.shape[0])]
-    return report.metrics, sd_out, [row for o in outcomes for row in o.baseline_outputs]
+    counts = {"draft_calls": sum(o.rounds[0].sd_draft_calls for o in outcomes),
+              "verify_calls": sum(o.rounds[0].sd_target_calls for o in outcomes),
+              "step_calls": sum(o.rounds[0].base_step_calls for o in outcomes),
+              "row_blocks": sum(int(o.result.num_blocks.sum()) for o in outcomes),
+              "row_calls": sum(o.rounds[0].sd_target_calls * o.result.num_blocks.shape[0] for o in outcomes)}
+    return report.metrics, sd_out, [row for o in outcomes for row in o.baseline_outputs], counts
 
 
 def run_nocache(dec, prompts, batch, pad, new_tokens, seed):
@@ -277,11 +289,12 @@ def main(argv=None) -> None:
         """SD and target-only at batch b, temperature t through SDEvaluator -> (SD Run, target-only Run)."""
         log(f"evaluator: {short(name)} B={b} T={t:g} ({args.repeats} rounds after a warm-up)")
         c0, t0 = time.process_time(), time.perf_counter()
-        m, outs, base_outs = run_eval(draft_models[name], target, tok, task, prompts, b, G, t, top_p, N, args.repeats,
+        m, outs, base_outs, counts = run_eval(draft_models[name], target, tok, task, prompts, b, G, t, top_p, N, args.repeats,
                                       args.seed, kv=args.kv)
         use = (time.process_time() - c0) / max((time.perf_counter() - t0) * args.threads, 1e-9)
         log(f"  speedup {m[C.SPEEDUP]:.2f}x ({m[C.SPEEDUP_MIN]:.2f}-{m[C.SPEEDUP_MAX]:.2f}), CPU use {use:.0%}")
         r = Run("c,d", "SD engine (ours)", short(name), b, t, outs, m[C.SD_TIME], metrics=m)
+        r.extra["counts"] = counts
         r.vs, r.baseline = m[C.SPEEDUP], "speedup"
         base = Run("c", "target-only (KV cache)", "-", b, t, base_outs, m[C.TARGET_TIME])
         r.extra["cpu_use"] = base.extra["cpu_use"] = use
@@ -291,12 +304,13 @@ def main(argv=None) -> None:
 
     # (c) SD and target-only per draft, batch 1 and B greedy, B sampled: the run's own evaluator.
     ar, sd_runs = {}, {}
+    configs = [(B, 0.0)] + ([] if args.skip_batch1 or B == 1 else [(1, 0.0)]) + ([] if args.skip_sampled else [(B, 1.0)])
     for name in drafts:
-        for b, t in ((1, 0.0), (B, 0.0), (B, 1.0)):
+        for b, t in configs:
             sd_runs[(name, b, t)], base = evaluate(name, b, t)
             ar.setdefault((b, t), base)
     sd_runs[(first, B, 0.0)].part = "a,b,c,d"
-    if top_p < 1.0:  # the same nucleus SD row with a full vocabulary sort per draft step (old implementation)
+    if top_p < 1.0 and not args.skip_sampled:  # the same nucleus SD row with a full vocabulary sort per draft step (old implementation)
         from distillspec.sd import sampling
 
         first_k = sampling.NUCLEUS_FIRST_K
@@ -343,7 +357,7 @@ def main(argv=None) -> None:
         dm.generation_config.assistant_confidence_threshold = 0.0  # draft exactly gamma tokens every block
         outs, _, secs = measure(("hf",), run_hf_assisted, target, dm, prompts, new_tokens=N, eos=eos, pad=pad)
         hf = Run("b", "HF assisted generate (B=1 loop)", short(first), 1, 0.0, outs, secs)
-        hf.same_as_target = same_rows(outs, ar[(1, 0.0)].outputs)
+        hf.same_as_target = same_rows(outs, ar.get((1, 0.0), ar[(B, 0.0)]).outputs)
         ratio = main_sd.tps / max(hf.tps, 1e-9)
         hf.vs, hf.baseline = ratio, f"ours (B={B}) ÷ this"
         runs.append(hf)
@@ -358,15 +372,17 @@ def main(argv=None) -> None:
     worst_label = f"{worst.draft}, B={worst.batch}, T={worst.temperature:g}"
     checks.append([f"(d) worst bookkeeping share over SD rows ({worst_label})",
                    f"{bookkeeping(worst):.1%}", "<= 15%", "yes" if bookkeeping(worst) <= 0.15 else "NO"])
-    for b in (1, B) if B > 1 else (1,):
+    for b in sorted({b for b, t in configs if t == 0.0}):
         r = sd_runs[(first, b, 0.0)]
         off = r.metrics[C.SPEEDUP] / r.metrics[C.SPEEDUP_PREDICTED_V] - 1
         checks.append([f"(e) measured speedup vs τ/(cvγ+v) ({short(first)}, B={b}, greedy): "
                        f"{r.metrics[C.SPEEDUP]:.2f}x vs {r.metrics[C.SPEEDUP_PREDICTED_V]:.2f}x", f"{off:+.0%}",
                        "within ±15%", "yes" if abs(off) <= 0.15 else "NO"])
 
-    table_runs = [main_sd] + runs + [ar[(B, 0.0)], ar[(1, 0.0)], sd_runs[(first, 1, 0.0)], ar[(B, 1.0)],
-                                     sd_runs[(first, B, 1.0)]]
+    table_runs = [main_sd] + runs + [ar[(B, 0.0)]]
+    for key in ((1, 0.0), (B, 1.0)):
+        if key in ar and key != (B, 0.0):
+            table_runs += [ar[key], sd_runs[(first, *key)]]
     table_runs += [r for (name, _, _), r in sd_runs.items() if name != first]
     for r in table_runs:
         r.extra.setdefault("cpu_use", cpu_use.get(id(r.outputs)))
@@ -374,6 +390,7 @@ def main(argv=None) -> None:
             r.extra["top_p"] = top_p
     rows = [row_of(r) for r in table_runs]
     phases = [phase_row(r) for r in table_runs if r.metrics and C.SD_TIME in r.metrics]
+    gaps = [gap_row(r) for r in table_runs if r.extra.get("counts") and r.metrics.get(C.TARGET_TIME)]
     load_after = load_avg()
     elapsed = time.perf_counter() - started
 
@@ -408,6 +425,7 @@ def main(argv=None) -> None:
     targets = tabulate(checks, headers=["check", "measured", "issue target", "met"], tablefmt="github",
                        disable_numparse=True)
     split = tabulate(phases, headers=PHASE_HEADERS, tablefmt="github", disable_numparse=True)
+    split += "\n\n" + tabulate(gaps, headers=GAP_HEADERS, tablefmt="github", disable_numparse=True)
     text = "\n".join(header) + "\n\n" + table + "\n\n" + split + "\n\n" + "\n".join(notes) + "\n\n" + targets + "\n"
     print(text)
     if args.out:

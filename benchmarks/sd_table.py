@@ -105,3 +105,30 @@ def phase_row(run: Run) -> list:
 
 def bookkeeping_of(sd) -> float:
     return max(0.0, 1.0 - (sd.time_draft + sd.time_target + sd.time_prefill) / max(sd.time_total, 1e-9))
+
+
+GAP_HEADERS = ["SD row", "pred. τ/(cvγ+v)", "verify calls", "τ per call", "pred. from calls", "decode only",
+               "prefill SD / target", "measured"]
+
+
+def gap_row(run: Run) -> list:
+    """From τ/(cvγ+v) to the measured speedup of an evaluator row, one cause per step.
+
+    τ per call = target-only decoding steps / SD verification calls: the tokens per block a batch realises
+    when its rows decode in lockstep (each call waits for the slowest row; τ averages over rows).
+    pred. from calls = steps / (draft calls * c v + verify calls * v): the forward-time ratio of the calls
+    made. decode only = target-only decode time / SD time after prefill (bookkeeping included on both sides).
+    prefill SD / target: SD's prompt forwards (both models) over the target-only prefill. measured: with prefill.
+    """
+    from distillspec import constants as C
+
+    m, k = run.metrics, run.extra["counts"]
+    c, v = m[C.COST_RATIO], m[C.VERIFY_COST_RATIO]
+    per_call = k["step_calls"] / max(k["verify_calls"], 1)
+    from_calls = k["step_calls"] / max(k["draft_calls"] * c * v + k["verify_calls"] * v, 1e-9)
+    decode = m[C.TARGET_TIME_DECODE] / max(m[C.SD_TIME] - m[C.SD_TIME_PREFILL], 1e-9)
+    occupancy = k["row_blocks"] / max(k["row_calls"], 1)
+    return [f"{run.draft}, B={run.batch}, T={run.temperature:g}", fmt(m[C.SPEEDUP_PREDICTED_V], ".2f", "x"),
+            f"{k['verify_calls']} (rows busy {occupancy:.0%})", fmt(per_call, ".2f"), fmt(from_calls, ".2f", "x"),
+            fmt(decode, ".2f", "x"), fmt(m[C.SD_TIME_PREFILL] / max(m[C.TARGET_TIME_PREFILL], 1e-9), ".2f"),
+            fmt(m[C.SPEEDUP], ".2f", "x")]
