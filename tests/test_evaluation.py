@@ -65,7 +65,7 @@ def test_draft_quality_is_scored_on_draft_only_generations(tiny, one_thread):
 
 
 def test_untimed_evaluation_decodes_once_per_batch(tiny, one_thread, monkeypatch):
-    """Issue 19: acceptance-only passes (the untrained draft's, the training curve's) skip the timing warm-up
+    """Acceptance-only passes (the untrained draft's, the training curve's) skip the timing warm-up
     and the target-only pass: one SD generation per batch. Timed passes keep the warm-up and both paths."""
     from distillspec.sd.engine import SpeculativeDecoder
 

@@ -83,7 +83,7 @@ class TeacherCache:
         """Fill the cache for every item (batches of `batch_size` prompts in item order, one generator).
         With `store` (a directory), load the entries a job with identical inputs stored there, or compute and
         store them (distillspec.rollout.cache_store). `engine`: a served teacher (an EngineClient of
-        distillspec.serving.server) makes the entries instead of `teacher` in this process; the store key
+        distillspec.serving.client) makes the entries instead of `teacher` in this process; the store key
         records it, its vLLM version and `engine_args` (the server's extra arguments, e.g. another --seed).
         `teacher` still names the weights: the served model is checked to be it
         (distillspec.rollout.engine.verify_served_teacher). `teacher` may be a ServedTarget (the target measured,
