@@ -179,8 +179,7 @@ def teacher_data(rollout, models, items, *, device, seed: int, temperature: floa
     from distillspec.rollout.sources import RolloutSampler
 
     sampler = RolloutSampler(rollout, models.draft, models.target, eos_token_ids(models.tokenizer, models.target),
-                             models.tokenizer.pad_token_id, max_new_tokens)
-    sampler.engine = engine
+                             models.tokenizer.pad_token_id, max_new_tokens, engine=engine)
     sampler.build_caches(items, device, seed, temperature, load_teacher=load_teacher)
     return sampler.caches
 
