@@ -3,7 +3,7 @@
     python benchmarks/bench_heldout.py                                  # SmolLM2-135M and its 4 / 15 / 25-layer drafts
     python benchmarks/bench_heldout.py --target offline:qwen2.5-coder-1.5b --drafts offline:qwen2.5-coder-0.5b \
         --num-prompts 16 --new-tokens 64
-    python benchmarks/bench_heldout.py ... --precisions fp32 bf16-autocast bf16 --temperature 0   # precision vs alpha
+    python benchmarks/bench_heldout.py ... --precisions fp32 bf16 --temperature 0   # precision vs alpha
 
 For each draft, on the first --num-prompts GSM8K test questions (seeded shuffle, chat template):
   * alpha_heldout (distillspec.heldout): teacher-forced along stored target samples at the SD setting, one draft
@@ -11,8 +11,8 @@ For each draft, on the first --num-prompts GSM8K test questions (seeded shuffle,
   * SD's alpha_expected and alpha_tok from an SD evaluation (distillspec.evaluation.SDEvaluator, acceptance only).
 Each with its 95 % bootstrap CI over prompts, and the seconds each took. Default setting: T 0.6, top-p 0.95,
 gamma 5 (the reference study's GSM8K setting); --temperature 0 for greedy. --precisions repeats both measures
-with the models in float32 (fp32), under torch.autocast bfloat16 (bf16-autocast) or in bfloat16 (bf16); the
-target samples are always the float32 target's. --skip-sd: the held-out measure only.
+with both models' weights in float32 (fp32) or bfloat16 (bf16); the target samples are always the float32
+target's. (Autocast does not apply: every evaluation runs in the models' own dtypes, autocast off.) --skip-sd: the held-out measure only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K test JSONL")
-    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16-autocast", "bf16"], default=["fp32"])
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     p.add_argument("--skip-sd", action="store_true")
     return p.parse_args(argv)
 
@@ -103,13 +103,12 @@ def main(argv=None) -> None:
         sd_target = target if dtype == "float32" else load_model(args.target, dtype=dtype)
         for name in args.drafts:
             draft = load_model(name, dtype=dtype)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
-                t0 = time.perf_counter()
-                h = heldout.measure(draft, cache, temperature=args.temperature, top_p=top_p, device=target.device,
-                                    batch_size=args.batch).metrics
-                h_secs = time.perf_counter() - t0
-                sd, sd_secs = ({C.ALPHA_EXPECTED: nan, C.ALPHA_TOK: nan}, 0.0) if args.skip_sd else \
-                    sd_eval(draft, sd_target, tok, task, items, args)
+            t0 = time.perf_counter()
+            h = heldout.measure(draft, cache, temperature=args.temperature, top_p=top_p, device=target.device,
+                                batch_size=args.batch).metrics
+            h_secs = time.perf_counter() - t0
+            sd, sd_secs = ({C.ALPHA_EXPECTED: nan, C.ALPHA_TOK: nan}, 0.0) if args.skip_sd else \
+                sd_eval(draft, sd_target, tok, task, items, args)
             rows.append((f"{name} ({precision})", h, h_secs, sd, sd_secs))
             log(f"{name} {precision}: heldout {h[C.ALPHA_HELDOUT]:.4f} ({h_secs:.0f} s), SD alpha_expected "
                 f"{sd[C.ALPHA_EXPECTED][0]:.4f} alpha_tok {sd[C.ALPHA_TOK][0]:.4f} ({sd_secs:.0f} s)")
