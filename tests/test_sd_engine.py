@@ -236,7 +236,8 @@ def test_bad_inputs_fail_early(pair):
                                               ("rollout", "top_p", 0.0)])
 def test_decoder_settings_are_refused_by_the_specs(spec, field, value):
     """The engine checks shapes only; every setting it takes is validated where users set it."""
+    from distillspec.defaults import build_spec
     from distillspec.specs import RolloutSpec, SDSpec
 
     with pytest.raises(ConfigError, match=f"{field}={value!r}|{field}"):
-        (SDSpec if spec == "sd" else RolloutSpec)(**{field: value})
+        build_spec(SDSpec if spec == "sd" else RolloutSpec, **{field: value})
