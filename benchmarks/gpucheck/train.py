@@ -31,14 +31,21 @@ def distill_steps(ctx: Ctx, student, teacher, prompts, *, batch: int, new_tokens
     from distillspec.lit.data import IndexDataset
     from distillspec.lit.train_module import DistillModule
     from distillspec.specs import ObjectiveSpec, RolloutSpec, TrainSpec
-    from distillspec.defaults import build_spec
 
     items = [SimpleNamespace(input_ids=p, target_ids=None) for p in prompts]
-    spec = build_spec(TrainSpec, max_steps=steps + 1, batch_size=batch, lr=1e-5, warmup_steps=0,
-                      max_new_tokens=new_tokens, num_train=len(items))
+    # Every setting explicit: the check runs where Hydra and OmegaConf (which read conf/'s defaults) are absent.
+    spec = TrainSpec(max_steps=steps + 1, batch_size=batch, accumulate=1, lr=1e-5, weight_decay=0.0, warmup_steps=0,
+                     grad_clip=1.0, num_train=len(items), max_new_tokens=new_tokens, log_every=1,
+                     checkpoint_every=steps + 1, eval_every=0, eval_num=0, lora_rank=0, freeze_embeddings=False,
+                     release_target=False, curve="sd")
+    objective = ObjectiveSpec(divergence="fkl", temperature=1.0, beta=0.5, alpha=0.1, chunk_size=1024, gate=None,
+                              adaptive=None, block_weighting="none", block_gamma=5)
+    rollout = RolloutSpec(source="student", mix=None, temperature=1.0, top_p=1.0, skd_top_k=25, skd_gamma=5,
+                          cache_top_k=0, cache_batch_size=batch, cache_store=False, teacher_logits="sparse",
+                          engine="hf", vllm_url=None, vllm_port=None, vllm_python=None, vllm_args=[],
+                          vllm_sync_every=1, teacher_location="process")
     student.requires_grad_(True)
-    module = DistillModule(student, teacher, items, build_spec(ObjectiveSpec, divergence="fkl"),
-                           build_spec(RolloutSpec, source="student", temperature=1.0), spec, eos_ids=[-1], pad_id=0,
+    module = DistillModule(student, teacher, items, objective, rollout, spec, eos_ids=[-1], pad_id=0,
                            max_new_tokens=new_tokens, seed=ctx.seed)
     stats = {"tokens": 0, "t0": None, "t1": None, "peak": None}
 
