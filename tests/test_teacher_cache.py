@@ -153,6 +153,30 @@ def test_changed_teacher_weights_change_the_key(pair, tmp_path):
             p[0, 0] -= 1e-3
 
 
+def test_a_killed_build_goes_on_from_its_last_batch(pair, tmp_path, monkeypatch):
+    """Teacher data killed after its first batch keeps that batch (and the generator's state) in the store; the
+    rerun computes only the rest and makes exactly the data of an uninterrupted build; the partial file goes."""
+    whole = stored_cache(pair, tmp_path / "whole", n=10)  # batches of 4: items 0-3, 4-7, 8-9
+    real, calls = TeacherCache._sample, []
+
+    def killed_after_one_batch(self, *a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TeacherCache, "_sample", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        stored_cache(pair, tmp_path / "store", n=10)
+    kept = list((tmp_path / "store").glob("*.partial.pt"))
+    assert len(kept) == 1 and not [p for p in (tmp_path / "store").glob("*.pt") if p not in kept]
+    rows = []
+    monkeypatch.setattr(TeacherCache, "_sample", lambda self, t, ids, *a: rows.append(len(ids)) or real(self, t, ids, *a))
+    resumed = stored_cache(pair, tmp_path / "store", n=10)
+    assert rows == [4, 2] and _same(resumed, whole) and sorted(resumed.entries) == list(range(10))
+    assert not list((tmp_path / "store").glob("*.partial.pt")) and len(list((tmp_path / "store").glob("*.pt"))) == 1
+
+
 def test_damaged_store_entry_is_rebuilt(pair, tmp_path, caplog):
     first = stored_cache(pair, tmp_path)
     (path,) = tmp_path.glob("*.pt")

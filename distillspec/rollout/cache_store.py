@@ -5,7 +5,10 @@ and seed, hence the same TeacherCache (it is a pure function of those, see teach
 writes it under `<store>/<key>.pt`; the others load it. The key hashes everything the cache depends on: the
 settings, every prompt's token ids (and dataset outputs), the teacher's weights (a per-tensor checksum), the
 device type and the store format. Files are written to a temp file in the same directory and renamed, so a
-killed job leaves no partial entry; an unreadable entry (damaged, or missing a field) is reported and rebuilt.
+killed job leaves no half-written entry; an unreadable entry (damaged, or missing a field) is reported and rebuilt.
+While data is made in this process, the batches done so far are kept in `<key>.partial.pt` with the sampling
+generator's state (`save_partial`), so a killed job's rerun goes on from the next batch and makes the same data
+an uninterrupted build makes; the complete entry replaces it.
 Entries get the umask's mode (0644 under umask 022), so other users of a shared store can read them; a store
 this process cannot write to (read-only, another user's) is read from, and never aborts the run.
 """
@@ -101,7 +104,7 @@ def load(path: Path) -> dict | None:
         return None
 
 
-def save(path: Path, entries: dict) -> None:
+def save(path: Path, entries: dict, **extra) -> None:
     """Write entries atomically (temp file in the same directory, fsync, rename); an unwritable store is
     reported and skipped (the run goes on with its in-memory cache). The entry gets the umask's mode."""
     from distillspec.models.cache_files import file_mode
@@ -114,7 +117,7 @@ def save(path: Path, entries: dict) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                torch.save({"format": FORMAT, "entries": entries}, fh)
+                torch.save({"format": FORMAT, "entries": entries, **extra}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
                 os.fchmod(fh.fileno(), file_mode())  # mkstemp makes it 0600: others sharing the store read it
@@ -124,3 +127,35 @@ def save(path: Path, entries: dict) -> None:
                 os.unlink(tmp)
     except OSError as err:
         log.warning("could not store teacher data at %s (%s); continuing without the store", path, err)
+
+
+def partial_path(path: Path) -> Path:
+    """Where the batches made so far of the entry at `path` are kept while it is built."""
+    return path.with_name(f"{path.stem}.partial.pt")
+
+
+def save_partial(path: Path, entries: dict, generator_state: torch.Tensor) -> None:
+    """Keep the entries made so far and the sampling generator's state after them (atomically, as `save`)."""
+    save(path, entries, generator_state=generator_state)
+
+
+def load_partial(path: Path) -> tuple[dict, torch.Tensor] | None:
+    """(entries, generator state) of a build a killed job left at `path`, or None (missing or unreadable)."""
+    entries = load(path)
+    if entries is None:
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True).get("generator_state")
+    except Exception:  # noqa: BLE001 - load() read it a moment ago; treat any failure as no partial build
+        return None
+    return (entries, state) if isinstance(state, torch.Tensor) else None
+
+
+def drop_partial(path: Path) -> None:
+    """Remove the batches kept while the entry at `path` was built, once the entry is complete (a store this
+    process cannot write holds none of its own: nothing to remove)."""
+    try:
+        partial_path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+

@@ -115,22 +115,31 @@ class TeacherCache:
                                           batch_size=batch_size, progress=progress)
         else:
             late = load_teacher is not None and isinstance(teacher, ServedTarget)
-            self._compute(load_teacher() if late else teacher, device, seed, batch_size, progress)
+            partial = cache_store.partial_path(path) if path is not None else None
+            self._compute(load_teacher() if late else teacher, device, seed, batch_size, progress, partial)
         if path is not None:
             cache_store.save(path, {i: vars(e) for i, e in self.entries.items()})
+            if engine is None:
+                cache_store.drop_partial(path)
 
-    def _compute(self, teacher, device: torch.device, seed: int, batch_size: int, progress: bool) -> None:
+    def _compute(self, teacher, device: torch.device, seed: int, batch_size: int, progress: bool,
+                 partial: Path | None = None) -> None:
+        """Make the entries batch by batch with one generator; with `partial` (a store file), keep each batch
+        there as it is done and go on from a killed build's last batch (cache_store.save_partial)."""
         from tqdm.auto import tqdm
 
         from distillspec.lit.data import left_pad
+        from distillspec.rollout import cache_store
 
         was_training = teacher.training
         teacher.eval()
         gen = torch.Generator(device=device).manual_seed(seed)
         n = len(self.items)
+        first = self._resume(partial, gen, batch_size) if partial is not None else 0
         what = "teacher rollouts" if self.source == "teacher" else "teacher scores of dataset outputs"
-        bar = tqdm(total=n, desc=f"{what} (once, cached)", unit="prompt", disable=not progress, leave=False)
-        for start in range(0, n, batch_size):
+        bar = tqdm(total=n, initial=first, desc=f"{what} (once, cached)", unit="prompt", disable=not progress,
+                   leave=False)
+        for start in range(first, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             ids, mask = left_pad([self.items[i].input_ids for i in idx], self.pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -145,8 +154,31 @@ class TeacherCache:
                                                    topk_logp=t_val[row, :n_tok].float().cpu(),
                                                    tail_logp=t_tail[row, :n_tok].float().cpu())
             bar.update(len(idx))
+            if partial is not None and idx[-1] < n - 1:
+                cache_store.save_partial(partial, {i: vars(self.entries[i]) for i in range(idx[-1] + 1)},
+                                         gen.get_state())
         bar.close()
         teacher.train(was_training)
+
+    def _resume(self, partial: Path, gen: torch.Generator, batch_size: int) -> int:
+        """The first item to compute: after the whole batches a killed build kept in `partial` (loaded into
+        self.entries, `gen` set to its state after them), else 0."""
+        from distillspec.rollout import cache_store
+
+        kept = cache_store.load_partial(partial)
+        if kept is None:
+            return 0
+        entries, state = kept
+        done = len(entries)
+        if set(entries) != set(range(done)) or done % batch_size or done >= len(self.items):
+            log.warning("ignoring %s: %d entries do not make whole batches of %d before the last", partial, done,
+                        batch_size)
+            return 0
+        self.entries = {i: CachedCompletion(**e) for i, e in entries.items()}
+        gen.set_state(state)
+        log.info("teacher data: %d of %d prompts kept by an interrupted build (%s); going on from there", done,
+                 len(self.items), partial)
+        return done
 
     def _sample(self, teacher, ids, mask, gen):
         from distillspec.sd.baseline import autoregressive_generate
