@@ -106,18 +106,27 @@ def test_engine_lossless_on_markov_stubs():
     assert 0.1 < float(res.num_accepted.sum() / res.num_drafted.sum()) < 0.9
 
 
+RAGGED_PROMPTS = [torch.tensor([2, 4, 5, 3]), torch.tensor([5])]
+
+
+def _replicated(prompts, n: int):
+    """(len(prompts) * n, L) left-padded ids and mask: each prompt repeated n times, in order."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts) * n, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, p in enumerate(prompts):
+        ids[k * n:(k + 1) * n, width - len(p):], mask[k * n:(k + 1) * n, width - len(p):] = p, 1
+    return ids, mask
+
+
 @pytest.mark.parametrize("temperature,top_p,first_token", [(1.0, 1.0, "draft"), (0.7, 0.9, "draft"),
                                                          (0.7, 0.9, "prefill")])
 def test_engine_lossless_with_kv_cache(temperature, top_p, first_token):
     """Tiny Llamas (vocab 6, real KV caches with holes), left-padded ragged prompts replicated N times:
     3-token outputs follow the target's processed sampling distribution."""
     draft, target = perturbed_pair(vocab=6, noise=0.15, seed=3)
-    prompts = [torch.tensor([2, 4, 5, 3]), torch.tensor([5])]
-    N = 12_000
-    ids = torch.zeros(2 * N, 4, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    ids[:N], mask[:N] = prompts[0], 1
-    ids[N:, -1], mask[N:, -1] = prompts[1], 1
+    prompts, N = RAGGED_PROMPTS, 12_000
+    ids, mask = _replicated(prompts, N)
     dec = SpeculativeDecoder(draft, target, gamma=2, temperature=temperature, top_p=top_p, eos_token_id=None,
                              first_token=first_token)
     res = dec.generate(ids, mask, 3, generator=torch.Generator().manual_seed(0))
@@ -135,12 +144,8 @@ def test_engine_lossless_past_a_sliding_window():
 
     target = tiny_family_model("mistral", vocab_size=6, window=2, seed=3, num_layers=2)
     draft = perturbed_copy(target, 0.15, seed=4)
-    prompts = [torch.tensor([2, 4, 5, 3]), torch.tensor([5])]
-    N = 12_000
-    ids = torch.zeros(2 * N, 4, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    ids[:N], mask[:N] = prompts[0], 1
-    ids[N:, -1], mask[N:, -1] = prompts[1], 1
+    prompts, N = RAGGED_PROMPTS, 12_000
+    ids, mask = _replicated(prompts, N)
     dec = SpeculativeDecoder(draft, target, gamma=2, temperature=1.0, eos_token_id=None)
     res = dec.generate(ids, mask, 3, generator=torch.Generator().manual_seed(0))
     assert 0.1 < float(res.num_accepted.sum() / res.num_drafted.sum()) < 0.95
