@@ -119,6 +119,8 @@ class HeldoutEvaluator:
     """The acceptance curve's evaluator on held-out target data (train.curve=heldout): `run` measures the
     draft's alpha_heldout on the data's prompts (the arguments of SDEvaluator.run)."""
 
+    label = "held-out acceptance"  # its name in the training bar and log
+
     def __init__(self, draft, cache, *, temperature: float, top_p: float, batch_size: int = 8) -> None:
         self.draft, self.cache = draft, cache
         self.temperature, self.top_p, self.batch_size = temperature, top_p, batch_size

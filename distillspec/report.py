@@ -32,7 +32,7 @@ from distillspec.report_jobs import (FIX, LABEL_PARTS, SEED_MARK, collect, colle
 from distillspec.report_plots import FIG_ENTROPY, FIG_GAMMA, FIG_QUALITY, FIG_TRAINING, plots  # noqa: F401
 from distillspec.report_plots import baseline_first as _baseline_first
 from distillspec.report_plots import loss_of as _loss
-from distillspec.sd.metrics import bootstrap_ci
+from distillspec.sd.metrics import RATIO_PARTS, bootstrap_ci, paired_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,38 @@ def recipe_table(df: pd.DataFrame) -> str:
     return "\n\n".join(blocks)
 
 
+PAIRED_KEYS = (C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY)
+
+
+def paired_table(df: pd.DataFrame) -> str:
+    """Each trained job against the untrained draft (method baseline) of the same pair, task, γ and T, on the same
+    prompts: the difference of α_tok, α_seq, α_expected (points) and τ, each with its paired bootstrap 95 % CI
+    (prompts resampled together). "" when no job has a baseline to pair with."""
+    lines = []
+    keys = ["target", "draft", "task", "gamma", "temperature"]
+    for _, grp in df.groupby(keys, dropna=False):
+        base = grp[grp["method"] == "baseline"]
+        if base.empty or base.iloc[0]["_per_example"] is None:
+            continue
+        a = base.iloc[0]["_per_example"]
+        for _, r in grp[grp["method"] != "baseline"].sort_values("method").iterrows():
+            b = r["_per_example"]
+            if b is None or len(b) != len(a):
+                continue
+            cells = []
+            for key in PAIRED_KEYS:
+                num, den = RATIO_PARTS[key]
+                scale = 1.0 if key == C.BLOCK_EFFICIENCY else 100.0
+                d, lo, hi = (scale * x for x in paired_bootstrap_ci(a[num], a[den], b[num], b[den]))
+                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            lines.append(f"| {r['method']} | {r['task']} | {r['gamma']} | {r['temperature']} | " + " | ".join(cells)
+                         + f" | {len(a)} |")
+    if not lines:
+        return ""
+    head = "| method | task | γ | T | Δα_tok | Δα_seq | Δα_expected | Δτ | prompts |"
+    return "\n".join([head, "|" + "---|" * 9, *lines])
+
+
 def seed_table(df: pd.DataFrame) -> str:
     """Cells run with more than one seed: α_seq, α_tok and α_expected (%) per seed; "" when no cell was."""
     base = df["method"].str.split(SEED_MARK, regex=False).str[0]
@@ -204,12 +236,15 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     recipe = recipe_table(df)
     by_entropy = entropy_table(df)
     seeds = seed_table(df)
+    paired = paired_table(df)
     train_entropy = train_entropy_table(df)
     by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
           + (f", {len(failed)} failed (see Failed jobs)" if not failed.empty else "")
           + (f", {len(bad)} unreadable (see Unreadable jobs)" if not bad.empty else "") + ".", "", *failures_md,
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
+          *(["## Against the untrained draft (difference on the same prompts; α in points, paired bootstrap "
+             "95% CI)", "", paired, ""] if paired else []),
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),
           *(["## Cells run with more than one seed (%, 95% CI)", "", seeds, ""] if seeds else []),
           *(["## Acceptance by teacher-entropy bin (%, positions in parentheses)", "", by_entropy, ""]

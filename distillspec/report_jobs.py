@@ -12,7 +12,7 @@ import pandas as pd
 
 from distillspec import constants as C
 from distillspec.jsonio import DamagedFileError, read_json
-from distillspec.sd.metrics import bootstrap_ci
+from distillspec.sd.metrics import RATIO_PARTS, bootstrap_ci
 
 log = logging.getLogger("distillspec.report")
 
@@ -98,11 +98,14 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         "lenience": sd.get("lenience"), "epsilon": sd.get("epsilon"), **metrics,
     }
     per_ex_file = job_dir / "per_example.json"
+    row["_per_example"] = None
     if per_ex_file.exists():
         per_ex = pd.DataFrame(read_job_json(per_ex_file, list))
-        acc, dr, out = (per_ex[k].to_numpy(float) for k in ("num_accepted", "num_drafted", "num_output_tokens"))
-        row[C.ALPHA_TOK + "_ci_lo"], row[C.ALPHA_TOK + "_ci_hi"] = bootstrap_ci(acc, dr)
-        row[C.ALPHA_SEQ + "_ci_lo"], row[C.ALPHA_SEQ + "_ci_hi"] = bootstrap_ci(acc, out)
+        for key, (num, den) in RATIO_PARTS.items():
+            if num in per_ex and den in per_ex:
+                row[key + "_ci_lo"], row[key + "_ci_hi"] = bootstrap_ci(per_ex[num].to_numpy(float),
+                                                                        per_ex[den].to_numpy(float))
+        row["_per_example"] = per_ex
     row["_entropy_bins"] = saved.get("entropy_bins", [])
     row["_train_entropy"] = train_entropy_shares(job_dir / "csv" / "metrics.csv")
     row["_eval_history"] = saved.get("train", {}).get("eval_history", [])

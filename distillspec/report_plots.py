@@ -219,16 +219,19 @@ def training_figure(df: pd.DataFrame):
 
     hist = [dict(h, method=r["method"], rollout=r["rollout"], task=r.get("task", "")) for _, r in df.iterrows()
             for h in r["_eval_history"]]
-    key = C.VAL_PREFIX + C.ALPHA_TOK
-    if not hist or key not in pd.DataFrame(hist):
-        return None
     rows = pd.DataFrame(hist)
+    # the curve's measure: periodic SD evaluations (alpha_tok) or held-out acceptance (train.curve=heldout)
+    keys = [C.VAL_PREFIX + k for k in (C.ALPHA_TOK, C.ALPHA_HELDOUT) if C.VAL_PREFIX + k in rows]
+    if not keys:
+        return None
+    key = keys[0]
+    how = ", periodic SD eval" if key.endswith(C.ALPHA_TOK) else ""
     panels, hue, order = _panels(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.5 + 4 * len(panels), 4), sharey=True, squeeze=False)
     for ax, (title, data) in zip(axes[0], panels):
         sns.lineplot(data=data, x="step", y=key, hue=hue, hue_order=order, marker="o", ax=ax,
                      legend=ax is axes[0][-1])
-        ax.set(xlabel="training step", ylabel=f"{label(key)}, periodic SD eval",
+        ax.set(xlabel="training step", ylabel=f"{label(key)}{how}",
                title=title or "Acceptance over training")
         integer_axis(ax)
     _legend_outside(axes[0][-1])

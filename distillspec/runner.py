@@ -272,10 +272,10 @@ def log_summary(out: dict[str, Any]) -> None:
         shown.update(quality)
     if shown:
         log.info("%s draft=%s: %s", out["stage"], out["draft"], shown)
-    for point in (out.get("train") or {}).get("eval_history", []):
-        log.info("training step %s: %s=%.4f %s=%.4f", point["step"], C.ALPHA_TOK,
-                 point.get(C.VAL_PREFIX + C.ALPHA_TOK, float("nan")), C.ALPHA_EXPECTED,
-                 point.get(C.VAL_PREFIX + C.ALPHA_EXPECTED, float("nan")))
+    for point in (out.get("train") or {}).get("eval_history", []):  # SD's or held-out acceptance, as measured
+        shown = {k: point[C.VAL_PREFIX + k] for k in (C.ALPHA_TOK, C.ALPHA_EXPECTED, C.ALPHA_HELDOUT)
+                 if C.VAL_PREFIX + k in point}
+        log.info("training step %s: %s", point["step"], " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
 
 
 def write_before_after(out: dict[str, Any], report, run_dir: Path) -> None:

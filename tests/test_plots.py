@@ -113,6 +113,17 @@ def test_training_figure_steps_are_whole_numbers():
             assert labels and all(re.fullmatch(r"[0-9]+", s.replace("−", "-")) for s in labels), labels
 
 
+def test_a_heldout_curve_is_drawn_with_its_own_label():
+    """train.curve=heldout jobs: the curve shows held-out acceptance, named as such (not as a periodic SD eval)."""
+    df = CASES["one_gamma"].copy()
+    df["_eval_history"] = [[{"step": s, C.VAL_PREFIX + C.ALPHA_HELDOUT: 0.9 - 0.01 * s} for s in (0, 16, 32)]
+                           for _ in range(len(df))]
+    fig = rp.training_figure(df)
+    assert fig is not None
+    assert fig.axes[0].get_ylabel() == rp.label(C.ALPHA_HELDOUT)
+    assert sorted({round(y, 4) for line in fig.axes[0].get_lines() for y in line.get_ydata()}) == [0.58, 0.74, 0.9]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_raw_keys_or_float_counts_in_any_figure(case):
     for make in (rp.entropy_figure, rp.gamma_figure, rp.training_figure, rp.quality_figure):

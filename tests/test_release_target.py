@@ -60,13 +60,16 @@ def test_released_target_gives_the_same_run_without_the_target_in_training(tmp_p
     assert again["train"]["steps"] == 2
 
 
-def test_heldout_curve(tmp_path, store, monkeypatch):
+def test_heldout_curve(tmp_path, store, monkeypatch, caplog):
+    import logging
+
     from distillspec import teacherless
 
     loads = []
     original = teacherless.target_models
     monkeypatch.setattr(teacherless, "target_models", lambda *a, **kw: loads.append(1) or original(*a, **kw))
-    out = run_cfg(RUN + ["stage=train", "train.curve=heldout", "train.release_target=true"], tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        out = run_cfg(RUN + ["stage=train", "train.curve=heldout", "train.release_target=true"], tmp_path / "run")
     curve = out["train"]["eval_history"]
     assert [p["step"] for p in curve] == [0, 1, 2]
     alphas = [p[C.VAL_PREFIX + C.ALPHA_HELDOUT] for p in curve]
@@ -74,6 +77,9 @@ def test_heldout_curve(tmp_path, store, monkeypatch):
     assert all(p[C.VAL_PREFIX + C.ALPHA_HELDOUT_LO] <= a <= p[C.VAL_PREFIX + C.ALPHA_HELDOUT_HI]
                for p, a in zip(curve, alphas))
     assert len(loads) == 1  # once, for the teacher data and the held-out samples together; never for the curve
+    # each point's log line names what was measured, with its value
+    assert f"step 2: {C.ALPHA_HELDOUT}={alphas[-1]:.4f}" in caplog.text
+    assert "held-out acceptance @ step 2" in caplog.text and "nan" not in caplog.text
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -25,6 +25,28 @@ def test_bootstrap_ci_brackets_the_ratio():
     assert 0 <= lo and hi <= 1
 
 
+def test_paired_bootstrap_sees_a_shift_the_prompts_hide():
+    """Prompts that differ widely in acceptance, and a second run accepting one more token on each: the unpaired
+    CIs overlap, the paired CI of the difference is tight around the shift and excludes 0."""
+    import numpy as np
+
+    from distillspec.sd.metrics import paired_bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    den = np.full(64, 100.0)
+    num_a = rng.integers(10, 90, 64).astype(float)
+    num_b = num_a + 1.0
+    diff, lo, hi = paired_bootstrap_ci(num_a, den, num_b, den)
+    assert diff == pytest.approx(0.01)
+    assert 0 < lo <= 0.01 <= hi < 0.02
+    lo_a, hi_a = bootstrap_ci(num_a, den)
+    lo_b, hi_b = bootstrap_ci(num_b, den)
+    assert lo_b < hi_a  # unpaired, the two runs are indistinguishable
+    assert paired_bootstrap_ci(num_a, den, num_a, den) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same prompts in both runs"):
+        paired_bootstrap_ci(num_a, den, num_b[:-1], den[:-1])
+
+
 def test_recipe_table_places_each_job_in_its_cell():
     rows = [("baseline", None, 0.010), ("fkl/fixed", "fixed", 0.020), ("fkl", "student", 0.030),
             ("rkl/fixed", "fixed", 0.040), ("rkl", "student", 0.015)]
@@ -100,6 +122,11 @@ def test_two_job_sweep_and_report(tmp_path):
     assert shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     section = md.split("## Teacher entropy of the training tokens")[1].split("##")[0]
     assert "| rkl/teacher |" in section and "| baseline |" not in section
+    # the trained job against the untrained draft on the same prompts: the difference of their alpha_tok
+    paired = md.split("## Against the untrained draft")[1].split("##")[0]
+    by_method = df.set_index("method")[C.ALPHA_TOK]
+    diff = 100 * (by_method["rkl/teacher"] - by_method["baseline"])
+    assert f"| rkl/teacher | " in paired and f"{diff:+.2f} [" in paired and "| baseline |" not in paired
 
 
 def _fake_job(job_dir, alpha):

@@ -300,13 +300,15 @@ class DistillModule(L.LightningModule):
         """Small SD evaluation of the current student (rank 0), logged as val/ + sd names at `step`."""
         if self.trainer.global_rank != 0:
             return
-        self.show_phase(f"SD eval @ step {step}")
-        report = self.evaluator.run(self.device, desc=f"SD eval @ step {step}")
+        what = getattr(self.evaluator, "label", "SD eval")  # the evaluation's name in the bar and the log
+        self.show_phase(f"{what} @ step {step}")
+        report = self.evaluator.run(self.device, desc=f"{what} @ step {step}")
         metrics = {C.VAL_PREFIX + k: float(v) for k, v in report.metrics.items()}
         self.eval_history.append({"step": step, **metrics})
         for lg in self.loggers:
             lg.log_metrics(metrics, step=step)
-        log.info("step %d: %s=%.4f", step, C.ALPHA_TOK, report.metrics.get(C.ALPHA_TOK, math.nan))
+        headline = C.ALPHA_HELDOUT if C.ALPHA_HELDOUT in report.metrics else C.ALPHA_TOK
+        log.info("step %d: %s=%.4f", step, headline, report.metrics.get(headline, math.nan))
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:

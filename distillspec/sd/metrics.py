@@ -141,6 +141,27 @@ def bootstrap_ci(num, den, *, n_boot: int = 1000, level: float = 0.95, seed: int
     return float(lo), float(hi)
 
 
+def paired_bootstrap_ci(num_a, den_a, num_b, den_b, *, n_boot: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """The difference sum(num_b)/sum(den_b) - sum(num_a)/sum(den_a) of two runs on the same N prompts, and its
+    percentile CI resampling prompts with replacement, the same prompts for both (a paired bootstrap: what the
+    prompts share cancels). All four: (N,) arrays, row i of each from prompt i. Returns (diff, lo, hi)."""
+    import numpy as np
+
+    parts = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    if len({len(x) for x in parts}) != 1:
+        raise ValueError(f"a paired bootstrap needs the same prompts in both runs; got {[len(x) for x in parts]} "
+                         "rows for (num_a, den_a, num_b, den_b)")
+    na, da, nb, db = parts
+    diff = nb.sum() / max(db.sum(), 1e-12) - na.sum() / max(da.sum(), 1e-12)
+    if len(na) < 2 or da.sum() <= 0 or db.sum() <= 0:
+        return float(diff), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(na), size=(n_boot, len(na)))
+    diffs = nb[idx].sum(1) / np.maximum(db[idx].sum(1), 1e-12) - na[idx].sum(1) / np.maximum(da[idx].sum(1), 1e-12)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(diff), float(lo), float(hi)
+
+
 def speedup_metrics(sd_time: float, target_time: float, tau: float, cost_ratio: float, gamma: int,
                     verify_ratio: float | None = None) -> dict[str, float]:
     """Measured wall-clock speedup next to the predicted tau / (c * gamma + 1) and, given the verify-cost
