@@ -59,6 +59,18 @@ def read_job_json(path: Path, kind: type = dict) -> Any:
     return data
 
 
+def trained_origin(draft: str) -> tuple[str, str] | None:
+    """(label, draft) of the run that trained the draft saved at `draft` (a run dir's draft/ folder, as
+    stage=eval draft_checkpoint=<run>/draft evaluates it): that run's method label and the draft it started
+    from; None when `draft` is not in a finished run's dir."""
+    run_dir = Path(draft).parent
+    metrics = run_dir / C.METRICS_FILE
+    if not (run_dir / ".hydra" / "config.yaml").is_file() or not metrics.is_file():
+        return None
+    saved = read_job_json(metrics)
+    return method_label(read_job_config(run_dir), saved.get("stage", "")), saved.get("draft", "")
+
+
 def read_job_config(job_dir: Path) -> dict[str, Any]:
     """The job's .hydra/config.yaml ({} when missing); DamagedFileError naming it when it is not a YAML mapping."""
     import yaml
@@ -88,9 +100,12 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         return None
     cfg = read_job_config(job_dir)
     sd = cfg.get("sd", {})
+    method, draft = method_label(cfg, saved.get("stage", "")), saved.get("draft", "")
+    if cfg.get("draft_checkpoint") and (origin := trained_origin(draft)) is not None:
+        method, draft = origin  # a trained draft evaluated again (another SD setting): its training's row
     row: dict[str, Any] = {
-        "job": str(job_dir), "method": method_label(cfg, saved.get("stage", "")),
-        "task": saved.get("task", ""), "draft": saved.get("draft", ""), "target": saved.get("target", ""),
+        "job": str(job_dir), "method": method,
+        "task": saved.get("task", ""), "draft": draft, "target": saved.get("target", ""),
         "divergence": cfg.get("div", {}).get("divergence"), "rollout": cfg.get("rollout", {}).get("source"),
         "seed": cfg.get("seed", 0),
         "gamma": int(metrics[C.GAMMA]) if C.GAMMA in metrics else sd.get("gamma"),  # the used one (sd.gamma=auto)

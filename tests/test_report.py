@@ -138,6 +138,29 @@ def _fake_job(job_dir, alpha):
     (job_dir / ".hydra" / "config.yaml").write_text("sd: {gamma: 3, temperature: 0.0}\nseed: 0\n")
 
 
+def test_a_trained_draft_evaluated_again_is_named_after_its_training(tmp_path):
+    """stage=eval draft_checkpoint=<run>/draft (another SD setting for a trained draft): the report's row carries
+    the training run's label and starting draft, so it pairs with the untrained draft of the same setting."""
+    from distillspec.report_jobs import collect
+
+    trained = tmp_path / "grid" / "1_method-fkl"
+    _fake_job(trained, 0.6)
+    saved = json.loads((trained / C.METRICS_FILE).read_text())
+    (trained / C.METRICS_FILE).write_text(json.dumps({**saved, "stage": "train_eval"}))
+    (trained / ".hydra" / "config.yaml").write_text("div: {divergence: fkl}\nrollout: {source: teacher}\n")
+    sweep = tmp_path / "greedy"
+    _fake_job(sweep / "0_untrained", 0.5)
+    _fake_job(sweep / "1_fkl", 0.7)
+    job = sweep / "1_fkl"
+    saved = json.loads((job / C.METRICS_FILE).read_text())
+    (job / C.METRICS_FILE).write_text(json.dumps({**saved, "draft": str(trained / "draft")}))
+    (job / ".hydra" / "config.yaml").write_text(f"draft_checkpoint: {trained / 'draft'}\n"
+                                                "sd: {gamma: 3, temperature: 0.0}\nseed: 0\n")
+    df = collect(sweep).set_index("method")
+    assert sorted(df.index) == ["baseline", "fkl/teacher"]
+    assert df.loc["fkl/teacher", "draft"] == df.loc["baseline", "draft"] == "d"
+
+
 def test_a_damaged_job_is_listed_as_unreadable_and_the_others_are_reported(tmp_path, caplog):
     """One damaged metrics.json (or config.yaml) is named in one line and the other jobs are still reported."""
     sweep = tmp_path / "sweep"
