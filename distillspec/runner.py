@@ -126,7 +126,23 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
             before = late_target(s, data, models, device, out, clock)
         final_eval(s, data, models, device, loggers, run_dir, out, before)
         clock.done("final_eval")
-    return write_results(out, clock, run_dir, loggers)
+    result = write_results(out, clock, run_dir, loggers)
+    if s.training and not s.train.keep_checkpoints:  # finished: a rerun reports metrics.json, nothing resumes
+        drop_checkpoints(run_dir)
+    return result
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """Delete a finished run's training checkpoints (train.keep_checkpoints=false); its draft/ stays."""
+    import shutil
+
+    from distillspec.lit.train_loop import CHECKPOINT_DIR
+
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    if ckpt_dir.is_dir():
+        size = sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file())
+        shutil.rmtree(ckpt_dir)
+        log.info("deleted %s (%.1f GB; train.keep_checkpoints=false)", ckpt_dir, size / 1e9)
 
 
 def validate(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> Settings:

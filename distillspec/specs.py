@@ -337,6 +337,7 @@ class TrainSpec:
     max_new_tokens: int | None
     log_every: int
     checkpoint_every: int
+    keep_checkpoints: bool  # false: a finished run deletes its checkpoints/ (its draft/ and results stay)
     eval_every: int
     eval_num: int
     lora_rank: int

@@ -75,6 +75,19 @@ def test_stage_eval_of_trained_draft(tmp_path):
     assert C.ALPHA_TOK in out["metrics"]
 
 
+def test_a_finished_run_can_drop_its_checkpoints(tmp_path):
+    """train.keep_checkpoints=false: checkpoints/ is gone once metrics.json is written, draft/ stays, and the
+    rerun reports the finished result; the default keeps them."""
+    kept = tmp_path / "kept"
+    run_cfg(TINY + ["stage=train"], kept)
+    assert (kept / "checkpoints" / "last.ckpt").exists()
+    run = tmp_path / "dropped"
+    first = run_cfg(TINY + ["stage=train", "train.keep_checkpoints=false"], run)
+    assert not (run / "checkpoints").exists()
+    assert (run / "draft" / "config.json").exists() and (run / C.METRICS_FILE).exists()
+    assert run_cfg(TINY + ["stage=train", "train.keep_checkpoints=false"], run) == first
+
+
 @pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "speckd", "adaptive"])
 def test_every_divergence_trains(tmp_path, div):
     out = run_cfg(TINY + [f"div={div}", "stage=train", "train.max_steps=1"], tmp_path)

@@ -36,8 +36,8 @@ def distill_steps(ctx: Ctx, student, teacher, prompts, *, batch: int, new_tokens
     # Every setting explicit: the check runs where Hydra and OmegaConf (which read conf/'s defaults) are absent.
     spec = TrainSpec(max_steps=steps + 1, batch_size=batch, accumulate=1, lr=1e-5, weight_decay=0.0, warmup_steps=0,
                      grad_clip=1.0, num_train=len(items), max_new_tokens=new_tokens, log_every=1,
-                     checkpoint_every=steps + 1, eval_every=0, eval_num=0, lora_rank=0, freeze_embeddings=False,
-                     release_target=False, curve="sd")
+                     checkpoint_every=steps + 1, keep_checkpoints=True, eval_every=0, eval_num=0, lora_rank=0,
+                     freeze_embeddings=False, release_target=False, curve="sd")
     objective = ObjectiveSpec(divergence="fkl", temperature=1.0, beta=0.5, alpha=0.1, chunk_size=1024, gate=None,
                               adaptive=None, block_weighting="none", block_gamma=5)
     rollout = RolloutSpec(source="student", mix=None, temperature=1.0, top_p=1.0, skd_top_k=25, skd_gamma=5,
