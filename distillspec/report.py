@@ -230,7 +230,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     figs = plots(df, out)
     cols = ["method", "task", "gamma", "temperature", C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED,
             C.BLOCK_EFFICIENCY, C.MEAN_ACCEPTED_LEN, C.MEAN_ACCEPTANCE_LENGTH, C.ALPHA_GREEDY_DRAFT, C.SPEEDUP,
-            C.SPEEDUP_PREDICTED, C.COST_RATIO]
+            C.SPEEDUP_PREDICTED, C.COST_RATIO, C.PEAK_RSS_GIB]
     cols += [c for c in df.columns if c.startswith((C.QUALITY_PREFIX, C.DRAFT_QUALITY_PREFIX))]
     cols = [c for c in cols if c in df.columns]
     recipe = recipe_table(df)

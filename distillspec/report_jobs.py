@@ -111,6 +111,7 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
         "gamma": int(metrics[C.GAMMA]) if C.GAMMA in metrics else sd.get("gamma"),  # the used one (sd.gamma=auto)
         "temperature": sd.get("temperature"), "top_p": sd.get("top_p"),
         "lenience": sd.get("lenience"), "epsilon": sd.get("epsilon"), **metrics,
+        C.PEAK_RSS_GIB: saved.get(C.PEAK_RSS_GIB),
     }
     per_ex_file = job_dir / "per_example.json"
     row["_per_example"] = None

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
 from distillspec.jsonio import write_json_atomic  # results are strict JSON (NaN -> null)
+from distillspec.memory import peak_rss_bytes, reset_peak
 from distillspec.run_phases import Data, PhaseClock, Settings, curve_covers_eval, load_data, load_models, train_phase
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     if finished is not None:
         log_summary(finished)
         return finished
+    reset_peak()  # this job's own peak memory, also within a multirun's one process
     device = prepare_device(cfg, s)
     data = load_data(s)
     models = load_models(s, data, device)
@@ -249,6 +251,8 @@ def final_eval(s: Settings, data: Data, models, device, loggers, run_dir: Path, 
 def write_results(out: dict[str, Any], clock: PhaseClock, run_dir: Path, loggers) -> dict[str, Any]:
     """metrics.json (with the phase times), the loggers closed, the headline numbers logged."""
     out["phase_seconds"] = phases = clock.seconds
+    peak = peak_rss_bytes()
+    out[C.PEAK_RSS_GIB] = None if peak is None else round(peak / 2**30, 2)
     write_json_atomic(run_dir / C.METRICS_FILE, out)
     for lg in loggers:
         lg.finalize("success")
@@ -256,6 +260,8 @@ def write_results(out: dict[str, Any], clock: PhaseClock, run_dir: Path, loggers
     log_summary(out)
     if phases:
         log.info("phase times: %s", ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in phases.items()))
+    if peak is not None:
+        log.info("peak memory of this process: %.2f GiB", peak / 2**30)
     return out
 
 

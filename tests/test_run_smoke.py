@@ -75,6 +75,25 @@ def test_stage_eval_of_trained_draft(tmp_path):
     assert C.ALPHA_TOK in out["metrics"]
 
 
+def test_each_job_reports_its_own_peak_memory(tmp_path):
+    """metrics.json's peak RSS is the job's: 1 GiB touched earlier in the same process (an earlier job of a
+    multirun) is not counted, because each run resets the peak at its start."""
+    import numpy as np
+
+    from distillspec.memory import peak_rss_bytes
+
+    big = np.ones(2**30, dtype=np.uint8)
+    del big
+    before = peak_rss_bytes()
+    out = run_cfg(TINY + ["stage=eval", "sd.measure_speedup=false"], tmp_path)
+    saved = json.loads((tmp_path / C.METRICS_FILE).read_text())
+    assert saved[C.PEAK_RSS_GIB] == out[C.PEAK_RSS_GIB]
+    if before is None:  # no /proc: nothing measured
+        assert out[C.PEAK_RSS_GIB] is None
+        return
+    assert before > 2**30 and 0 < out[C.PEAK_RSS_GIB] * 2**30 < before - 2**29
+
+
 def test_a_finished_run_can_drop_its_checkpoints(tmp_path):
     """train.keep_checkpoints=false: checkpoints/ is gone once metrics.json is written, draft/ stays, and the
     rerun reports the finished result; the default keeps them."""
