@@ -218,3 +218,22 @@ def test_build_spec_takes_the_yaml_defaults():
 def test_a_partial_gate_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"div.gate=.*missing: \['mode', 'num_candidates', 'beta'\]"):
         build(compose_cfg(["div.gate={top_k:5}"]).div, "div")
+
+
+def test_the_greedy_setting_reads_the_drafts_the_grid_writes():
+    """experiment=qwen_coder_gsm8k_greedy lists the untrained draft and the draft dir of every trained job of
+    experiment=qwen_coder_gsm8k (job dirs as its sweep names them) and of the on-policy run, nothing else."""
+    from distillspec.resolvers import short_dirname
+
+    grid = compose_cfg(["experiment=qwen_coder_gsm8k"])
+    methods = str(grid.hydra.sweeper.params.method).split(",")
+    sep = grid.hydra.job.config.override_dirname.kv_sep
+    expected = {"null"} | {f"{grid.hydra.sweep.dir}/{i}_{short_dirname(f'method{sep}{m}')}/draft"
+                           for i, m in enumerate(methods) if m != "baseline"}
+    onpolicy = compose_cfg(["experiment=qwen_coder_gsm8k_onpolicy"])
+    expected.add(f"{onpolicy.hydra.run.dir.rstrip('/')}/draft")
+    greedy = compose_cfg(["experiment=qwen_coder_gsm8k_greedy"])
+    listed = [p.strip() for p in str(greedy.hydra.sweeper.params.draft_checkpoint).split(",")]
+    assert sorted(listed) == sorted(expected)
+    assert greedy.sd.temperature == 0 and greedy.sd.gamma == grid.sd.gamma and greedy.stage == "eval"
+    assert greedy.sd.num_eval == grid.sd.num_eval and greedy.sd.max_new_tokens == grid.sd.max_new_tokens
