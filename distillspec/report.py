@@ -128,6 +128,29 @@ def recipe_table(df: pd.DataFrame) -> str:
 PAIRED_KEYS = (C.ALPHA_TOK, C.ALPHA_SEQ, C.ALPHA_EXPECTED, C.BLOCK_EFFICIENCY)
 
 
+def ci_table(df: pd.DataFrame) -> str:
+    """One row per job: α_tok, α_seq, α_expected (%) and τ, each with its 95 % bootstrap CI over prompts; ""
+    when no job has per-prompt records."""
+    if not any(k + "_ci_lo" in df for k in PAIRED_KEYS):
+        return ""
+    lines = ["| method | task | γ | T | α_tok | α_seq | α_expected | τ | prompts |", "|" + "---|" * 9]
+    rows = sorted((r for _, r in df.iterrows()), key=lambda r: (str(r["task"]), str(r["gamma"]), str(r["temperature"]),
+                                                               _baseline_first(str(r["method"]))))
+    for r in rows:
+        cells = []
+        for key in PAIRED_KEYS:
+            scale, fmt = (1.0, "{:.3f}") if key == C.BLOCK_EFFICIENCY else (100.0, "{:.2f}")
+            lo, hi = r.get(key + "_ci_lo"), r.get(key + "_ci_hi")
+            cell = fmt.format(scale * r[key]) if key in r and not pd.isna(r[key]) else "–"
+            if lo is not None and not pd.isna(lo):
+                cell += f" [{fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
+            cells.append(cell)
+        n = len(r["_per_example"]) if r.get("_per_example") is not None else ""
+        lines.append(f"| {r['method']} | {r['task']} | {r['gamma']} | {r['temperature']} | " + " | ".join(cells)
+                     + f" | {n} |")
+    return "\n".join(lines)
+
+
 def paired_table(df: pd.DataFrame) -> str:
     """Each trained job against the untrained draft (method baseline) of the same pair, task, γ and T, on the same
     prompts: the difference of α_tok, α_seq, α_expected (points) and τ, each with its paired bootstrap 95 % CI
@@ -237,12 +260,14 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = False) 
     by_entropy = entropy_table(df)
     seeds = seed_table(df)
     paired = paired_table(df)
+    with_cis = ci_table(df)
     train_entropy = train_entropy_table(df)
     by_position = position_table(df)
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(df)} jobs with SD metrics"
           + (f", {len(failed)} failed (see Failed jobs)" if not failed.empty else "")
           + (f", {len(bad)} unreadable (see Unreadable jobs)" if not bad.empty else "") + ".", "", *failures_md,
           "## Acceptance (α in %, 95% bootstrap CI over examples; best per row in bold)", "", table1(df), "",
+          *(["## Per job (α in %, τ; 95% bootstrap CI over prompts)", "", with_cis, ""] if with_cis else []),
           *(["## Against the untrained draft (difference on the same prompts; α in points, paired bootstrap "
              "95% CI)", "", paired, ""] if paired else []),
           *(["## Recipe grid (α_tok in %, 95% CI; best bold)", "", recipe, ""] if recipe else []),

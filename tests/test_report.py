@@ -122,6 +122,11 @@ def test_two_job_sweep_and_report(tmp_path):
     assert shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
     section = md.split("## Teacher entropy of the training tokens")[1].split("##")[0]
     assert "| rkl/teacher |" in section and "| baseline |" not in section
+    # every job with its CIs: alpha_expected and tau too
+    per_job = md.split("## Per job")[1].split("##")[0]
+    for _, r in df.iterrows():
+        assert f"| {r['method']} |" in per_job and f"{100 * r[C.ALPHA_EXPECTED]:.2f} [" in per_job
+        assert f"{r[C.BLOCK_EFFICIENCY]:.3f} [" in per_job
     # the trained job against the untrained draft on the same prompts: the difference of their alpha_tok
     paired = md.split("## Against the untrained draft")[1].split("##")[0]
     by_method = df.set_index("method")[C.ALPHA_TOK]
