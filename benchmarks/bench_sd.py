@@ -4,6 +4,8 @@
     python benchmarks/bench_sd.py --quick               # smoke: 4 prompts, batch 4, 32 tokens (a few minutes)
     python benchmarks/bench_sd.py --drafts 4 15 --out sd_bench.md
     python benchmarks/bench_sd.py --target /models/target --draft HuggingFaceTB/SmolLM2-135M-Instruct
+    python benchmarks/bench_sd.py --target offline:qwen2.5-coder-1.5b --draft offline:qwen2.5-coder-0.5b \
+        multirun/qwen_coder_gsm8k/1_method-fkl/draft      # an untrained and a trained draft, one run
     make bench-sd ARGS="--quick"
 
 Same prompts for everything: the first --num-prompts GSM8K test questions of a seeded shuffle
@@ -71,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=None, help="prompts (default: --batch)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--target", default=TARGET, help=f"target: local directory, HF id or offline:... (default {TARGET})")
-    p.add_argument("--draft", default=None, help="draft: local directory, HF id or offline:... (default: --drafts)")
+    p.add_argument("--draft", nargs="+", default=None,
+                   help="draft(s): local directory, HF id or offline:...; several are compared against the same "
+                        "target in one run (default: --drafts)")
     p.add_argument("--drafts", type=int, nargs="+", default=[4],
                    help="with the default target: draft depths n (offline:smollm2-135m-L<n>); the first is used "
                         "for (a), (b), (d)")
@@ -219,6 +223,15 @@ def timed(fn, *a, **kw):
     return outs, sd, time.perf_counter() - t0, time.process_time() - c0
 
 
+def draft_label(name: str) -> str:
+    """A draft's short name in the tables: the layer tag of an offline name ("offline:smollm2-135m-L4" -> "L4"), a
+    path's last folder, or "<run>/draft" for a run's trained draft ("multirun/x/1_method-fkl/draft")."""
+    if name.startswith("offline:"):
+        return name.rsplit("-", 1)[-1]
+    path = Path(name.rstrip("/"))
+    return f"{path.parent.name}/{path.name}" if path.name == "draft" and path.parent.name else path.name
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -242,7 +255,7 @@ def main(argv=None) -> None:
     load_before = load_avg()
     started = time.perf_counter()
 
-    drafts = [args.draft] if args.draft else [f"offline:smollm2-135m-L{n}" for n in args.drafts]
+    drafts = list(args.draft) if args.draft else [f"offline:smollm2-135m-L{n}" for n in args.drafts]
     if args.target != TARGET and not args.draft:
         sys.exit("--target without --draft: pass the draft too (--drafts depths apply to the offline pair only)")
     log(f"loading {args.target} and {', '.join(drafts)}")
@@ -283,7 +296,7 @@ def main(argv=None) -> None:
 
     runs: list[Run] = []
     first = drafts[0]
-    short = lambda name: name.rsplit("-", 1)[-1] if name.startswith("offline:") else name.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731,E501
+    short = draft_label
 
     def evaluate(name, b, t):
         """SD and target-only at batch b, temperature t through SDEvaluator -> (SD Run, target-only Run)."""
