@@ -152,7 +152,7 @@ def test_readme_command_runs_verbatim(user_repo, cmd):
     if "<run>" in cmd or demo_draft in cmd:  # the README's placeholder: a run dir the first command wrote
         drafts = sorted((user_repo / "outputs").glob("*/*/draft"))
         assert drafts, "no outputs/<run>/draft from `python run.py`"
-        cmd = cmd.replace("outputs/<run>/draft", demo_draft).replace(demo_draft, str(drafts[0].relative_to(user_repo)))
+        cmd = re.sub(r"(outputs/)?<run>/draft", demo_draft, cmd).replace(demo_draft, str(drafts[0].relative_to(user_repo)))
     if "<name>" in cmd:
         cmd = cmd.replace("multirun/<name>", "multirun/offline_reference")
     proc = _run(shrink(cmd), user_repo)
