@@ -111,6 +111,18 @@ def shrink(cmd: str) -> list[str]:
     return argv + extra + [f"{k}={v}" for k, v in grid.items()]
 
 
+def _shrunk_run_dir(arg: str, repo: Path) -> str:
+    """`draft_checkpoint=outputs/<name>/draft` (the draft of `python run.py experiment=<...>` typed as documented,
+    whose run dir is outputs/<name>/) pointed at the draft the shrunk command wrote: its appended overrides name a
+    run dir one level down, outputs/<name>/<overrides>/draft."""
+    key, _, value = arg.partition("=")
+    value = value.strip()  # a folded YAML grid value starts with a space
+    if key != "draft_checkpoint" or not re.fullmatch(r"outputs/[^/]+/draft", value) or (repo / value).exists():
+        return arg
+    below = sorted((repo / value).parent.glob("*/draft"))
+    return f"{key}={below[0].relative_to(repo)}" if below else arg
+
+
 @pytest.fixture(scope="module")
 def user_repo(tmp_path_factory) -> Path:
     """<tmp>/main: run.py, conf/, README.md as in a checkout; <tmp>/shared -> the real shared/ when present."""
@@ -155,7 +167,7 @@ def test_readme_command_runs_verbatim(user_repo, cmd):
         cmd = re.sub(r"(outputs/)?<run>/draft", demo_draft, cmd).replace(demo_draft, str(drafts[0].relative_to(user_repo)))
     if "<name>" in cmd:
         cmd = cmd.replace("multirun/<name>", "multirun/offline_reference")
-    proc = _run(shrink(cmd), user_repo)
+    proc = _run([_shrunk_run_dir(a, user_repo) for a in shrink(cmd)], user_repo)
     assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
     printed = re.findall(r"^  (python run.py stage=eval .*)$", proc.stdout + proc.stderr, flags=re.M)
     if cmd == "python run.py":  # it prints the exact command that evaluates its draft: paste it
