@@ -98,6 +98,7 @@ KV_MODES = ("dynamic", "static")        # dynamic: transformers' DynamicCache; s
 
 # --- run bookkeeping ---
 METRICS_FILE = "metrics.json"
+TRAINED_BY = "trained_by"  # metrics.json of stage=eval draft_checkpoint=<run>/draft: {"method", "draft"} of <run>
 PEAK_RSS_GIB = "peak_rss_gib"  # metrics.json: the run's peak resident memory (this process; distillspec.memory)
 RUN_CONFIG_FILE = "run_config.json"     # the resolved config a run dir was started with (rerun check)
 CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per `resume=force` rerun with a changed config

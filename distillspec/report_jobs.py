@@ -71,6 +71,18 @@ def trained_origin(draft: str) -> tuple[str, str] | None:
     return method_label(read_job_config(run_dir), saved.get("stage", "")), saved.get("draft", "")
 
 
+def saved_origin(saved: dict[str, Any], metrics_path: Path) -> tuple[str, str] | None:
+    """(label, draft) that an evaluation of a trained draft recorded under TRAINED_BY when it ran (it survives
+    copying the job without its training run); None when absent; DamagedFileError when malformed."""
+    origin = saved.get(C.TRAINED_BY)
+    if origin is None:
+        return None
+    if not (isinstance(origin, dict) and all(isinstance(origin.get(k), str) for k in ("method", "draft"))):
+        raise DamagedFileError(f"{metrics_path} is damaged: {C.TRAINED_BY} is not {{\"method\": str, \"draft\": str}}; "
+                               f"{FIX}")
+    return origin["method"], origin["draft"]
+
+
 def read_job_config(job_dir: Path) -> dict[str, Any]:
     """The job's .hydra/config.yaml ({} when missing); DamagedFileError naming it when it is not a YAML mapping."""
     import yaml
@@ -101,7 +113,8 @@ def load_job(metrics_path: Path) -> dict[str, Any] | None:
     cfg = read_job_config(job_dir)
     sd = cfg.get("sd", {})
     method, draft = method_label(cfg, saved.get("stage", "")), saved.get("draft", "")
-    if cfg.get("draft_checkpoint") and (origin := trained_origin(draft)) is not None:
+    if (origin := saved_origin(saved, metrics_path)) is not None or (
+            cfg.get("draft_checkpoint") and (origin := trained_origin(draft)) is not None):
         method, draft = origin  # a trained draft evaluated again (another SD setting): its training's row
     row: dict[str, Any] = {
         "job": str(job_dir), "method": method,

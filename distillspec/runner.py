@@ -112,6 +112,8 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     loggers = make_loggers(cfg, run_dir)
     out: dict[str, Any] = {"stage": s.stage, "draft": s.pair.draft, "target": s.pair.target,
                            "task": type(s.task).__name__}
+    if cfg.draft_checkpoint is not None:
+        out.update(trained_by(s.pair.draft))
     clock = PhaseClock()
     before = None
     if s.compare_untrained and data.eval_items and not s.late:  # late: after training, with the target
@@ -179,6 +181,20 @@ def validate(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> Settings:
     check_trainer_settings(cfg.trainer)  # the first Lightning import
     s.trainer_factory = build(cfg.trainer, "trainer")
     return s
+
+
+def trained_by(draft: str) -> dict[str, Any]:
+    """{TRAINED_BY: {"method", "draft"}} of the finished run whose draft/ `draft` is (the report's label for an
+    evaluation of it, kept with the result: distillspec.report_jobs), else {}; a damaged run is skipped in a line."""
+    from distillspec.jsonio import DamagedFileError
+    from distillspec.report_jobs import trained_origin
+
+    try:
+        origin = trained_origin(draft)
+    except DamagedFileError as err:
+        log.warning("the report will not name the run that trained this draft: %s", err)
+        return {}
+    return {} if origin is None else {C.TRAINED_BY: {"method": origin[0], "draft": origin[1]}}
 
 
 def finished_result(run_dir: Path, snapshot: dict, resume: bool) -> dict[str, Any] | None:

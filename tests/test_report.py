@@ -166,6 +166,17 @@ def test_a_trained_draft_evaluated_again_is_named_after_its_training(tmp_path):
     assert df.loc["fkl/teacher", "draft"] == df.loc["baseline", "draft"] == "d"
 
 
+def test_a_malformed_trained_by_is_named_as_damaged(tmp_path):
+    from distillspec.jsonio import DamagedFileError
+    from distillspec.report_jobs import load_job
+
+    _fake_job(tmp_path / "job", 0.5)
+    path = tmp_path / "job" / C.METRICS_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), C.TRAINED_BY: {"method": 3}}))
+    with pytest.raises(DamagedFileError, match=f"{path} is damaged: {C.TRAINED_BY} is not"):
+        load_job(path)
+
+
 def test_a_damaged_job_is_listed_as_unreadable_and_the_others_are_reported(tmp_path, caplog):
     """One damaged metrics.json (or config.yaml) is named in one line and the other jobs are still reported."""
     sweep = tmp_path / "sweep"

@@ -73,6 +73,31 @@ def test_stage_eval_of_trained_draft(tmp_path):
     out = run_cfg(TINY + ["stage=eval", f"draft_checkpoint={tmp_path / 'train' / 'draft'}"], tmp_path / "eval")
     assert out["draft"] == str(tmp_path / "train" / "draft")
     assert C.ALPHA_TOK in out["metrics"]
+    assert C.TRAINED_BY not in out  # the training run has no .hydra/config.yaml: no label to keep
+
+
+def test_an_evaluated_trained_draft_keeps_its_training_label_without_the_training_run(tmp_path):
+    """stage=eval draft_checkpoint=<run>/draft records the training run's report label and starting draft in its
+    metrics.json, so the report names the row after the training even once <run> is gone (an archived copy)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from distillspec.report_jobs import collect
+
+    train = tmp_path / "train"
+    run_cfg(TINY + ["stage=train", "div=rkl"], train)
+    (train / ".hydra").mkdir()
+    OmegaConf.save(compose_cfg(TINY + ["stage=train", "div=rkl"]), train / ".hydra" / "config.yaml")  # as Hydra does
+    sweep = tmp_path / "sweep"
+    out = run_cfg(TINY + ["stage=eval", f"draft_checkpoint={train / 'draft'}"], sweep / "0_trained")
+    run_cfg(TINY + ["stage=eval"], sweep / "1_untrained")
+    untrained = json.loads((sweep / "1_untrained" / C.METRICS_FILE).read_text())["draft"]
+    assert out[C.TRAINED_BY] == {"method": "rkl/teacher", "draft": untrained}
+    shutil.rmtree(train)
+    rows = collect(sweep).set_index("method")
+    assert sorted(rows.index) == ["baseline", "rkl/teacher"] and rows.loc["rkl/teacher", "draft"] == untrained
 
 
 def test_each_job_reports_its_own_peak_memory(tmp_path):
