@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
 from distillspec.jsonio import write_json_atomic  # results are strict JSON (NaN -> null)
-from distillspec.memory import peak_rss_bytes, reset_peak
+from distillspec.memory import peak_rss_bytes, release_freed, reset_peak
 from distillspec.run_phases import Data, PhaseClock, Settings, curve_covers_eval, load_data, load_models, train_phase
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     if finished is not None:
         log_summary(finished)
         return finished
+    release_freed()  # what an earlier job of this multirun (one process) freed, back to the OS
     reset_peak()  # this job's own peak memory, also within a multirun's one process
     device = prepare_device(cfg, s)
     data = load_data(s)

@@ -27,11 +27,11 @@ For both:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
+from distillspec.memory import release_freed
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_target(pair, models, device) -> None:
     `models` for the SD evaluations."""
     from distillspec.models.loading import check_same_vocab
 
-    gc.collect()  # training's optimizer state and graphs go before the target comes
+    release_freed()  # training's optimizer state, gradients and graphs go (back to the OS) before the target comes
     log.info("training is done: loading the target for the SD evaluation")
     models.target, models.verifier = target_models(pair, device)
     check_same_vocab(models.draft, models.target, models.tokenizer, models.tokenizer, pair.draft, pair.target)
@@ -167,7 +167,7 @@ class TargetLoader:
     def release(self) -> None:
         if self.model is not None:
             self.model = None
-            gc.collect()
+            release_freed()
             log.info(RELEASED)
 
 
@@ -201,5 +201,5 @@ class LateTargetSDEvaluator:
                                 self.task, self.items, self.max_new_tokens, self.seed, speed_repeats=1)
         report = evaluator.run(device, progress=progress, desc=desc, leave=leave)
         del evaluator, target, verifier
-        gc.collect()
+        release_freed()
         return report
