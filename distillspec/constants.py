@@ -100,6 +100,7 @@ KV_MODES = ("dynamic", "static")        # dynamic: transformers' DynamicCache; s
 METRICS_FILE = "metrics.json"
 TRAINED_BY = "trained_by"  # metrics.json of stage=eval draft_checkpoint=<run>/draft: {"method", "draft"} of <run>
 PEAK_RSS_GIB = "peak_rss_gib"  # metrics.json: the run's peak resident memory (this process; distillspec.memory)
+PHASE_PEAK_RSS_GIB = "phase_peak_rss_gib"  # metrics.json: {phase: its peak resident memory}, as phase_seconds
 RUN_CONFIG_FILE = "run_config.json"     # the resolved config a run dir was started with (rerun check)
 CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per `resume=force` rerun with a changed config
 RESUME_FORCE = "force"                  # resume=force: continue a run dir although its config changed

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distillspec import constants as C
+from distillspec.memory import peak_rss_bytes, reset_peak
 
 
 @dataclasses.dataclass
@@ -69,16 +70,34 @@ class Data:
 
 
 class PhaseClock:
-    """Wall seconds per phase of this launch (logged at the end, and in metrics.json as phase_seconds)."""
+    """Wall seconds and peak resident memory per phase of this launch (logged at the end, and in metrics.json as
+    phase_seconds and phase_peak_rss_gib). A phase's peak counts from the end of the one before (the first's from
+    the run's start, model loading included); where the peak cannot be reset (distillspec.memory) no phase peaks
+    are kept."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
         self.start = time.perf_counter()
+        self._peak = 0  # bytes: the highest phase peak so far
+        self._resettable = True
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[name] = round(now - self.start, 1)
         self.start = now
+        peak = peak_rss_bytes()
+        if peak is not None and self._resettable:
+            self._resettable = reset_peak()
+            self._peak = max(self._peak, peak)
+            self.peak_gib[name] = round(peak / 2**30, 2)
+        if not self._resettable:
+            self.peak_gib.clear()
+
+    def run_peak_bytes(self) -> int | None:
+        """The run's peak RSS: the highest phase peak, or the peak since the last phase ended if higher."""
+        peak = peak_rss_bytes()
+        return None if peak is None else max(peak, self._peak)
 
 
 def load_data(s: Settings) -> Data:
@@ -114,9 +133,11 @@ def curve_covers_eval(s: Settings, data: Data) -> bool:
     return s.train.curve == "sd" and bool(data.eval_items) and s.train.eval_num >= len(data.eval_items)
 
 
-def train_phase(s: Settings, data: Data, models, loggers, run_dir: Path, device, before) -> dict[str, Any]:
+def train_phase(s: Settings, data: Data, models, loggers, run_dir: Path, device, before,
+                clock: PhaseClock | None = None) -> dict[str, Any]:
     """Distil the draft (with the served teacher / student of rollout.engine=vllm); the training summary. A
-    released run (train.release_target) makes its teacher data first and drops the target."""
+    released run (train.release_target) makes its teacher data first and drops the target (a phase of its own
+    on `clock`: teacher_data)."""
     from distillspec import teacherless
     from distillspec.lit.train_loop import train_draft
 
@@ -132,6 +153,8 @@ def train_phase(s: Settings, data: Data, models, loggers, run_dir: Path, device,
         evaluator = curve_evaluator(s, data, models, device, loader)
         if loader is not None:
             loader.release()
+        if caches is not None and clock is not None:
+            clock.done("teacher_data")  # made (target loaded) or read from the store
         return train_draft(models=models, task=s.task, train_items=data.train_items, eval_items=data.eval_items,
                            objective=s.objective, rollout=s.rollout, train=s.train, sd=s.sd,
                            trainer_factory=s.trainer_factory, loggers=loggers, run_dir=run_dir, seed=s.seed,

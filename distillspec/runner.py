@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillspec import constants as C
 from distillspec.errors import ConfigError, check_choice, check_number
 from distillspec.jsonio import write_json_atomic  # results are strict JSON (NaN -> null)
-from distillspec.memory import peak_rss_bytes, release_freed, reset_peak
+from distillspec.memory import release_freed, reset_peak
 from distillspec.run_phases import Data, PhaseClock, Settings, curve_covers_eval, load_data, load_models, train_phase
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                                 device, out)
         clock.done("untrained_eval")
     if s.training:
-        out["train"] = train_phase(s, data, models, loggers, run_dir, device, before)
+        out["train"] = train_phase(s, data, models, loggers, run_dir, device, before, clock)
         clock.done("training")  # teacher rollouts, steps, periodic evaluations, checkpoints
         if not out["train"].get("is_global_zero", True):
             return out  # other DDP ranks stop here; rank 0 evaluates and writes results
@@ -268,7 +268,8 @@ def final_eval(s: Settings, data: Data, models, device, loggers, run_dir: Path, 
 def write_results(out: dict[str, Any], clock: PhaseClock, run_dir: Path, loggers) -> dict[str, Any]:
     """metrics.json (with the phase times), the loggers closed, the headline numbers logged."""
     out["phase_seconds"] = phases = clock.seconds
-    peak = peak_rss_bytes()
+    out[C.PHASE_PEAK_RSS_GIB] = clock.peak_gib
+    peak = clock.run_peak_bytes()
     out[C.PEAK_RSS_GIB] = None if peak is None else round(peak / 2**30, 2)
     write_json_atomic(run_dir / C.METRICS_FILE, out)
     for lg in loggers:
@@ -278,7 +279,8 @@ def write_results(out: dict[str, Any], clock: PhaseClock, run_dir: Path, loggers
     if phases:
         log.info("phase times: %s", ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f} min" for k, v in phases.items()))
     if peak is not None:
-        log.info("peak memory of this process: %.2f GiB", peak / 2**30)
+        by_phase = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in clock.peak_gib.items())
+        log.info("peak memory of this process: %.2f GiB%s", peak / 2**30, f" (by phase: {by_phase})" if by_phase else "")
     return out
 
 

@@ -48,7 +48,7 @@ def test_released_target_gives_the_same_run_without_the_target_in_training(tmp_p
     curve = [{k: p[C.VAL_PREFIX + k] for k in KEYS} | {"step": p["step"]} for p in released["train"]["eval_history"]]
     assert curve == [{k: p[C.VAL_PREFIX + k] for k in KEYS} | {"step": p["step"]}
                      for p in held["train"]["eval_history"]]
-    assert list(released["phase_seconds"]) == ["training", "target_load", "untrained_eval", "final_eval"]
+    assert list(released["phase_seconds"]) == ["teacher_data", "training", "target_load", "untrained_eval", "final_eval"]
 
     from distillspec import teacherless
 

@@ -35,6 +35,9 @@ def test_train_eval_writes_metrics(tmp_path):
     # wall time per phase of the launch, in order (the demo prints them at the end)
     assert list(saved["phase_seconds"]) == ["untrained_eval", "training", "final_eval"]
     assert all(v >= 0 for v in saved["phase_seconds"].values())
+    if saved[C.PEAK_RSS_GIB] is not None:  # and its peak memory, the run's peak being the highest
+        assert list(saved[C.PHASE_PEAK_RSS_GIB]) == list(saved["phase_seconds"])
+        assert max(saved[C.PHASE_PEAK_RSS_GIB].values()) <= saved[C.PEAK_RSS_GIB]
     # the final SD evaluation's row is at the final training step
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         final_rows = [r for r in csv.DictReader(f) if r.get(C.ALPHA_TOK)]
@@ -117,6 +120,24 @@ def test_each_job_reports_its_own_peak_memory(tmp_path):
         assert out[C.PEAK_RSS_GIB] is None
         return
     assert before > 2**30 and 0 < out[C.PEAK_RSS_GIB] * 2**30 < before - 2**29
+
+
+def test_a_phase_peak_is_the_phase_own():
+    """PhaseClock: 1 GiB touched in one phase is that phase's peak, not the next one's; the run's peak keeps it."""
+    import numpy as np
+
+    from distillspec.memory import peak_rss_bytes
+    from distillspec.run_phases import PhaseClock
+
+    if peak_rss_bytes() is None:
+        pytest.skip("no /proc: nothing measured")
+    clock = PhaseClock()
+    big = np.ones(2**30, dtype=np.uint8)
+    del big
+    clock.done("big")
+    clock.done("small")
+    assert clock.peak_gib["big"] > 1.0 and clock.peak_gib["small"] < clock.peak_gib["big"] - 0.5
+    assert clock.run_peak_bytes() >= 2**30
 
 
 def test_a_finished_run_can_drop_its_checkpoints(tmp_path):
