@@ -94,3 +94,27 @@ def test_what_needs_the_target_in_training_is_refused(tmp_path, extra, needle, m
     monkeypatch.setattr(runner, "load_data", lambda s: pytest.fail("data loaded before the configuration error"))
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         run_cfg(RUN + ["train.release_target=true"] + extra, tmp_path / "x")
+
+
+def test_freed_memory_goes_back_before_the_target_loads(tmp_path, store, monkeypatch):
+    """A released run hands freed memory back to the OS when it drops the teacher data's target, and again after
+    training before it loads the target for its SD evaluation; the trained draft then holds no gradients (each
+    step clears them)."""
+    from distillspec import teacherless
+
+    events, make_target, load_target = [], teacherless.target_models, teacherless.load_target
+
+    def watched_target_models(pair, device, verifier=True):
+        events.append("target")
+        return make_target(pair, device, verifier)
+
+    def watched_load_target(pair, models, device):
+        events.append(f"grads={sum(p.grad is not None for p in models.draft.parameters())}")
+        return load_target(pair, models, device)
+
+    monkeypatch.setattr(teacherless, "release_freed", lambda: events.append("trim") or True)
+    monkeypatch.setattr(teacherless, "target_models", watched_target_models)
+    monkeypatch.setattr(teacherless, "load_target", watched_load_target)
+    run_cfg(RUN + ["train.release_target=true", "train.eval_every=0"], tmp_path / "run")
+    # the teacher data's target, released; after training: no gradients, freed memory returned, then the target
+    assert events == ["target", "trim", "grads=0", "trim", "target"]
