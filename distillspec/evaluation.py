@@ -19,6 +19,7 @@ import torch
 
 from distillspec import constants as C
 from distillspec.errors import ConfigError
+from distillspec.memory import trim_heap
 from distillspec.sd.baseline import autoregressive_generate
 from distillspec.sd.engine import SDResult, SpeculativeDecoder
 from distillspec.sd.metrics import choose_gamma, entropy_bins, per_example_metrics, sd_metrics, verify_cost_ratio
@@ -190,6 +191,7 @@ class SDEvaluator:
         if self.spec.compute_quality and self.spec.draft_quality:
             own = self._baseline(self.draft, ids, mask, self.max_new_tokens, self._generator(device, batch_idx, 2))
             outcome.draft_texts = self._decode(own.tokens, own.lengths)
+        trim_heap()  # this batch's caches and logits, freed, go back to the OS (outside the timed calls)
         return outcome
 
     def _decode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> list[str]:

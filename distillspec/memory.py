@@ -13,7 +13,7 @@ import ctypes.util
 import gc
 from pathlib import Path
 
-__all__ = ["peak_rss_bytes", "release_freed", "reset_peak"]
+__all__ = ["peak_rss_bytes", "release_freed", "reset_peak", "trim_heap"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -51,11 +51,18 @@ def _libc_trim():
 _TRIM = _libc_trim()
 
 
-def release_freed() -> bool:
-    """Collect garbage, then return the C heap's free pages to the OS (glibc's malloc_trim(0)); False where the C
-    library has no malloc_trim (the collection still runs)."""
-    gc.collect()
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim(0)); False where the C library has none.
+    Cheap enough per training step or SD batch: without it, tensors of changing sizes (KV caches of ragged batches)
+    leave the heap's freed pages resident and the process's RSS creeps up."""
     if _TRIM is None:
         return False
     _TRIM(0)
     return True
+
+
+def release_freed() -> bool:
+    """Collect garbage, then `trim_heap`; False where the C library has no malloc_trim (the collection still
+    runs)."""
+    gc.collect()
+    return trim_heap()

@@ -23,6 +23,7 @@ from distillspec.lit.guards import (assert_finite_weights, check_finite_step, ch
 from distillspec.losses.adaptive import entropy_bin_metrics, entropy_bin_sums
 from distillspec.losses.divergences import divergence_loss, entropy, overlap
 from distillspec.losses.sparse import bucket_stats, sparse_divergence_loss, teacher_buckets
+from distillspec.memory import trim_heap
 from distillspec.models.forward import completion_logits, completion_outputs
 from distillspec.rollout.sources import RolloutSampler
 from distillspec.rollout.teacher_cache import SparseRollout
@@ -252,6 +253,7 @@ class DistillModule(L.LightningModule):
         lr = float(opt.param_groups[0]["lr"])  # the lr of this step (sched.step() below sets the next one's)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        trim_heap()  # the step's freed activations and gradients go back to the OS (distillspec.memory)
         sched.step()
         self.growth_warned = check_weight_growth(trained, self.start_norm, step, lr, self.trainer.strategy,
                                                  warned=self.growth_warned)
