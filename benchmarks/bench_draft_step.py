@@ -3,6 +3,7 @@
     python benchmarks/bench_draft_step.py                                        # the 0.5B Qwen draft, 4 x 256
     python benchmarks/bench_draft_step.py --precisions fp32 bf16-autocast bf16 --chunk-sizes 256 --steps 3
     python benchmarks/bench_draft_step.py --draft offline:smollm2-135m-L4 --batch 8 --completion-tokens 48
+    python benchmarks/bench_draft_step.py --precisions bf16-autocast --completion-tokens 128 --trim-blocks 3
 
 The step is the training step of teacher-data runs (rollout=teacher, the sparse teacher: distillspec.lit's
 sparse path): the draft's final hidden states at the completion positions (distillspec.models.forward.
@@ -14,6 +15,11 @@ bf16-autocast (float32 weights, torch.autocast bfloat16 compute), bf16 (bfloat16
 
 Each (precision, chunk size) runs in its own subprocess: its peak RSS (ru_maxrss from wait4) is that process's
 whole peak, model and optimizer state included. The first step is a warm-up, left out of the time.
+
+--trim-blocks R measures what handing freed memory back to the OS after each step costs (distillspec.memory.
+trim_heap, which training runs after every optimizer step): in one process, R rounds of two steps without the trim
+then two steps with it; the second step of each pair is kept (it starts from its arm's state: the freed pages
+resident, or handed back and faulted in again), its time including its own trim, beside the RSS after it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ def worker(args) -> dict:
     import torch
 
     from distillspec.losses.sparse import sparse_divergence_loss
+    from distillspec.memory import trim_heap
     from distillspec.models.forward import completion_hidden
     from distillspec.models.loading import load_model, load_tokenizer
 
@@ -70,8 +77,9 @@ def worker(args) -> dict:
     roll, idx, logp, tail = batch(tok, args, model.get_output_embeddings().weight.shape[0])
     mask = roll.completion_mask()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-    times = []
-    for _ in range(args.steps):
+    times, trimmed, rss = [], [], []
+    arms = [arm for _ in range(args.trim_blocks) for arm in (False, False, True, True)] or [False] * args.steps
+    for trim in arms:
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p == "bf16-autocast"):
             hidden, head = completion_hidden(model, roll)
@@ -81,16 +89,34 @@ def worker(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if trim:
+            trim_heap()
         times.append(time.perf_counter() - t0)
+        trimmed.append(trim)
+        rss.append(current_rss_gib())
+    if args.trim_blocks:
+        kept = range(1, len(arms), 2)  # the second step of each pair
+        arm = {t: [i for i in kept if trimmed[i] == t] for t in (False, True)}
+        return {"loss": float(loss), "tokens": int(mask.sum()),
+                **{f"{name}_{k}": sum(v[i] for i in arm[t]) / len(arm[t])
+                   for t, name in ((False, "keep"), (True, "trim")) for k, v in (("s", times), ("rss", rss))}}
     timed = times[1:] or times
     return {"step_s": sum(timed) / len(timed), "first_step_s": times[0], "loss": float(loss),
             "tokens": int(mask.sum())}
 
 
+def current_rss_gib() -> float:
+    """This process's resident memory now, GiB (from /proc/self/statm; 0.0 where it is absent)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run(precision: str, chunk: int, args) -> dict:
     argv = [sys.executable, __file__, "--worker", precision, "--chunk-sizes", str(chunk), "--draft", args.draft,
             "--batch", str(args.batch), "--completion-tokens", str(args.completion_tokens), "--steps",
-            str(args.steps), "--threads", str(args.threads)] + (["--gradient-checkpointing"]
+            str(args.steps), "--threads", str(args.threads), "--trim-blocks", str(args.trim_blocks)] + (["--gradient-checkpointing"]
                                                                if args.gradient_checkpointing else [])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -111,6 +137,8 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16-autocast"])
     ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[256])
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--trim-blocks", type=int, default=0,
+                    help="rounds of 2 steps without, then 2 with, the heap trim after each step (0: off)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,6 +149,9 @@ def main() -> None:
     print(f"{args.draft}: batch {args.batch} x {args.completion_tokens} completion tokens, sparse top-64 fkl, "
           f"AdamW, {args.steps} steps (first left out), {args.threads} threads"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}\n")
+    if args.trim_blocks:
+        trim_table(args)
+        return
     print("| precision | chunk (positions) | s / step | tokens/s | first step s | peak RSS GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for precision in args.precisions:
@@ -131,6 +162,20 @@ def main() -> None:
                 continue
             print(f"| {precision} | {chunk} | {r['step_s']:.1f} | {r['tokens'] / r['step_s']:.0f} | "
                   f"{r['first_step_s']:.1f} | {r['rss_gib']:.2f} |", flush=True)
+
+
+def trim_table(args) -> None:
+    """Per precision: the step without and with the heap trim after it, their ratio, and RSS after each."""
+    print(f"heap trim after each step: {args.trim_blocks} rounds, the second step of each pair kept\n")
+    print("| precision | s / step, no trim | s / step, trim | trim / no trim | RSS GiB, no trim | RSS GiB, trim |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for precision in args.precisions:
+        r = run(precision, args.chunk_sizes[0], args)
+        if "failed" in r:
+            print(f"| {precision} | FAILED: {r['failed']} | | | | |", flush=True)
+            continue
+        print(f"| {precision} | {r['keep_s']:.2f} | {r['trim_s']:.2f} | {r['trim_s'] / r['keep_s']:.3f} | "
+              f"{r['keep_rss']:.2f} | {r['trim_rss']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
