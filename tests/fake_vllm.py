@@ -153,6 +153,15 @@ SERVER = textwrap.dedent('''\
 ''')
 
 
+def ctrl_c_reaches_python() -> None:
+    """preexec_fn for a child a test interrupts with SIGINT: SIGINT back to its default, so Python installs its
+    KeyboardInterrupt handler. A test run launched in the background (`nohup make test &`) ignores SIGINT, and
+    its children would inherit that and never see the Ctrl-C the test sends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_py(args: list[str], run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python run.py ARGS EXTRA hydra.run.dir=RUN_DIR` in the repo, one thread, env added to the environment."""
     repo = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_vllm import make_fake_env
+from fake_vllm import ctrl_c_reaches_python, make_fake_env
 
 from distillspec.errors import ConfigError, EngineError
 from distillspec.serving.env import check_serving_python
@@ -133,7 +133,7 @@ DRIVER = textwrap.dedent('''\
 
 def _driver(fake_env, tmp_path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(fake_env), str(tmp_path / "vllm.log")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_python)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     return proc
 

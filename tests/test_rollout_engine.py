@@ -14,7 +14,7 @@ import time
 
 import torch
 from conftest import REPO, TINY
-from fake_vllm import run_py, servers_alive
+from fake_vllm import ctrl_c_reaches_python, run_py, servers_alive
 
 from distillspec import constants as C
 
@@ -149,7 +149,7 @@ def test_ctrl_c_while_the_teacher_server_starts_is_one_line_and_stops_it(fake_py
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_VLLM_START_DELAY": "120"}
     proc = subprocess.Popen([sys.executable, "run.py", *ARGS, f"rollout.vllm_python={fake_python}",
                              f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_python)
     log = run_dir / "vllm_logs" / "teacher-server.log"
     deadline = time.monotonic() + 120
     while not (log.exists() and "fake vllm serving" in log.read_text()) and time.monotonic() < deadline:
