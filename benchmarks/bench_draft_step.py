@@ -116,8 +116,8 @@ def current_rss_gib() -> float:
 def run(precision: str, chunk: int, args) -> dict:
     argv = [sys.executable, __file__, "--worker", precision, "--chunk-sizes", str(chunk), "--draft", args.draft,
             "--batch", str(args.batch), "--completion-tokens", str(args.completion_tokens), "--steps",
-            str(args.steps), "--threads", str(args.threads), "--trim-blocks", str(args.trim_blocks)] + (["--gradient-checkpointing"]
-                                                               if args.gradient_checkpointing else [])
+            str(args.steps), "--threads", str(args.threads), "--trim-blocks", str(args.trim_blocks)]
+    argv += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         _, status, usage = os.wait4(proc.pid, 0)
