@@ -66,8 +66,8 @@ def _inline_commands(text: str) -> list[str]:
 
 def readme_commands() -> list[str]:
     """The commands of the README's SECTIONS, then of every docs/*.md (by name), then the inline ones of the
-    README and docs, each once, in that order: later ones may use what earlier ones wrote (the report reads the
-    README's offline_reference sweep)."""
+    README and docs, each once, in that order: later ones reuse what earlier ones wrote (the report reads the
+    README's offline_reference sweep); a test run alone writes it first (_ensure_written)."""
     text = (REPO / "README.md").read_text()
     docs = [doc.read_text() for doc in sorted((REPO / "docs").glob("*.md"))]
     out: list[str] = []
@@ -112,15 +112,26 @@ def shrink(cmd: str) -> list[str]:
 
 
 def _shrunk_run_dir(arg: str, repo: Path) -> str:
-    """`draft_checkpoint=outputs/<name>/draft` (the draft of `python run.py experiment=<...>` typed as documented,
+    """`draft_checkpoint=outputs/<name>/draft` (the draft of `python run.py experiment=<name>` typed as documented,
     whose run dir is outputs/<name>/) pointed at the draft the shrunk command wrote: its appended overrides name a
-    run dir one level down, outputs/<name>/<overrides>/draft."""
+    run dir one level down, outputs/<name>/<overrides>/draft. When no earlier test wrote it (the test runs alone),
+    the shrunk `python run.py experiment=<name>` runs here first, so each test stands alone."""
     key, _, value = arg.partition("=")
     value = value.strip()  # a folded YAML grid value starts with a space
     if key != "draft_checkpoint" or not re.fullmatch(r"outputs/[^/]+/draft", value) or (repo / value).exists():
         return arg
+    _ensure_written(repo, (repo / value).parent, "*/draft", f"python run.py experiment={value.split('/')[1]}")
     below = sorted((repo / value).parent.glob("*/draft"))
-    return f"{key}={below[0].relative_to(repo)}" if below else arg
+    return f"{key}={below[0].relative_to(repo)}"
+
+
+def _ensure_written(repo: Path, where: Path, pattern: str, producer: str) -> None:
+    """Run the documented command `producer` (shrunk) in `repo` unless `where` already holds `pattern`."""
+    if where.is_dir() and any(where.glob(pattern)):
+        return
+    proc = _run(shrink(producer), repo)
+    assert proc.returncode == 0, f"`{producer}` (which writes {where.relative_to(repo)}) failed:\n{proc.stderr[-3000:]}"
+    assert any(where.glob(pattern)), f"`{producer}` wrote no {where.relative_to(repo)}/{pattern}"
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +173,12 @@ def test_readme_command_runs_verbatim(user_repo, cmd):
         pytest.skip("../shared/data not beside the repo")
     demo_draft = "outputs/arithmetic-offline/draft"  # the demo's draft (here the shrunk demo's, on the tiny pair)
     if "<run>" in cmd or demo_draft in cmd:  # the README's placeholder: a run dir the first command wrote
+        _ensure_written(user_repo, user_repo / "outputs", "*/*/draft", "python run.py")
         drafts = sorted((user_repo / "outputs").glob("*/*/draft"))
-        assert drafts, "no outputs/<run>/draft from `python run.py`"
         cmd = re.sub(r"(outputs/)?<run>/draft", demo_draft, cmd).replace(demo_draft, str(drafts[0].relative_to(user_repo)))
     if "<name>" in cmd:
+        _ensure_written(user_repo, user_repo / "multirun" / "offline_reference", f"*/{C.METRICS_FILE}",
+                        "python run.py -m experiment=offline_reference")
         cmd = cmd.replace("multirun/<name>", "multirun/offline_reference")
     proc = _run([_shrunk_run_dir(a, user_repo) for a in shrink(cmd)], user_repo)
     assert proc.returncode == 0, f"`{cmd}` failed:\n{proc.stderr[-3000:]}"
